@@ -1,0 +1,150 @@
+"""The `cellmill` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cellmill.config import ConfigError
+
+
+def _cmd_ingest(args) -> None:
+    from cellmill.engine.progress import progress_enabled
+    from cellmill.io.ingest import ingest
+
+    ft = None if args.all_features else tuple(args.feature_type)
+    store = ingest(args.source, args.output, overwrite=args.overwrite, feature_types=ft,
+                   progress=progress_enabled())
+    print(f"{store.path}: {store.n_cells} cells x {store.n_genes} genes, {store.nnz} nonzeros")
+
+
+def _cmd_info(args) -> None:
+    from cellmill.io.info import describe
+
+    print(describe(args.store))
+
+
+def _cmd_run(args) -> None:
+    from cellmill.config import load_config
+    from cellmill.engine.workflow import run_workflow
+
+    cfg = load_config(args.config, args.set)
+    outdir = Path(args.output) if args.output else Path(cfg.base_dir) / "results"
+    run_workflow(cfg, outdir, until=args.until)
+
+
+def _cmd_simulate(args) -> None:
+    from cellmill.simulate import simulate_study
+
+    info = simulate_study(args.output, n_cells=args.n, seed=args.seed, n_genes=args.genes,
+                          gmt=args.gmt, progress=True)
+    print(f"{args.output}: simulated {info.get('n_cells_total', args.n)} cells "
+          f"in {info.get('n_samples', '?')} samples")
+
+
+def _cmd_demo(args) -> None:
+    from cellmill.engine.workflow import run_demo
+
+    run_demo(Path(args.output), n_cells=args.n, seed=args.seed)
+
+
+def _cmd_gsea(args) -> None:
+    from cellmill.engine.gsea import gsea_command
+
+    gsea_command(args.ranks, args.gmt, args.output, min_size=args.min_size,
+                 max_size=args.max_size, seed=args.seed, nperm_simple=args.nperm_simple,
+                 sample_size=args.sample_size, eps=args.eps, score_type=args.score_type,
+                 gsea_param=args.gsea_param)
+
+
+def _cmd_bench(args) -> None:
+    from cellmill.bench import main as bench_main
+
+    bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cellmill", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log each stage")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("ingest", help="10x .h5 / Matrix Market / .h5ad / manifest -> store")
+    s.add_argument("source", help="manifest CSV (sample,path,...) or one .h5 / .h5ad / folder")
+    s.add_argument("-o", "--output", required=True, help="the new store (study.zarr)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    s.add_argument("--feature-type", action="append", default=None,
+                   help='feature types to keep (default "Gene Expression"; repeatable)')
+    s.add_argument("--all-features", action="store_true", help="keep every feature type")
+    s.set_defaults(func=_cmd_ingest)
+
+    s = sub.add_parser("info", help="what is in a store, which stages are done")
+    s.add_argument("store")
+    s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("run", help="run the workflow described by a TOML config")
+    s.add_argument("config")
+    s.add_argument("-o", "--output", help="output folder (default: results/ beside the config)")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    s.add_argument("--until", help="stop after this stage")
+    s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("simulate", help="simulate a study shaped like the microglia study")
+    s.add_argument("-n", type=int, default=20000, help="cells passing QC (default 20000)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--genes", type=int, default=27998)
+    s.add_argument("--gmt", help="gene sets whose genes get real names (planted pathways)")
+    s.add_argument("-o", "--output", required=True)
+    s.set_defaults(func=_cmd_simulate)
+
+    s = sub.add_parser("demo", help="simulate a small study and run everything to a report")
+    s.add_argument("-o", "--output", default="cellmill-demo")
+    s.add_argument("-n", type=int, default=20000)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("gsea", help="preranked GSEA (fgsea 1.24.0 compatible)")
+    s.add_argument("ranks", help="CSV with columns gene, stat")
+    s.add_argument("--gmt", required=True)
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--min-size", type=int, default=1)
+    s.add_argument("--max-size", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--nperm-simple", type=int, default=1000)
+    s.add_argument("--sample-size", type=int, default=101)
+    s.add_argument("--eps", type=float, default=1e-50)
+    s.add_argument("--score-type", choices=["std", "pos", "neg"], default="std")
+    s.add_argument("--gsea-param", type=float, default=1.0)
+    s.set_defaults(func=_cmd_gsea)
+
+    s = sub.add_parser("bench", help="the benchmark suite (see benchmarks/)")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cellmill.errors import InputError
+
+    args = build_parser().parse_args(argv)
+    if args.command == "ingest" and args.feature_type is None:
+        args.feature_type = ["Gene Expression"]
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (InputError, ConfigError) as e:
+        print(f"cellmill: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"cellmill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cellmill: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
