@@ -1,0 +1,185 @@
+"""The store: ingest round trips, AnnData compatibility, block reads, manifests."""
+
+import warnings
+
+import anndata
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from make_10x import barcodes, random_counts, write_10x_v3
+
+from cellmill.errors import InputError
+from cellmill.io.ingest import ingest
+from cellmill.io.store import GRANULE, Store
+
+
+def _study(tmp_path, sizes=(700, 1500, 300), n_genes=60, shuffle_genes=False):
+    """Three samples; sample 2 lacks some genes and (optionally) lists genes in another order."""
+    genes = [f"G{i}" for i in range(n_genes)]
+    rows = []
+    mats = {}
+    for s, n in enumerate(sizes):
+        g = list(genes)
+        if s == 1:
+            g = g[:-5] + ["Extra1", "Extra2"]
+        if s == 2 and shuffle_genes:
+            g = list(np.random.default_rng(5).permutation(g))
+        m = random_counts(n, len(g), seed=s)
+        bc = barcodes(n, seed=s)
+        path = tmp_path / f"s{s}.h5"
+        write_10x_v3(path, m, bc, g)
+        mats[f"S{s}"] = (m, bc, g)
+        rows.append({"sample": f"S{s}", "path": path.name, "condition": ["SNI", "Sham"][s % 2],
+                     "timepoint": "3d"})
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    return tmp_path / "manifest.csv", mats
+
+
+def _dense_union(mats):
+    """Expected study matrix: genes unioned in first-seen order, absent genes zero."""
+    union = list(dict.fromkeys(g for _, _, genes in mats.values() for g in genes))
+    col = {g: i for i, g in enumerate(union)}
+    blocks = []
+    for m, _, genes in mats.values():
+        d = np.zeros((m.shape[0], len(union)), dtype=np.int64)
+        d[:, [col[g] for g in genes]] = m.toarray()
+        blocks.append(d)
+    return np.vstack(blocks), union
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_manifest_round_trip(tmp_path, shuffle):
+    manifest, mats = _study(tmp_path, shuffle_genes=shuffle)
+    with pytest.warns(UserWarning, match="absent, set to zero"):
+        store = ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
+    expected, union = _dense_union(mats)
+    assert store.shape == expected.shape
+    assert list(store.var().index) == union
+    full = store.read_rows(0, store.n_cells)
+    assert np.array_equal(full.toarray(), expected)
+    assert full.has_sorted_indices
+    obs = store.obs()
+    names = [f"{s}_{b}" for s, (_, bc, _) in mats.items() for b in bc]
+    assert list(obs.index) == names
+    assert obs["condition"].dtype == "category"
+    assert list(obs["sample"].cat.categories) == ["S0", "S1", "S2"]
+    # QC metrics computed on the way in
+    assert np.array_equal(obs["n_counts"], expected.sum(1))
+    assert np.array_equal(obs["n_features"], (expected > 0).sum(1))
+    assert np.array_equal(store.var()["n_cells"], (expected > 0).sum(0))
+    # anndata reads it unchanged
+    ad = anndata.read_zarr(store.path)
+    assert ad.X.dtype.kind == "i" and ad.X.indptr.dtype == np.int64
+    assert np.array_equal(ad.X.toarray(), expected)
+    assert list(ad.obs_names) == names
+
+
+def test_blocks_and_masks(tmp_path):
+    manifest, mats = _study(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store = ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
+    expected, _ = _dense_union(mats)
+    assert list(store.blocks) == [0, 1024, 2048, 2500]
+    # blocks concatenate to the matrix, with a mask and a gene subset
+    rng = np.random.default_rng(1)
+    mask = rng.random(store.n_cells) < 0.6
+    genes = np.array([3, 0, 17, 40])
+    parts = [m.toarray() for _, _, m in store.iter_blocks(mask=mask, genes=genes)]
+    assert np.array_equal(np.vstack(parts), expected[mask][:, genes])
+    for bc in (GRANULE, 2 * GRANULE, 10**6):
+        parts = [m.toarray() for _, _, m in store.iter_blocks(block_cells=bc)]
+        assert np.array_equal(np.vstack(parts), expected)
+    darr = store.to_dask(mask=mask, genes=genes)
+    got = darr.compute(scheduler="sync")
+    assert sp.issparse(got) and np.array_equal(got.toarray(), expected[mask][:, genes])
+
+
+def test_block_read_touches_only_its_chunks(tmp_path):
+    """Reading block b decodes only the X chunks overlapping its nonzero range."""
+    manifest, _ = _study(tmp_path, sizes=(3000, 3000, 3000), n_genes=200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store = ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
+    chunk = store.root["X"]["data"].chunks[0]
+    ip = store.indptr
+    b = store.blocks
+    for i in range(len(b) - 1):
+        a, z = ip[b[i]], ip[b[i + 1]]
+        first, last = a // chunk, (z - 1) // chunk
+        # a block never spans more than its own nonzeros plus one partial chunk at each edge
+        assert (last - first + 1) * chunk <= (z - a) + 2 * chunk
+
+
+def test_single_file_keeps_barcodes(tmp_path, shared_data):
+    src = shared_data / "10x" / "pbmc_1k_citeseq_v3.h5"
+    store = ingest(src, tmp_path / "pbmc.zarr")
+    with h5py.File(src) as f:
+        bc = [b.decode() for b in f["matrix/barcodes"][:]]
+        types = f["matrix/features/feature_type"][:]
+        shape = f["matrix/shape"][:]
+        m = sp.csc_matrix((f["matrix/data"][:], f["matrix/indices"][:], f["matrix/indptr"][:]),
+                          shape=tuple(shape))
+    ge = types == b"Gene Expression"
+    expected = m[ge].T.tocsr()
+    assert list(store.obs().index) == bc
+    got = store.read_rows(0, store.n_cells)
+    assert (got != expected).nnz == 0
+    assert store.var()["feature_types"].eq("Gene Expression").all()
+
+
+def test_existing_output_refused(tmp_path):
+    manifest, _ = _study(tmp_path, sizes=(50, 60, 70))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ingest(manifest, tmp_path / "a.zarr")
+        with pytest.raises(InputError, match="exists"):
+            ingest(manifest, tmp_path / "a.zarr")
+        ingest(manifest, tmp_path / "a.zarr", overwrite=True)
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("missing_column", "lacks column"),
+    ("duplicate", "duplicate sample"),
+    ("missing_file", "not found"),
+    ("empty_sample", "empty|no cells"),
+    ("corrupt", "HDF5|corrupt|truncated|not"),
+])
+def test_bad_manifest(tmp_path, problem, match):
+    manifest, _ = _study(tmp_path, sizes=(50, 60, 70))
+    df = pd.read_csv(manifest)
+    if problem == "missing_column":
+        df = df.drop(columns=["path"])
+    elif problem == "duplicate":
+        df.loc[1, "sample"] = "S0"
+    elif problem == "missing_file":
+        df.loc[2, "path"] = "nope.h5"
+    elif problem == "empty_sample":
+        write_10x_v3(tmp_path / "empty.h5", sp.csr_matrix((0, 5), dtype=np.int64), [],
+                     [f"G{i}" for i in range(5)])
+        df.loc[2, "path"] = "empty.h5"
+    elif problem == "corrupt":
+        (tmp_path / "bad.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+        df.loc[2, "path"] = "bad.h5"
+    df.to_csv(manifest, index=False)
+    out = tmp_path / "study.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(InputError, match=match):
+            ingest(manifest, out)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_store_pickles_by_path(tmp_path):
+    import pickle
+
+    manifest, _ = _study(tmp_path, sizes=(50, 60, 70))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store = ingest(manifest, tmp_path / "s.zarr")
+    clone = pickle.loads(pickle.dumps(store))
+    assert isinstance(clone, Store) and clone.shape == store.shape
+    assert len(pickle.dumps(store)) < 500
