@@ -133,8 +133,11 @@ def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
         st = stages[name]
         h = stage_hash(st, ctx.cfg, hashes)
         hashes[name] = h
-        if ctx.store is None and ctx.store_path.exists() and name != "ingest":
-            ctx.store = Store(ctx.store_path)
+        if ctx.store is None and ctx.store_path.exists():
+            try:
+                ctx.store = Store(ctx.store_path)
+            except FileNotFoundError:  # not a store (yet): ingest will write it
+                ctx.store = None
         records = ctx.store.stage_records() if ctx.store is not None else {}
         if records.get(name, {}).get("hash") == h:
             ctx.timings[name] = {"skipped": True, **records[name]}
