@@ -1,0 +1,284 @@
+"""One sample read from any supported file: the common return type and the dispatcher.
+
+Supported inputs (``read_sample`` picks the reader by what the path is):
+
+- a 10x Cell Ranger HDF5 file, v3 (``matrix/``) or v2 (one group per genome): ``cellmill.io.tenx``
+- a Matrix Market folder (``matrix.mtx[.gz]``, ``barcodes.tsv[.gz]``, ``features.tsv[.gz]`` or
+  ``genes.tsv[.gz]``), or the path of its ``matrix.mtx[.gz]``: ``cellmill.io.mex``
+- an ``.h5ad`` file (counts from ``X`` or a layer): ``cellmill.io.h5ad``
+
+Every reader returns a :class:`Sample` whose counts are validated (non-negative integers), whose
+gene names follow Seurat (see ``cellmill.io.names``) and whose features are restricted to the
+requested feature types (default "Gene Expression"; ``feature_types=None`` keeps all).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cellmill.errors import InputError
+
+GENE_EXPRESSION = "Gene Expression"
+INT32_MAX = np.iinfo(np.int32).max
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+@dataclass
+class Sample:
+    """Counts of one sample, cells x genes.
+
+    counts:   CSR, integer dtype (int32 when the values fit, else int64), sorted indices, no
+              explicit zeros.
+    barcodes: str array (object dtype), one per cell, as in the file.
+    var:      one row per gene; index = unique gene names (Seurat style); columns ``gene_ids``,
+              ``feature_types`` and, when the file records it, ``genome``.
+    source:   the path read.
+    """
+
+    counts: sp.csr_matrix
+    barcodes: np.ndarray
+    var: pd.DataFrame
+    source: str
+
+    @property
+    def n_cells(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def n_genes(self) -> int:
+        return self.counts.shape[1]
+
+
+def read_sample(
+    path: str | os.PathLike,
+    feature_types: Iterable[str] | str | None = (GENE_EXPRESSION,),
+    layer: str | None = None,
+    genome: str | None = None,
+) -> Sample:
+    """Read one sample from a 10x HDF5 file, a Matrix Market folder or an ``.h5ad`` file.
+
+    feature_types: feature types to keep (default "Gene Expression"); ``None`` keeps all.
+    layer: ``.h5ad`` only; read counts from ``layers[layer]`` instead of ``X``.
+    genome: keep the features of this genome only. ``None`` keeps every genome; for a v2 10x file
+        with several genome groups that means the groups concatenated feature-wise in file order
+        (they must share their barcodes), with the ``genome`` column telling them apart.
+    Raises InputError (one line naming the file and the problem) for any bad input.
+    """
+    from cellmill.io.h5ad import read_h5ad
+    from cellmill.io.mex import read_mex
+    from cellmill.io.tenx import read_10x_h5
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(p, "no such file or folder")
+    name = p.name.lower()
+    if p.is_dir() or name.endswith((".mtx", ".mtx.gz")):
+        if layer is not None:
+            raise InputError(p, f"layer={layer!r} applies to .h5ad files only")
+        return read_mex(p, feature_types=feature_types, genome=genome)
+    if not is_hdf5(p):
+        raise InputError(
+            p, "not a 10x HDF5 file, an .h5ad file or a Matrix Market folder "
+            "(no HDF5 signature: corrupt, truncated or another format)"
+        )
+    if name.endswith(".h5ad") or looks_like_h5ad(p):
+        return read_h5ad(p, layer=layer, feature_types=feature_types, genome=genome)
+    if layer is not None:
+        raise InputError(p, f"layer={layer!r} applies to .h5ad files only")
+    return read_10x_h5(p, feature_types=feature_types, genome=genome)
+
+
+# ---------------------------------------------------------------- helpers shared by the readers
+
+
+def is_hdf5(path: Path) -> bool:
+    """True if the file starts with the HDF5 signature (at offset 0, the usual place)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def looks_like_h5ad(path: Path) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("encoding-type") in ("anndata", b"anndata"):
+                return True
+            return "obs" in f and "var" in f and "matrix" not in f
+    except OSError:
+        return False  # let the 10x reader report the failure
+
+
+def require_file(path: Path) -> None:
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if not path.is_file():
+        raise InputError(path, "is a folder, expected a file")
+
+
+def normalise_types(feature_types: Iterable[str] | str | None) -> tuple[str, ...] | None:
+    if feature_types is None:
+        return None
+    if isinstance(feature_types, str):
+        return (feature_types,)
+    return tuple(feature_types)
+
+
+def decode_strings(values: np.ndarray) -> np.ndarray:
+    """bytes / str array -> object array of str (UTF-8)."""
+    values = np.asarray(values)
+    if values.dtype.kind == "S":
+        values = np.char.decode(values, "utf-8")
+    elif values.dtype.kind == "O":
+        values = np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values])
+    return values.astype(object)
+
+
+def integer_counts(path: Path, data: np.ndarray) -> np.ndarray:
+    """Validate count values and return them as int32 (if they fit) or int64.
+
+    Integers must be >= 0; floats must also be finite and integral (1.0 is fine, 1.5 is not).
+    """
+    data = np.asarray(data)
+    kind = data.dtype.kind
+    if kind == "b":
+        data = data.astype(np.int8)
+        kind = "i"
+    if kind == "f":
+        if data.size and not np.isfinite(data).all():
+            raise InputError(path, "counts contain NaN or infinite values")
+        if data.size and not (np.floor(data) == data).all():
+            bad = data[np.floor(data) != data][0]
+            raise InputError(path, f"counts are not integers (found {bad!r})")
+    elif kind not in "iu":
+        raise InputError(path, f"counts have a non-numeric type ({data.dtype})")
+    if data.size == 0:
+        return data.astype(np.int32)
+    lo, hi = data.min(), data.max()
+    if lo < 0:
+        raise InputError(path, f"counts contain negative values (minimum {lo})")
+    dtype = np.int32 if hi <= INT32_MAX else np.int64
+    if kind == "f" and hi >= 2**53:
+        raise InputError(path, f"count {hi} is too large to be exact")
+    return data.astype(dtype, copy=data.dtype != dtype)
+
+
+def counts_csr(
+    path: Path,
+    data: np.ndarray,
+    indices: np.ndarray,
+    indptr: np.ndarray,
+    shape: tuple[int, int],
+) -> sp.csr_matrix:
+    """A validated canonical CSR (cells x genes) from compressed arrays.
+
+    The arrays are used as they are (a 10x CSC of genes x barcodes is the CSR of barcodes x genes),
+    after checks that catch corrupt files: pointer lengths and order, index bounds, counts.
+    """
+    n_rows, n_cols = int(shape[0]), int(shape[1])
+    indptr = np.asarray(indptr)
+    indices = np.asarray(indices)
+    if indptr.ndim != 1 or indptr.size != n_rows + 1:
+        raise InputError(path, f"indptr has {indptr.size} entries, expected {n_rows + 1}")
+    if indptr.size and (indptr[0] != 0 or indptr[-1] != indices.size):
+        raise InputError(path, "indptr does not span the stored entries (corrupt matrix)")
+    if indices.size != np.size(data):
+        raise InputError(path, f"{indices.size} indices but {np.size(data)} values")
+    if indptr.size > 1 and (np.diff(indptr) < 0).any():
+        raise InputError(path, "indptr is not non-decreasing (corrupt matrix)")
+    if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
+        raise InputError(path, f"indices out of range for {n_cols} features (corrupt matrix)")
+    values = integer_counts(path, data)
+    m = sp.csr_matrix((values, indices, indptr), shape=(n_rows, n_cols))
+    return canonical(m)
+
+
+def canonical(m: sp.csr_matrix) -> sp.csr_matrix:
+    """Sorted indices, duplicates summed, explicit zeros removed."""
+    if not m.has_canonical_format:
+        m.sum_duplicates()
+    m.eliminate_zeros()
+    return m
+
+
+def keep_mask(
+    path: Path,
+    types: np.ndarray,
+    feature_types: Iterable[str] | str | None,
+) -> np.ndarray | None:
+    """Boolean mask of the features to keep, or None for all of them."""
+    wanted = normalise_types(feature_types)
+    if wanted is None or len(types) == 0:
+        return None  # nothing to choose from: make_sample() reports the empty sample
+    mask = np.isin(types, wanted)
+    if not mask.any():
+        present = ", ".join(dict.fromkeys(str(t) for t in types)) or "none"
+        raise InputError(
+            path, f"no features of type {', '.join(wanted)} (types in the file: {present})"
+        )
+    return None if mask.all() else mask
+
+
+def genome_mask(path: Path, genomes: np.ndarray | None, genome: str | None) -> np.ndarray | None:
+    if genome is None:
+        return None
+    if genomes is None:
+        raise InputError(path, f"genome={genome!r} given but the file records no genomes")
+    mask = genomes == genome
+    if not mask.any():
+        known = ", ".join(g for g in dict.fromkeys(genomes) if g) or "none"
+        raise InputError(path, f"unknown genome {genome!r} (genomes in the file: {known})")
+    return mask
+
+
+def make_sample(
+    path: Path,
+    counts: sp.csr_matrix,
+    barcodes: np.ndarray,
+    var: pd.DataFrame,
+) -> Sample:
+    """Final checks shared by every reader."""
+    if counts.shape[0] == 0:
+        raise InputError(path, "empty sample: no cells")
+    if counts.shape[1] == 0:
+        raise InputError(path, "empty sample: no genes")
+    if len(barcodes) != counts.shape[0] or len(var) != counts.shape[1]:
+        raise InputError(path, "matrix dimensions disagree with the barcodes or features")
+    return Sample(counts=counts, barcodes=barcodes, var=var, source=os.fspath(path))
+
+
+def build_var(
+    names: np.ndarray,
+    gene_ids: np.ndarray,
+    feature_types: np.ndarray,
+    genome: np.ndarray | None,
+) -> pd.DataFrame:
+    cols = {"gene_ids": gene_ids, "feature_types": feature_types}
+    if genome is not None:
+        cols["genome"] = genome
+    index = pd.Index(names, dtype=object)
+    return pd.DataFrame({k: np.asarray(v, dtype=object) for k, v in cols.items()}, index=index)
+
+
+def select(mask_a: np.ndarray | None, mask_b: np.ndarray | None) -> np.ndarray | None:
+    if mask_a is None:
+        return mask_b
+    if mask_b is None:
+        return mask_a
+    return mask_a & mask_b
+
+
+def take_features(counts: sp.csr_matrix, mask: np.ndarray | None) -> sp.csr_matrix:
+    if mask is None:
+        return counts
+    return canonical(counts[:, np.flatnonzero(mask)].tocsr())
