@@ -1,0 +1,321 @@
+"""Stage `report`: figures and the self-contained `report.html` from what the stages left.
+
+Reads the store (obs, obsm, uns, the counts of a few genes) and `tables/*.csv`. Anything missing
+(a partial run, a stage that found nothing) becomes a note in the report, never an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+
+from cellmill.config import Config
+from cellmill.engine.stages import ORDER, Context, stage
+from cellmill.report import html as H
+from cellmill.report.figures import (
+    SIG,
+    Missing,
+    ReportInputs,
+    make_figures,
+    sort_labels,
+)
+
+log = logging.getLogger("cellmill")
+
+N_TABLE3 = 30
+
+
+def _params(cfg: Config) -> dict:
+    return {"study": dataclasses.asdict(cfg.study), "scale_factor": cfg.normalize.scale_factor,
+            "n_pcs": cfg.neighbors.n_pcs, "gmt": cfg.gsea.gmt}
+
+
+@stage("report", after=tuple(ORDER[:-1]), params=_params)
+def run_report(ctx: Context) -> None:
+    build_report(ctx)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _try(func, *args):
+    """(result, None) or (None, reason) when the inputs are missing."""
+    try:
+        return func(*args), None
+    except Missing as e:
+        return None, f"skipped: {e}"
+    except Exception as e:  # a table must never sink the run
+        log.warning("report table failed", exc_info=True)
+        return None, f"failed: {type(e).__name__}: {e}"
+
+
+def _tp_order(inp: ReportInputs, values) -> list[str]:
+    tps = list(inp.cfg.study.timepoints) + ["pooled"]
+    present = list(dict.fromkeys(values))
+    return [t for t in tps if t in present] + sorted(set(present) - set(tps))
+
+
+def _sort_tests(inp: ReportInputs, df: pd.DataFrame) -> pd.DataFrame:
+    cl = {c: i for i, c in enumerate(["all"] + sort_labels(set(df["cluster"]) - {"all"}))}
+    tp = {t: i for i, t in enumerate(_tp_order(inp, df["timepoint"]))}
+    key = pd.DataFrame({"g": df["gene"], "c": df["cluster"].map(cl),
+                        "t": df["timepoint"].map(tp), "k": df["contrast"]})
+    return df.iloc[np.lexsort((key["k"], key["t"], key["c"], key["g"]))]
+
+
+def table1(inp: ReportInputs) -> pd.DataFrame:
+    tt = inp.table("target_tests.csv", ("gene", "cluster", "timepoint", "contrast"))
+    return _sort_tests(inp, tt[tt["cluster"] == "all"])
+
+
+def table2(inp: ReportInputs) -> pd.DataFrame:
+    tt = inp.condition_tests()
+    return _sort_tests(inp, tt[tt["cluster"] != "all"])
+
+
+def table3(inp: ReportInputs) -> tuple[pd.DataFrame, str]:
+    coi, _ = inp.cluster_of_interest()
+    mk = inp.table("markers.csv", ("gene", "cluster", "p_val", "avg_log2FC"))
+    m = mk[mk["cluster"] == coi]
+    if m.empty:
+        raise Missing(f"tables/markers.csv has no markers for cluster {coi}")
+    m = m.sort_values(["p_val", "avg_log2FC"], ascending=[True, False], kind="stable")
+    cols = [c for c in ("gene", "avg_log2FC", "pct.1", "pct.2", "p_val", "p_val_adj")
+            if c in m.columns]
+    return m[cols].head(N_TABLE3), coi
+
+
+def cell_counts(inp: ReportInputs) -> pd.DataFrame:
+    s = inp.cfg.study
+    lab = inp.clusters()
+    cond = inp.meta(s.condition)
+    tp = inp.meta(s.timepoint)
+    tps = inp.timepoints()
+    out = pd.crosstab(lab, [cond, tp])
+    conds = [c for c in (s.control, s.case) if c in set(cond)]
+    conds += sorted(set(cond) - set(conds))
+    cols = [(c, t) for c in conds for t in tps if (c, t) in out.columns]
+    out = out.reindex(index=sort_labels(out.index), columns=cols)
+    out.columns = [f"{c} {t}" for c, t in cols]
+    out["total"] = out.sum(axis=1)
+    out["%"] = (100 * out["total"] / out["total"].sum()).round(1)
+    out.index.name = "cluster"
+    return out.reset_index()
+
+
+def gsea_significant(inp: ReportInputs) -> pd.DataFrame:
+    g = inp.table("gsea.csv", ("pathway", "padj", "NES", "cluster", "timepoint"))
+    sig = g[g["padj"] < SIG].copy()
+    cl = {c: i for i, c in enumerate(sort_labels(g["cluster"].unique()))}
+    tp = {t: i for i, t in enumerate(_tp_order(inp, g["timepoint"]))}
+    sig = sig.iloc[np.lexsort((sig["padj"].to_numpy(), sig["timepoint"].map(tp).to_numpy(),
+                               sig["cluster"].map(cl).to_numpy()))]
+    if "leadingEdge" in sig:
+        sig["leadingEdge"] = sig["leadingEdge"].astype(str).map(_abbrev)
+    cols = [c for c in ("cluster", "timepoint", "pathway", "NES", "ES", "pval", "padj", "size",
+                        "leadingEdge") if c in sig.columns]
+    return sig[cols]
+
+
+def _abbrev(edge: str, n: int = 8) -> str:
+    genes = [x for x in edge.split(";") if x]
+    return ", ".join(genes[:n]) + (f", ... ({len(genes)})" if len(genes) > n else "")
+
+
+def gsea_cluster_table(inp: ReportInputs) -> tuple[pd.DataFrame, str]:
+    coi, _ = inp.cluster_of_interest()
+    g = inp.table("gsea.csv", ("pathway", "padj", "NES", "cluster", "timepoint"))
+    g = g[g["cluster"] == coi]
+    if g.empty:
+        raise Missing(f"tables/gsea.csv has no rows for cluster {coi}")
+    tps = _tp_order(inp, g["timepoint"])
+    wide = g.pivot_table(index="pathway", columns="timepoint", values=["NES", "padj"],
+                         aggfunc="first")
+    out = pd.DataFrame(index=wide.index)
+    for t in tps:
+        out[f"NES {t}"] = wide[("NES", t)] if ("NES", t) in wide else np.nan
+        out[f"padj {t}"] = wide[("padj", t)] if ("padj", t) in wide else np.nan
+    best = g.groupby("pathway")["padj"].min()
+    out = out.loc[best.sort_values(kind="stable").index]
+    out.index.name = "pathway"
+    return out.reset_index(), coi
+
+
+# ----------------------------------------------------------------------------- run info
+
+
+def _toml(d: dict) -> str:
+    lines = []
+    for section, values in d.items():
+        if isinstance(values, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+            lines.append("")
+        else:
+            lines.append(f"{section} = {json.dumps(values)}")
+    return "\n".join(lines)
+
+
+def timings_table(ctx: Context) -> tuple[pd.DataFrame, float]:
+    records = {}
+    if ctx.store is not None:
+        try:
+            records = ctx.store.stage_records()
+        except Exception:  # no uns/cellmill yet
+            records = {}
+    rows, peak = [], 0.0
+    for name in ORDER:
+        t = ctx.timings.get(name)
+        rec = records.get(name, {})
+        if name == "report" and (t is None or not t.get("skipped")):
+            rows.append((name, "this report", np.nan, np.nan, np.nan, ""))
+            continue
+        if t is not None:
+            status = "up to date (skipped)" if t.get("skipped") else "ran"
+            rec = t
+        elif rec:
+            status = "done earlier"
+        else:
+            rows.append((name, "not run", np.nan, np.nan, np.nan, ""))
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("finished", 0)))
+        mb = float(rec.get("peak_rss_mb", np.nan))
+        if np.isfinite(mb):
+            peak = max(peak, mb)
+        rows.append((name, status, rec.get("seconds", np.nan), rec.get("cpu_seconds", np.nan),
+                     mb, when))
+    df = pd.DataFrame(rows, columns=["stage", "status", "wall s", "CPU s", "peak RSS MB",
+                                     "finished"])
+    return df, peak
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def build_report(ctx: Context, partial: str | None = None):
+    """Draw the figures and write OUTDIR/report.html; returns its path."""
+    from cellmill.engine.workflow import versions
+    from cellmill.io.store import Store
+
+    store = ctx.store
+    if store is None and ctx.store_path.exists():
+        try:
+            store = ctx.store = Store(ctx.store_path)
+        except FileNotFoundError:
+            store = None
+    cfg, s = ctx.cfg, ctx.cfg.study
+    inp = ReportInputs(cfg, store, ctx.outdir / "tables")
+    figs = {f.key: f for f in make_figures(inp, ctx.figures)}
+    notes: list[str] = []
+
+    page = H.Page("cellmill report")
+
+    # -- summary
+    page.section("Summary")
+    rows = []
+    if store is not None:
+        qc = inp.qc
+        rows += [("cells in the store", f"{store.n_cells:,}"),
+                 ("cells passing QC", f"{int(qc.sum()):,}"), ("genes", f"{store.n_genes:,}"),
+                 ("samples", f"{inp.obs['sample'].nunique():,}")]
+        try:
+            rows.append(("clusters", f"{len(inp.cluster_order())}"))
+        except Missing:
+            pass
+    rows.append(("target gene(s)", ", ".join(s.target_genes)))
+    rows.append(("contrast", f"{s.case} vs {s.control} ({s.condition}), time points "
+                             f"{', '.join(s.timepoints)} ({s.timepoint})"))
+    coi, why = _try(inp.cluster_of_interest)
+    if coi is not None:
+        rows.append(("cluster of interest", f"{coi[0]}: {coi[1]}"))
+    else:
+        notes.append(f"cluster of interest: {why}")
+    page.html(H.table(pd.DataFrame(rows, columns=["", "value"]).astype(str)))
+    counts, why = _try(cell_counts, inp)
+    page.table("Cells per cluster, condition and time point", counts, missing=why)
+
+    # -- figure 1
+    page.section("Clusters and target gene expression")
+    for key in ("fig1a", "fig1b", "fig1c", "fig1d", "fig1e"):
+        page.figure(figs[key])
+
+    # -- tables 1, 2
+    page.section("Target gene tests")
+    cap = (f"Welch t-tests on log-normalised expression (tables/target_tests.csv); one-tailed "
+           f"{s.case} > {s.control} unless the alternative says otherwise. p_adj_bh: "
+           "Benjamini-Hochberg (the paper reported raw p). Highlighted: p_value < 0.05.")
+    t1, why1 = _try(table1, inp)
+    page.table("Table 1: target gene(s), all cells", t1, cap, why1,
+               highlight=None if t1 is None else t1["p_value"] < SIG)
+    t2, why2 = _try(table2, inp)
+    page.table(f"Table 2: target gene(s), {s.case} vs {s.control} per cluster and time point",
+               t2, cap, why2, highlight=None if t2 is None else t2["p_value"] < SIG)
+
+    # -- table 3, figure 3
+    page.section("Markers of the cluster of interest")
+    page.figure(figs["fig3"])
+    t3, why3 = _try(table3, inp)
+    if t3 is not None:
+        page.table(f"Table 3: top {N_TABLE3} markers of cluster {t3[1]}", t3[0],
+                   "Wilcoxon rank-sum, cluster vs all other cells (FindAllMarkers; "
+                   "tables/markers.csv), sorted by p_val.")
+    else:
+        page.table("Table 3: markers of the cluster of interest", None, missing=why3)
+
+    # -- GSEA
+    page.section("Gene set enrichment")
+    for key in ("fig2", "fig2b", "fig2c"):
+        page.figure(figs[key])
+    t4, why4 = _try(gsea_significant, inp)
+    page.table("Table 4: significant pathways (padj < 0.05)", t4,
+               f"Preranked GSEA of {s.case} vs {s.control} within each cluster and time point "
+               "(tables/gsea.csv has every pathway).", why4, max_rows=300)
+    t5, why5 = _try(gsea_cluster_table, inp)
+    if t5 is not None:
+        page.table(f"Table 5: every pathway in cluster {t5[1]} (cluster of interest)", t5[0],
+                   "NES and BH-adjusted p per time point; sorted by the smallest padj.")
+    else:
+        page.table("Table 5: pathways of the cluster of interest", None, missing=why5)
+
+    # -- QC and preprocessing
+    page.section("Quality control and preprocessing")
+    for key in ("qc", "hvg", "pca"):
+        page.figure(figs[key])
+
+    # -- the run
+    page.section("Run")
+    tim, peak = timings_table(ctx)
+    page.table("Stage timings and peak memory", tim,
+               f"Peak resident memory of the run's stages: {peak:,.0f} MB. Full provenance "
+               "(versions, configuration, timings) in run.json.")
+    page.heading("Parameters")
+    page.html(f"<pre>{H.esc(_toml(cfg.to_dict()))}</pre>")
+    page.heading("Versions")
+    page.html(H.table(pd.DataFrame(sorted(versions().items()), columns=["package", "version"])))
+
+    # -- notes
+    notes += [f"{f.title}: {f.note}" for f in figs.values() if f.path is None]
+    for title, why in (("Table 1", why1), ("Table 2", why2), ("Table 3", why3),
+                       ("Table 4", why4), ("Table 5", why5)):
+        if why:
+            notes.append(f"{title}: {why}")
+    page.section("Notes")
+    if partial:
+        notes.insert(0, f"partial run: stages up to {partial!r} only (--until)")
+    if notes:
+        page.html("<ul>" + "".join(f"<li>{H.esc(n)}</li>" for n in notes) + "</ul>")
+    else:
+        page.text("Every figure and table was produced.")
+
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    subtitle = H.esc(f"{ctx.outdir.resolve()} · {when}"
+                     + (f" · partial run (until {partial})" if partial else ""))
+    out = ctx.outdir / "report.html"
+    H.write_atomic(out, page.render(subtitle))
+    log.info("report: %s (%d notes)", out, len(notes))
+    return out
