@@ -1,0 +1,65 @@
+"""GMT gene-set files: NAME<TAB>DESCRIPTION<TAB>GENE<TAB>GENE..., one set a line."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pandas as pd
+
+
+class GmtError(ValueError):
+    """A GMT file that cannot be read; the message names the file and the line."""
+
+
+def read_gmt(path: str | Path) -> dict[str, list[str]]:
+    """Read a GMT file into {set name: [genes in file order]}.
+
+    Blank lines are skipped, empty gene fields (trailing tabs) are dropped and
+    gene symbols are kept as written (matching is case-sensitive).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GmtError(f"{path}: GMT file not found")
+    sets: dict[str, list[str]] = {}
+    first_line: dict[str, int] = {}
+    with path.open(encoding="utf-8-sig") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise GmtError(
+                    f"{path}:{lineno}: no tab found; expected NAME<TAB>DESCRIPTION<TAB>GENES..."
+                )
+            fields = line.split("\t")
+            name = fields[0].strip()
+            if not name:
+                raise GmtError(f"{path}:{lineno}: empty gene set name")
+            genes = [g.strip() for g in fields[2:]]
+            genes = [g for g in genes if g]
+            if not genes:
+                raise GmtError(f"{path}:{lineno}: gene set {name!r} has no genes")
+            if name in sets:
+                raise GmtError(
+                    f"{path}:{lineno}: duplicate gene set name {name!r} "
+                    f"(first defined on line {first_line[name]})"
+                )
+            sets[name] = genes
+            first_line[name] = lineno
+    if not sets:
+        raise GmtError(f"{path}: no gene sets found")
+    return sets
+
+
+def matched_sizes(pathways: Mapping[str, list[str]], genes: Iterable[str]) -> pd.DataFrame:
+    """Per set: genes listed, unique genes, and unique genes found in `genes` (case-sensitive).
+
+    `matched` is the size fgsea uses (before minSize/maxSize filtering).
+    """
+    universe = set(genes)
+    rows = []
+    for name, members in pathways.items():
+        uniq = set(members)
+        rows.append((name, len(members), len(uniq), len(uniq & universe)))
+    return pd.DataFrame(rows, columns=["pathway", "n_listed", "n_unique", "matched"])
