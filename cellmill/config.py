@@ -35,7 +35,8 @@ class ComputeConfig:
     progress: bool = True
 
     def check(self) -> None:
-        if self.scheduler not in ("threads", "processes", "synchronous") and "://" not in self.scheduler:
+        named = ("threads", "processes", "synchronous")
+        if self.scheduler not in named and "://" not in self.scheduler:
             raise ConfigError(
                 f"compute.scheduler: {self.scheduler!r} is not threads, processes, "
                 "synchronous or a scheduler address like tcp://host:8786"

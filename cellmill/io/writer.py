@@ -22,6 +22,7 @@ from cellmill.io.store import (
     codec,
     write_json_atomic,
 )
+from cellmill.kernels.ingest import remap_and_count
 
 
 class _Appender:
@@ -36,26 +37,32 @@ class _Appender:
         self.written = 0
 
     def append(self, values: np.ndarray) -> None:
-        self.buf.append(values)
-        self.buffered += len(values)
-        if self.buffered >= self.chunk:
-            self._flush(final=False)
+        values = np.asarray(values, dtype=self.arr.dtype)
+        if self.buffered:  # complete the pending partial chunk first
+            take = min(self.chunk - self.buffered, len(values))
+            self.buf.append(values[:take].copy())
+            self.buffered += take
+            values = values[take:]
+            if self.buffered < self.chunk:
+                return
+            self._write(np.concatenate(self.buf))
+            self.buf, self.buffered = [], 0
+        n = (len(values) // self.chunk) * self.chunk
+        if n:  # whole chunks straight from the caller's array, no copy of the sample
+            self._write(values[:n])
+        if len(values) > n:
+            self.buf = [values[n:].copy()]
+            self.buffered = len(values) - n
 
-    def _flush(self, final: bool) -> None:
-        if not self.buffered:
-            return
-        allv = np.concatenate(self.buf)
-        n = len(allv) if final else (len(allv) // self.chunk) * self.chunk
-        if n:
-            self.arr.resize((self.written + n,))
-            self.arr[self.written: self.written + n] = allv[:n]
-            self.written += n
-        rest = allv[n:]
-        self.buf = [rest] if len(rest) else []
-        self.buffered = len(rest)
+    def _write(self, values: np.ndarray) -> None:
+        self.arr.resize((self.written + len(values),))
+        self.arr[self.written: self.written + len(values)] = values
+        self.written += len(values)
 
     def close(self) -> None:
-        self._flush(final=True)
+        if self.buffered:
+            self._write(np.concatenate(self.buf))
+            self.buf, self.buffered = [], 0
 
 
 class StoreWriter:
@@ -105,30 +112,30 @@ class StoreWriter:
             cols[j] = col
         self.sample_genes.append((sample_name, set(names)))
         n_union = len(self.gene_index)
-        idx = cols[counts.indices]
-        m = sp.csr_matrix((counts.data, idx, counts.indptr), shape=(n, n_union))
+        self.gene_cells = _grow(self.gene_cells, n_union)
+        self.gene_counts = _grow(self.gene_counts, n_union)
+        indices, n_counts, n_features = remap_and_count(
+            counts.data, counts.indices, counts.indptr, cols.astype(np.int32),
+            self.gene_cells, self.gene_counts)
+        data = counts.data.astype(np.int32, copy=False)
+        indptr = counts.indptr.astype(np.int64, copy=False)
         if len(cols) > 1 and np.any(np.diff(cols) < 0):
+            # this sample lists genes in another order than the study: re-sort each row
+            m = sp.csr_matrix((data, indices, indptr), shape=(n, n_union))
             m.sort_indices()
-        data = m.data.astype(np.int32, copy=False)
-        indices = m.indices.astype(np.int32, copy=False)
+            data, indices = m.data.astype(np.int32, copy=False), m.indices
+            del m
         self.data.append(data)
-        self.indices.append(indices)
-        self.indptr.append(m.indptr[1:].astype(np.int64) + self.nnz)
+        self.indices.append(indices.astype(np.int32, copy=False))
+        self.indptr.append(indptr[1:] + self.nnz)
         self.nnz += len(data)
-        # QC metrics on the way in: no extra pass later
-        n_counts = np.add.reduceat(data.astype(np.int64), m.indptr[:-1]) if len(data) else \
-            np.zeros(n, np.int64)
-        n_counts[np.diff(m.indptr) == 0] = 0
-        self.gene_cells = _grow(self.gene_cells, n_union) + np.bincount(indices, minlength=n_union)
-        self.gene_counts = _grow(self.gene_counts, n_union) + np.bincount(
-            indices, weights=data, minlength=n_union).astype(np.int64)
         barcodes = np.asarray(sample.barcodes).astype(str)
         cells = [f"{sample_name}_{b}" for b in barcodes] if prefix_cells else list(barcodes)
         obs = pd.DataFrame({"barcode": barcodes, "sample": sample_name}, index=cells)
         for k, v in (metadata or {}).items():
             obs[k] = v
-        obs["n_counts"] = n_counts.astype(np.int64)
-        obs["n_features"] = np.diff(m.indptr).astype(np.int32)
+        obs["n_counts"] = n_counts
+        obs["n_features"] = n_features
         self.obs_parts.append(obs)
         self.n_cells += n
 
