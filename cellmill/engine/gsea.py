@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
+from cellmill.errors import InputError
 from cellmill.io.gmt import matched_sizes, read_gmt
 from cellmill.kernels import gsea as kern
 
@@ -369,18 +370,25 @@ def read_ranks(path: str | Path) -> pd.Series:
     """A ranks CSV with columns gene, stat -> Series stat indexed by gene (file order)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: ranks file not found")
-    df = pd.read_csv(path, dtype={"gene": str})
+        raise InputError(path, "ranks file not found")
+    try:
+        df = pd.read_csv(path, dtype={"gene": str})
+    except (ValueError, OSError) as e:
+        raise InputError(path, f"cannot read ranks CSV: {e}") from None
     missing = {"gene", "stat"} - set(df.columns)
     if missing:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing)}; need gene, stat")
+        raise InputError(path, f"missing column(s) {sorted(missing)}; need gene, stat")
     if df["gene"].isna().any():
-        raise ValueError(f"{path}: empty gene name on line {int(df['gene'].isna().idxmax()) + 2}")
-    stat = pd.to_numeric(df["stat"], errors="coerce")
-    bad = ~np.isfinite(stat.to_numpy(dtype=float))
+        raise InputError(path, f"line {int(df['gene'].isna().to_numpy().argmax()) + 2}: no gene")
+    stat = pd.to_numeric(df["stat"], errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(stat)
     if bad.any():
-        raise ValueError(f"{path}: stat is not a finite number on line {int(np.argmax(bad)) + 2}")
-    return pd.Series(stat.to_numpy(dtype=float), index=df["gene"].to_numpy(), name="stat")
+        raise InputError(path, f"line {int(np.argmax(bad)) + 2}: stat is not a finite number")
+    dup = df["gene"].duplicated().to_numpy()
+    if dup.any():
+        i = int(np.argmax(dup))
+        raise InputError(path, f"line {i + 2}: duplicate gene {df['gene'].iloc[i]!r}")
+    return pd.Series(stat, index=df["gene"].to_numpy(), name="stat")
 
 
 def to_csv_frame(res: pd.DataFrame) -> pd.DataFrame:

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from cellmill.errors import InputError
 
-class GmtError(ValueError):
-    """A GMT file that cannot be read; the message names the file and the line."""
+
+class GmtError(InputError, ValueError):
+    """A GMT file that cannot be read: "FILE: line N: problem" (a ValueError too)."""
 
 
 def read_gmt(path: str | Path) -> dict[str, list[str]]:
@@ -20,35 +22,38 @@ def read_gmt(path: str | Path) -> dict[str, list[str]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise GmtError(f"{path}: GMT file not found")
+        raise GmtError(path, "GMT file not found")
     sets: dict[str, list[str]] = {}
     first_line: dict[str, int] = {}
-    with path.open(encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if "\t" not in line:
-                raise GmtError(
-                    f"{path}:{lineno}: no tab found; expected NAME<TAB>DESCRIPTION<TAB>GENES..."
-                )
-            fields = line.split("\t")
-            name = fields[0].strip()
-            if not name:
-                raise GmtError(f"{path}:{lineno}: empty gene set name")
-            genes = [g.strip() for g in fields[2:]]
-            genes = [g for g in genes if g]
-            if not genes:
-                raise GmtError(f"{path}:{lineno}: gene set {name!r} has no genes")
-            if name in sets:
-                raise GmtError(
-                    f"{path}:{lineno}: duplicate gene set name {name!r} "
-                    f"(first defined on line {first_line[name]})"
-                )
-            sets[name] = genes
-            first_line[name] = lineno
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GmtError(path, f"cannot read GMT file: {e}") from None
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise GmtError(
+                path, f"line {lineno}: no tab found; expected NAME<TAB>DESCRIPTION<TAB>GENES..."
+            )
+        fields = line.split("\t")
+        name = fields[0].strip()
+        if not name:
+            raise GmtError(path, f"line {lineno}: empty gene set name")
+        genes = [g.strip() for g in fields[2:]]
+        genes = [g for g in genes if g]
+        if not genes:
+            raise GmtError(path, f"line {lineno}: gene set {name!r} has no genes")
+        if name in sets:
+            raise GmtError(
+                path, f"line {lineno}: duplicate gene set name {name!r} "
+                f"(first defined on line {first_line[name]})"
+            )
+        sets[name] = genes
+        first_line[name] = lineno
     if not sets:
-        raise GmtError(f"{path}: no gene sets found")
+        raise GmtError(path, "no gene sets found")
     return sets
 
 
