@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
+import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from cellmill.config import Config, load_config
 from cellmill.engine.progress import progress_enabled
-from cellmill.engine.stages import Context, run_stages
+from cellmill.engine.stages import ORDER, Context, run_stages
+
+log = logging.getLogger("cellmill")
 
 PACKAGES = ["cellmill", "numpy", "scipy", "pandas", "zarr", "numcodecs", "anndata", "dask",
             "distributed", "numba", "pynndescent", "igraph", "leidenalg", "umap-learn",
@@ -37,6 +41,8 @@ def run_workflow(cfg: Config, outdir: Path, until: str | None = None) -> Context
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         run_stages(ctx, until=until)
+        if until is not None and until != ORDER[-1]:
+            partial_report(ctx, until)
     run = {"cellmill": versions()["cellmill"], "versions": versions(), "config": cfg.to_dict(),
            "until": until, "stages": ctx.timings,
            "wall_seconds": round(time.perf_counter() - t0, 3),
@@ -45,30 +51,65 @@ def run_workflow(cfg: Config, outdir: Path, until: str | None = None) -> Context
     return ctx
 
 
+def partial_report(ctx: Context, until: str) -> None:
+    """A run stopped with --until still gets a report of what exists (not recorded as done)."""
+    try:
+        from cellmill.report.stage import build_report
+
+        build_report(ctx, partial=until)
+    except Exception:  # the stages did their job; a failed partial report must not undo that
+        log.warning("partial report failed", exc_info=True)
+
+
 def demo_config(sim_dir: Path) -> str:
-    return f"""# cellmill demo: a simulated study shaped like the microglia study
+    manifest = json.dumps(str(sim_dir / "manifest.csv"))
+    gmt = json.dumps(str(sim_dir / "planted.gmt"))
+    return f"""# cellmill demo: a simulated study shaped like the microglia study (study defaults)
 [input]
-manifest = "{sim_dir / 'manifest.csv'}"
+manifest = {manifest}
 
 [gsea]
-gmt = "{sim_dir / 'planted.gmt'}"
+gmt = {gmt}
 """
 
 
+def timing_summary(ctx: Context) -> str:
+    lines = [f"{'stage':<11} {'wall s':>8} {'peak MB':>8}"]
+    for name in ORDER:
+        t = ctx.timings.get(name)
+        if t is None:
+            continue
+        state = "  (up to date)" if t.get("skipped") else ""
+        lines.append(f"{name:<11} {t.get('seconds', 0):>8.1f} {t.get('peak_rss_mb', 0):>8.0f}"
+                     + state)
+    return "\n".join(lines)
+
+
 def run_demo(outdir: Path, n_cells: int = 20000, seed: int = 0) -> Context:
+    """Simulate a study with planted truth and run the whole workflow on it to report.html."""
     from cellmill.simulate import simulate_study
 
     outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
     sim_dir = outdir / "simulated"
-    if not (sim_dir / "manifest.csv").exists():
-        print(f"simulating {n_cells} cells into {sim_dir} ...")
-        simulate_study(sim_dir, n_cells=n_cells, seed=seed, progress=True)
+    t0 = time.perf_counter()
+    if not (sim_dir / "planted.json").exists():
+        print(f"cellmill demo: simulating {n_cells:,} cells (seed {seed}) into {sim_dir} ...",
+              file=sys.stderr, flush=True)
+        info = simulate_study(sim_dir, n_cells=n_cells, seed=seed, progress=True)
+        print(f"cellmill demo: simulated {info['n_cells_total']:,} cells in "
+              f"{info['seconds']:.0f} s", file=sys.stderr, flush=True)
+    else:
+        print(f"cellmill demo: reusing the simulated study in {sim_dir}", file=sys.stderr)
     cfg_path = outdir / "demo.toml"
     cfg_path.write_text(demo_config(sim_dir.resolve()))
     cfg = load_config(cfg_path)
-    print("running the workflow ...")
+    print("cellmill demo: running the workflow (cellmill run "
+          f"{cfg_path} -o {outdir}) ...", file=sys.stderr, flush=True)
     ctx = run_workflow(cfg, outdir)
+    print(timing_summary(ctx))
+    print(f"total {time.perf_counter() - t0:.0f} s; planted truth: {sim_dir / 'planted.json'}")
     report = outdir / "report.html"
     if report.exists():
-        print(f"report: {report}")
+        print(f"report: {report.resolve()}")
     return ctx
