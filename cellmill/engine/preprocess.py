@@ -1,0 +1,256 @@
+"""Stages `normalize` and `hvg`: LogNormalize on the fly, Seurat 4.3.0 'vst' and scaling stats.
+
+Nothing is stored as a second matrix: LogNormalize is applied to each block as it is read
+(`cellmill.kernels.lognorm`), with the scale factor recorded by `normalize` in
+`uns/lognorm_scale_factor`. `hvg` makes two passes over the QC-passed cells:
+
+1. exact integer sums of x and x^2 per gene (-> mean and variance of the counts), nonzero
+   counts, and per-granule sums / centred second moments of the log-normalised values
+   (-> `ln_mean`, `ln_std`, the centring and scaling ScaleData applies);
+2. after R's loess (scikit-misc, the same netlib code) of log10(variance) on log10(mean):
+   the sum of clipped squared z-scores over the nonzeros; the zeros' share is analytic.
+
+Float sums are per granule and folded in granule order, so results do not depend on block
+size, worker count or scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cellmill.config import Config, ConfigError
+from cellmill.engine.passes import block_cells_for_budget, granules, map_blocks, ordered_sum
+from cellmill.engine.stages import Context, stage
+from cellmill.errors import InputError
+from cellmill.io.store import GRANULE, Store
+from cellmill.kernels.lognorm import lognorm_values, row_totals
+from cellmill.kernels.moments import clipped_z2_nonzero, vst_first_pass
+
+log = logging.getLogger("cellmill")
+
+SCALE_FACTOR_KEY = "lognorm_scale_factor"
+HVG_COLUMNS = ("vst_mean", "vst_variance", "vst_variance_expected", "vst_variance_standardized",
+               "highly_variable", "hvg_rank", "ln_mean", "ln_std")
+
+
+# --------------------------------------------------------------------------- LogNormalize
+
+
+def seurat_scale_factor(value: float) -> float:
+    """The scale factor Seurat 4.3.0 really uses: its C++ LogNorm takes an `int`, so a
+    fractional value is truncated (1e4 is unaffected)."""
+    eff = float(math.trunc(value))
+    if eff < 1:
+        raise ConfigError(f"normalize.scale_factor {value!r}: Seurat truncates it to an "
+                          "integer, which must be >= 1")
+    return eff
+
+
+def scale_factor(store: Store, cfg: Config | None = None) -> float:
+    """The scale factor recorded by the `normalize` stage (or derived from the config)."""
+    if store.has("uns", SCALE_FACTOR_KEY):
+        return float(store.read_array("uns", SCALE_FACTOR_KEY)[0])
+    if cfg is None:
+        raise RuntimeError(f"{store.path}: the normalize stage has not run")
+    return seurat_scale_factor(cfg.normalize.scale_factor)
+
+
+def lognorm_csr(m: sp.csr_matrix, n_counts: np.ndarray, sf: float) -> sp.csr_matrix:
+    """A CSR block of counts -> the same sparsity with log-normalised float64 values.
+    n_counts: total counts of each row's cell (obs `n_counts` of those cells)."""
+    m = sp.csr_matrix(m)
+    vals = lognorm_values(m.data, m.indptr, np.asarray(n_counts, dtype=np.float64), float(sf))
+    return sp.csr_matrix((vals, m.indices, m.indptr), shape=m.shape)
+
+
+def _normalize_params(cfg: Config):
+    sf = seurat_scale_factor(cfg.normalize.scale_factor)
+    return {"method": "LogNormalize", "scale_factor": sf}
+
+
+@stage("normalize", after=("qc",), params=_normalize_params)
+def run_normalize(ctx: Context) -> None:
+    from cellmill.engine.stage_ingest import qc_passed
+
+    store = ctx.store
+    sf = seurat_scale_factor(ctx.cfg.normalize.scale_factor)
+    if sf != ctx.cfg.normalize.scale_factor:
+        log.warning("normalize.scale_factor %s truncated to %s as Seurat does",
+                    ctx.cfg.normalize.scale_factor, sf)
+    mask = qc_passed(store)
+    n_counts = store.obs()["n_counts"].to_numpy()
+    bad = np.flatnonzero(mask & (n_counts <= 0))
+    if len(bad):
+        raise InputError(store.path, f"{len(bad)} QC-passed cell(s) have no counts; "
+                         "LogNormalize would divide by zero")
+    store.write_array("uns", SCALE_FACTOR_KEY, np.array([sf], dtype=np.float64))
+
+
+# --------------------------------------------------------------------------- vst passes
+
+
+def _granule_rows(start: int, stop: int, cells: np.ndarray) -> tuple[np.ndarray, int]:
+    return ((cells - start) // GRANULE).astype(np.int64), granules(start, stop)
+
+
+def _first_block(start, stop, m, cells, sf):
+    gran, n_gran = _granule_rows(start, stop, cells)
+    # full rows are read, so the row totals are the cells' n_counts
+    n_counts = row_totals(m.data, m.indptr)
+    return vst_first_pass(m.data, m.indices, m.indptr, gran, n_gran, m.shape[1], n_counts, sf)
+
+
+def _second_block(start, stop, m, cells, mu, sd, vmax):
+    gran, n_gran = _granule_rows(start, stop, cells)
+    return clipped_z2_nonzero(m.data, m.indices, m.indptr, gran, n_gran, mu, sd, vmax)
+
+
+def _cells_per_granule(store: Store, mask: np.ndarray, block_cells: int | None) -> list[np.ndarray]:
+    """Selected cells in each granule of each block, in pass order."""
+    out = []
+    for a, b in store.block_ranges(block_cells):
+        edges = np.arange(a, b, GRANULE)
+        out.append(np.add.reduceat(mask[a:b].astype(np.int64), edges - a))
+    return out
+
+
+def exact_count_variance(sx: np.ndarray, sxx: np.ndarray, n: int) -> np.ndarray:
+    """sum (x - mean)^2 / (n - 1) from exact integer sums: (n*sxx - sx^2) / (n (n - 1)),
+    numerator in arbitrary precision, so only the final rounding remains."""
+    num = [n * int(b) - int(a) * int(a) for a, b in zip(sx.tolist(), sxx.tolist(), strict=True)]
+    return np.array([float(v) for v in num], dtype=np.float64) / float(n * (n - 1))
+
+
+def first_pass(store: Store, mask: np.ndarray, sf: float, block_cells: int | None = None,
+               scheduler=None, progress: bool = False) -> dict[str, np.ndarray]:
+    """Pass 1: count mean/variance, nonzeros per gene, ln_mean / ln_std (n-1)."""
+    n = int(mask.sum())
+    res = map_blocks(store, _first_block, float(sf), mask=mask, block_cells=block_cells,
+                     scheduler=scheduler, desc="hvg: pass 1", progress=progress)
+    sx = np.zeros(store.n_genes, np.int64)
+    sxx = np.zeros(store.n_genes, np.int64)
+    nnz = np.zeros(store.n_genes, np.int64)
+    for r in res:  # integer sums: exact in any order
+        sx += r[0]
+        sxx += r[1]
+        nnz += r[2]
+    total = ordered_sum([r[3] for r in res])
+    ln_mean = total / n
+    # Chan: M2 = sum_j M2_j + sum_j n_j (m_j - m)^2, folded in granule order
+    m2 = np.zeros(store.n_genes, np.float64)
+    for r, counts in zip(res, _cells_per_granule(store, mask, block_cells), strict=True):
+        for s_j, m2_j, n_j in zip(r[3], r[4], counts, strict=True):
+            if n_j:
+                d = s_j / n_j - ln_mean
+                m2 += m2_j + n_j * (d * d)
+    mean = sx.astype(np.float64) / n
+    return {"n": n, "mean": mean, "variance": exact_count_variance(sx, sxx, n), "nnz": nnz,
+            "ln_mean": ln_mean, "ln_std": np.sqrt(m2 / (n - 1))}
+
+
+def loess_expected_variance(mean: np.ndarray, variance: np.ndarray, span: float,
+                            where: str = "vst") -> np.ndarray:
+    """Seurat: loess(log10(variance) ~ log10(mean), span) on genes with variance > 0, R's
+    defaults (degree 2, gaussian, surface interpolate); 10^fitted, 0 for the other genes."""
+    from skmisc.loess import loess
+
+    fit = variance > 0
+    expected = np.zeros(len(mean), np.float64)
+    if not fit.any():
+        raise InputError(where, "no gene varies across the QC-passed cells")
+    try:
+        lo = loess(np.log10(mean[fit]), np.log10(variance[fit]), span=span, degree=2,
+                   family="gaussian", surface="interpolate")
+        lo.fit()
+    except (ValueError, RuntimeError) as e:
+        raise InputError(where, f"vst loess fit failed ({e})") from None
+    expected[fit] = np.power(10.0, np.asarray(lo.outputs.fitted_values, dtype=np.float64))
+    return expected
+
+
+def second_pass(store: Store, mask: np.ndarray, mean: np.ndarray, sd: np.ndarray, nnz: np.ndarray,
+                block_cells: int | None = None, scheduler=None,
+                progress: bool = False) -> np.ndarray:
+    """Pass 2: V_g = sum_c min((x - mu)/s, sqrt(N))^2 / (N - 1); 0 where s == 0."""
+    n = int(mask.sum())
+    vmax = math.sqrt(n)
+    res = map_blocks(store, _second_block, mean, sd, vmax, mask=mask, block_cells=block_cells,
+                     scheduler=scheduler, desc="hvg: pass 2", progress=progress)
+    acc = ordered_sum(res)
+    ok = sd > 0
+    zeros = np.zeros_like(acc)
+    zeros[ok] = ((0.0 - mean[ok]) / sd[ok]) ** 2 * (n - nnz[ok])
+    out = np.zeros_like(acc)
+    out[ok] = (acc[ok] + zeros[ok]) / (n - 1)
+    return out
+
+
+def rank_hvg(mean: np.ndarray, standardized: np.ndarray, n_top: int) -> np.ndarray:
+    """Rank 1..n_top by standardized variance (descending, stable), genes with mean 0 dropped;
+    0 for the others."""
+    cand = np.flatnonzero(mean != 0)
+    order = cand[np.argsort(-standardized[cand], kind="stable")][:n_top]
+    rank = np.zeros(len(mean), np.int64)
+    rank[order] = np.arange(1, len(order) + 1)
+    return rank
+
+
+def vst(store: Store, mask: np.ndarray, sf: float, n_top: int = 2000, span: float = 0.3,
+        block_cells: int | None = None, scheduler=None, progress: bool = False) -> pd.DataFrame:
+    """Seurat 4.3.0 FindVariableFeatures(selection.method = "vst") on the masked cells, plus
+    the scaling statistics. Returns a frame indexed like `store.var()` with HVG_COLUMNS."""
+    mask = np.asarray(mask, dtype=bool)
+    n = int(mask.sum())
+    if n < 2:
+        raise InputError(store.path, f"vst needs at least 2 QC-passed cells, found {n}")
+    p1 = first_pass(store, mask, sf, block_cells, scheduler, progress)
+    expected = loess_expected_variance(p1["mean"], p1["variance"], span, str(store.path))
+    sd = np.sqrt(expected)
+    standardized = second_pass(store, mask, p1["mean"], sd, p1["nnz"], block_cells, scheduler,
+                               progress)
+    rank = rank_hvg(p1["mean"], standardized, n_top)
+    return pd.DataFrame({
+        "vst_mean": p1["mean"], "vst_variance": p1["variance"],
+        "vst_variance_expected": expected, "vst_variance_standardized": standardized,
+        "highly_variable": rank > 0, "hvg_rank": rank,
+        "ln_mean": p1["ln_mean"], "ln_std": p1["ln_std"],
+    }, index=store.var().index)
+
+
+def hvg_table(res: pd.DataFrame) -> pd.DataFrame:
+    """tables/hvg.csv: Seurat's vst columns; rank empty for genes not selected."""
+    rank = pd.array(res["hvg_rank"].where(res["hvg_rank"] > 0).to_numpy(), dtype="Int64")
+    return pd.DataFrame({
+        "gene": res.index, "mean": res["vst_mean"].to_numpy(),
+        "variance": res["vst_variance"].to_numpy(),
+        "variance_expected": res["vst_variance_expected"].to_numpy(),
+        "variance_standardized": res["vst_variance_standardized"].to_numpy(),
+        "highly_variable": res["highly_variable"].to_numpy(), "rank": rank})
+
+
+def _hvg_params(cfg: Config):
+    return {"method": "vst", "n_top": cfg.hvg.n_top, "span": cfg.hvg.span,
+            "clip": "sqrt(N)", "scale_stats": "ln_mean, ln_std (n-1)"}
+
+
+@stage("hvg", after=("normalize",), params=_hvg_params)
+def run_hvg(ctx: Context) -> None:
+    from cellmill.engine.stage_ingest import qc_passed, write_table
+
+    store = ctx.store
+    mask = qc_passed(store)
+    sf = scale_factor(store, ctx.cfg)
+    bc = block_cells_for_budget(store, ctx.cfg.compute.memory_bytes,
+                                workers=ctx.cfg.compute.workers)
+    res = vst(store, mask, sf, n_top=ctx.cfg.hvg.n_top, span=ctx.cfg.hvg.span, block_cells=bc,
+              scheduler=ctx.scheduler(), progress=ctx.progress)
+    store.update_var(**{c: res[c].to_numpy() for c in HVG_COLUMNS})
+    write_table(hvg_table(res), ctx.tables / "hvg.csv")
+    n_sel = int(res["highly_variable"].sum())
+    if n_sel < ctx.cfg.hvg.n_top:
+        log.warning("hvg: only %d genes with non-zero mean; selected all of them", n_sel)
