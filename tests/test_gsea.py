@@ -344,3 +344,15 @@ def test_parity_pval_nes_log2err(fgsea_ref, planted_result):
     ok = (res["NES"] >= lo) & (res["NES"] <= hi)
     assert ok.all(), res.loc[~ok, ["NES", "nmin", "nmax"]]
     np.testing.assert_allclose(res["padj"], engine.bh_adjust(res["pval"]))
+
+
+def test_extreme_pathway_does_not_hang():
+    """The top genes themselves: the splitting cannot climb past the maximal ES; it
+    stops, reports an overestimated (still tiny) p-value and flags it (log2err NaN)."""
+    rng = np.random.default_rng(0)
+    stats = pd.Series(rng.standard_normal(500), index=[f"g{i}" for i in range(500)])
+    top = list(stats.sort_values(ascending=False).index[:20])
+    with pytest.warns(UserWarning, match="overestimated"):
+        res = fgsea(stats, {"top": top}, eps=0.0, seed=1)
+    assert res["ES"][0] == pytest.approx(1.0)
+    assert res["pval"][0] < 1e-15 and np.isnan(res["log2err"][0])

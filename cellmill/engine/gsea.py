@@ -193,8 +193,8 @@ def simple_counts(weights, es, sizes, nperm, seed, score_type):
 
 
 def ruler_pvalue(ruler, es, sample_size, sign):
-    """fgsea EsRuler::getPvalue: (p before the sign correction in R, isCpGeHalf)."""
-    scores, corr = ruler
+    """fgsea EsRuler::getPvalue: (p before R's division by P(sign), isCpGeHalf)."""
+    scores, corr, stuck = ruler
     half = (sample_size + 1) // 2
     if es >= scores[-1]:
         indx = len(scores) - 1
@@ -207,15 +207,16 @@ def ruler_pvalue(ruler, es, sample_size, sign):
         return special.digamma(a) - special.digamma(b + 1)
 
     log_p = k * bml(half, sample_size) + bml(remainder + 1, sample_size)
+    reliable = not (stuck and es > scores[-1])
     if sign:
-        return min(1.0, max(0.0, math.exp(log_p))), True
+        return min(1.0, max(0.0, math.exp(log_p))), reliable
     cond = bml(corr[indx] + 1, remainder)
     log_p += cond
-    return min(1.0, max(0.0, math.exp(log_p))), bool(math.exp(cond) >= 0.5)
+    return min(1.0, max(0.0, math.exp(log_p))), reliable and math.exp(cond) >= 0.5
 
 
-def multilevel_pvalues(weights, es, size, denom, sample_size, seed, eps, sign):
-    """fgseaMultilevelCpp for the pathways of one size: (cpp p-values, isCpGeHalf)."""
+def multilevel_pvalues(weights, es, size, sample_size, seed, eps, sign):
+    """fgseaMultilevelCpp for the pathways of one size: (p-values, isCpGeHalf)."""
     w = np.abs(weights)
     rulers = {}
     if es.max() >= 0:
@@ -323,7 +324,7 @@ def fgsea(
         for s in np.unique(size[multi]):
             idx = np.flatnonzero(multi & (size == s))
             cpp_p, half_ok = multilevel_pvalues(
-                weights, es[idx], int(s), denom[idx], sample_size, ml_seed + 7919 * int(s),
+                weights, es[idx], int(s), sample_size, ml_seed + 7919 * int(s),
                 eps * denom[idx].min(), sign,
             )
             p = np.minimum(1.0, cpp_p / denom[idx])

@@ -347,9 +347,10 @@ def es_ruler(w, k, sample_size, target, seed, eps, max_levels):
 
     Starts from `sample_size` uniform random sets and keeps splitting until the
     median positive ES reaches `target` (or the levels needed for `eps` are done).
-    Returns (scores, corr): the lower-half positive ES of each level (ascending)
-    and, for each, how many sets above it have a positive signed ES.
-    `sample_size` must be odd.
+    Returns (scores, corr, stuck): the lower-half positive ES of each level
+    (ascending); for each, how many sets above it have a positive signed ES; and
+    whether it stopped early because no set could move above the level's bound
+    (then p-values beyond the last level are overestimated). `sample_size` must be odd.
     """
     n = w.shape[0]
     ss = sample_size
@@ -400,8 +401,10 @@ def es_ruler(w, k, sample_size, target, seed, eps, max_levels):
         while moves < ss * k:  # rounds of one _perturb call per set, as fgsea
             for s in range(ss):
                 done[s] = _perturb(w, samples[s], n, bounds, csum[s], ccnt[s], bound, state, s)
+            if done.sum() == 0:  # no set can move above the bound: the ruler is stuck
+                return scores[:nsc].copy(), corr[:nsc].copy(), True
             moves += done.sum()
         samples, nsc = _split_level(w, samples, n, scores, corr, nsc)
         if nsc // half > stop_levels:
             break
-    return scores[:nsc].copy(), corr[:nsc].copy()
+    return scores[:nsc].copy(), corr[:nsc].copy(), False
