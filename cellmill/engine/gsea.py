@@ -72,21 +72,19 @@ def prepare(stats: pd.Series, pathways: dict, min_size, max_size, gsea_param):
 
 
 def gsea_stat(weights, positions, score_type="std"):
-    """fgsea calcGseaStat: (ES, leading-edge positions) for one pathway.
-
-    Sums run in extended precision like R's sum()/cumsum(), so ES matches R.
-    """
+    """fgsea calcGseaStat: (ES, leading-edge positions) for one non-empty pathway."""
     s = np.sort(positions)
     m, n = len(s), len(weights)
     if m == n:
         raise ValueError("GSEA statistic is not defined when all genes are selected")
-    w = weights[s].astype(np.longdouble)
-    nr = np.float64(w.sum())
+    # R's sum() and cumsum() accumulate in long double, left to right
+    cum_ld = np.cumsum(weights[s].astype(np.longdouble))
+    nr = np.float64(cum_ld[-1])
     if nr == 0:
         cum = np.arange(1, m + 1) / m
         step = np.full(m, 1.0 / m)
     else:
-        cum = (np.cumsum(w).astype(np.float64)) / nr
+        cum = cum_ld.astype(np.float64) / nr
         step = weights[s] / nr
     tops = cum - (s - np.arange(m)) / (n - m)
     bottoms = tops - step
