@@ -169,6 +169,20 @@ def test_cluster_of_interest(study):
         ctx.cfg.study.cluster_of_interest = ""
 
 
+def test_cluster_of_interest_ignores_tiny_groups(study, tmp_path):
+    from cellmill.report.figures import ReportInputs
+
+    ctx, *_ = study
+    cols = ["gene", "cluster", "timepoint", "contrast", "mean_case", "mean_control", "n_case",
+            "n_control", "p_value"]
+    rows = [(TARGET, "2", "5mo", "SNI_vs_Sham", 0.9, 0.0, 6, 5, 1e-8),  # tiny: not trusted
+            (TARGET, "1", "5mo", "SNI_vs_Sham", 0.5, 0.2, 120, 110, 1e-3),
+            (TARGET, "0", "5mo", "SNI_vs_Sham", 0.1, 0.3, 120, 110, 1e-4),  # a decrease
+            (TARGET, "0", "3d", "SNI_vs_Sham", 0.9, 0.1, 120, 110, 1e-9)]  # not the last
+    pd.DataFrame(rows, columns=cols).to_csv(tmp_path / "target_tests.csv", index=False)
+    assert ReportInputs(ctx.cfg, ctx.store, tmp_path).cluster_of_interest()[0] == "1"
+
+
 def test_running_es_matches_brute_force():
     from cellmill.report.figures import running_es
 
