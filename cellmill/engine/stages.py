@@ -128,11 +128,13 @@ def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
     missing = [n for n in wanted if n not in stages]
     if missing:
         raise RuntimeError(f"stage(s) not available in this build: {', '.join(missing)}")
+    # every stage's parameters are read (and validated) before anything runs
     hashes: dict[str, str] = {}
     for name in wanted:
+        hashes[name] = stage_hash(stages[name], ctx.cfg, hashes)
+    for name in wanted:
         st = stages[name]
-        h = stage_hash(st, ctx.cfg, hashes)
-        hashes[name] = h
+        h = hashes[name]
         if ctx.store is None and ctx.store_path.exists():
             try:
                 ctx.store = Store(ctx.store_path)
