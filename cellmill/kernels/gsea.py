@@ -61,6 +61,28 @@ def _draw_distinct(state, i, n, k, out, mark):
         mark[out[c]] = False
 
 
+_GAPS = np.array([1, 4, 10, 23, 57, 132, 301, 701, 1750, 4376, 10941, 27353, 68383])
+
+
+@numba.njit(nogil=True, cache=True)
+def _sort_ints(a):
+    """Shell sort of an int array in place (much cheaper to compile than np.sort)."""
+    n = a.shape[0]
+    g = 0
+    while g + 1 < _GAPS.shape[0] and _GAPS[g + 1] < n:
+        g += 1
+    while g >= 0:
+        gap = _GAPS[g]
+        for i in range(gap, n):
+            v = a[i]
+            j = i
+            while j >= gap and a[j - gap] > v:
+                a[j] = a[j - gap]
+                j -= gap
+            a[j] = v
+        g -= 1
+
+
 # ---------------------------------------------------------------- simple sampling
 
 
@@ -96,11 +118,15 @@ def random_prefix_es(w, sizes, nperm, seed, score_type, clamp):
         mark = np.zeros(n, dtype=np.bool_)
         samp = np.empty(kmax, dtype=np.int64)
         _draw_distinct(state, p, n, kmax, samp, mark)
-        order = np.argsort(samp)
-        spos = samp[order]  # drawn positions, ascending; order = their draw index
+        # sort (position, draw index) pairs packed in one integer
+        key = np.empty(kmax, dtype=np.int64)
         cw = np.zeros(kmax + 1)  # cw[m] = total weight of the first m draws
         for i in range(kmax):
+            key[i] = samp[i] * kmax + i
             cw[i + 1] = cw[i] + w[samp[i]]
+        _sort_ints(key)
+        spos = key // kmax  # drawn positions, ascending
+        order = key - spos * kmax  # their draw indexes
         for j in range(ns):
             m = sizes[j]
             nr = cw[m]
@@ -312,6 +338,20 @@ def _perturb(w, a, n, bounds, csum, ccnt, bound, state, si):
 
 
 @numba.njit(nogil=True, cache=True)
+def _stable_argsort(x):
+    """Indexes sorting x ascending, ties in index order (fgsea sorts (ES, id) pairs)."""
+    order = np.arange(x.shape[0])
+    for i in range(1, x.shape[0]):
+        o = order[i]
+        j = i - 1
+        while j >= 0 and x[order[j]] > x[o]:
+            order[j + 1] = order[j]
+            j -= 1
+        order[j + 1] = o
+    return order
+
+
+@numba.njit(nogil=True, cache=True)
 def _split_level(w, samples, n, scores, corr, nsc):
     """Record the lower half of the sample's positive ES (and how many of the rest
     have a positive signed ES), then replace it by copies of the upper half."""
@@ -323,21 +363,20 @@ def _split_level(w, samples, n, scores, corr, nsc):
         pes[s] = _pos_es(w, samples[s], n)
         positive[s] = _signed_es(w, samples[s], n) > 0
         npos += positive[s]
-    order = np.argsort(pes, kind="mergesort")
+    order = _stable_argsort(pes)
     for i in range((ss + 1) // 2):
         if positive[order[i]]:
             npos -= 1
         scores[nsc] = pes[order[i]]
         corr[nsc] = npos
         nsc += 1
-    new = np.empty_like(samples)
-    r = 0
-    for i in range((ss - 1) // 2):
-        src = order[ss - 1 - i]
-        new[r] = samples[src]
-        new[r + 1] = samples[src]
-        r += 2
-    new[r] = samples[order[ss // 2]]
+    k = samples.shape[1]
+    new = np.empty((ss, k), dtype=np.int64)
+    for r in range(ss):
+        # rows 2i, 2i+1 <- i-th best; the last row <- the median set
+        src = order[ss - 1 - r // 2] if r < ss - 1 else order[ss // 2]
+        for j in range(k):
+            new[r, j] = samples[src, j]
     return new, nsc
 
 
@@ -361,8 +400,9 @@ def es_ruler(w, k, sample_size, target, seed, eps, max_levels):
     buf = np.empty(k, dtype=np.int64)
     for s in range(ss):
         _draw_distinct(state, s, n, k, buf, mark)
-        buf.sort()
-        samples[s] = buf
+        _sort_ints(buf)
+        for j in range(k):
+            samples[s, j] = buf[j]
     stop_levels = np.inf
     if eps != 0:
         stop_levels = -math.log2(0.5 * eps)
@@ -384,13 +424,14 @@ def es_ruler(w, k, sample_size, target, seed, eps, max_levels):
             p += (k + i) // nch
             for s in range(ss):
                 col[s] = samples[s, p]
-            col.sort()
+            _sort_ints(col)
             bounds[i] = col[ss // 2]
         bounds[nch - 1] = n
         for s in range(ss):
             c = 0
-            csum[s, :] = 0.0
-            ccnt[s, :] = 0
+            for j in range(nch):
+                csum[s, j] = 0.0
+                ccnt[s, j] = 0
             for pos in samples[s]:
                 while bounds[c] <= pos:
                     c += 1
