@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ConfigError) as e:
         print(f"cellmill: error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"cellmill: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

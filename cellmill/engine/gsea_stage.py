@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -95,9 +96,11 @@ def run_gsea(ctx: Context) -> None:
             stats = ranking(de, cfg.gsea.ranking)
             write_table(pd.DataFrame({"gene": stats.index, "stat": stats.to_numpy()}),
                         ranks_dir / f"{c}_{t}.csv")
-            res = fgsea(stats, pathways, min_size=cfg.gsea.min_size,
-                        max_size=cfg.gsea.max_size, nperm_simple=cfg.gsea.nperm_simple,
-                        seed=cfg.gsea.seed)
+            with warnings.catch_warnings():  # fold-change rankings always have ties
+                warnings.filterwarnings("ignore", message=".*ties.*")
+                res = fgsea(stats, pathways, min_size=cfg.gsea.min_size,
+                            max_size=cfg.gsea.max_size, nperm_simple=cfg.gsea.nperm_simple,
+                            seed=cfg.gsea.seed)
             res = to_csv_frame(res)
             res["cluster"], res["timepoint"] = c, t
             tables.append(res)
