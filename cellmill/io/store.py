@@ -229,6 +229,16 @@ class Store:
         """Write an xarray Dataset under slot/name (xarray's Zarr v3 layout) atomically.
         anndata.read_zarr reads it back as a dict of arrays; read_dataset as a Dataset."""
         _empty_dict_group(self.root, slot)
+        ds = ds.copy()  # anndata's encoding labels, so anndata reads it without warnings
+        # fixed-width numpy strings have no Zarr v3 spec: store variable-length strings
+        ds = ds.assign({k: v.astype(object) for k, v in ds.data_vars.items()
+                        if v.dtype.kind == "U"})
+        ds = ds.assign_coords({k: v.astype(object) for k, v in ds.coords.items()
+                               if v.dtype.kind == "U"})
+        ds.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        for v in ds.variables.values():
+            kind = "string-array" if v.dtype.kind in "UOT" else "array"
+            v.attrs.update({"encoding-type": kind, "encoding-version": "0.2.0"})
         new = self.path / slot / (name + ".__new__")
         shutil.rmtree(new, ignore_errors=True)
         ds.to_zarr(new, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
@@ -239,7 +249,17 @@ class Store:
         """An xarray Dataset written by write_dataset (lazy: dask-backed variables)."""
         import xarray as xr
 
-        return xr.open_zarr(self.path / slot / name, consolidated=False, zarr_format=3)
+        ds = xr.open_zarr(self.path / slot / name, consolidated=False, zarr_format=3)
+        for v in ds.variables.values():
+            v.attrs.pop("encoding-type", None)
+            v.attrs.pop("encoding-version", None)
+        for k in ("encoding-type", "encoding-version"):
+            ds.attrs.pop(k, None)
+        # numpy StringDType (how zarr returns strings) -> object, which pandas and str() take
+        ds = ds.assign({k: v.astype(object) for k, v in ds.data_vars.items()
+                        if v.dtype.kind == "T"})
+        return ds.assign_coords({k: v.astype(object) for k, v in ds.coords.items()
+                                 if v.dtype.kind == "T"})
 
     def read_sparse(self, slot: str, name: str):
         g = self.root[slot][name]
