@@ -21,7 +21,7 @@ DYING_MT_FACTOR = 6.0  # near-empty droplets are often broken cells with much mi
 # Base means (UMIs per cell at REF_DEPTH) of the named genes.
 NAMED_MEANS = {
     "Malat1": 60.0, "AY036118": 8.0, "Neat1": 1.5, "Tnpo3": 0.4, "Tspo": 3.0, "Cacna1b": 0.003,
-    "Eif4ebp1": 0.3, "Sigmar1": 0.118, "P2ry12": 6.0, "Tmem119": 4.0, "Cx3cr1": 5.0, "Hexb": 15.0,
+    "Eif4ebp1": 0.3, "Sigmar1": 0.133, "P2ry12": 6.0, "Tmem119": 4.0, "Cx3cr1": 5.0, "Hexb": 15.0,
     "Csf1r": 6.0, "Aif1": 10.0, "Apoe": 4.0, "Xist": 3.0, "Tsix": 0.1, "Ddx3y": 0.5,
     "Eif2s3y": 0.6, "Kdm5d": 0.3, "Uty": 0.25,
     "mt-Nd1": 12.0, "mt-Nd2": 10.0, "mt-Co1": 40.0, "mt-Co2": 25.0, "mt-Atp8": 6.0,
