@@ -1,0 +1,271 @@
+"""Stage `statistics`: grouped moments of the log-normalised counts in one pass, and the study's
+Welch t-tests of the target genes (tables/target_tests.csv).
+
+The grouped statistics are an xarray Dataset stored at uns/grouped_stats (read it with
+`load_grouped_stats(store)`):
+  dims       group, gene
+  coords     one per grouping column (group,) as str (default cluster, condition, timepoint,
+             sample: every combination observed among QC-passed cells), gene (gene,)
+  n          (group,)       cells
+  sum        (group, gene)  sum of y = log1p(x / n_counts * scale_factor)
+  sum_sq     (group, gene)  sum of y^2
+  m2         (group, gene)  sum of (y - group mean)^2: use this for variances (exact to a few
+                            ulps; sum_sq - sum^2 / n cancels)
+  sum_expm1  (group, gene)  sum of expm1(y) (means on the CP10k scale, for fold changes)
+  nnz        (group, gene)  cells with y > 0
+Any contrast pools groups (engine/welch.py: `contrast(ds, case={...}, control={...})`).
+
+Determinism: each block returns moments per (granule of 1024 cells, group) slot; the slots are
+folded with Chan's formula strictly in (granule, group) order, so the result does not depend on
+block size, worker count or scheduler. Blocks are computed in windows (a few per worker) and
+folded as they arrive, so memory is a window of block partials plus the accumulators.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from cellmill.config import Config, ConfigError
+from cellmill.engine.stages import Context, stage
+from cellmill.engine.welch import bh_adjust, contrast, group_coords
+from cellmill.io.store import GRANULE, Store
+from cellmill.kernels import grouped as kern
+
+log = logging.getLogger("cellmill")
+
+GROUPED_STATS = "grouped_stats"
+TARGET_COLUMNS = ["gene", "cluster", "timepoint", "contrast", "mean_case", "mean_control",
+                  "n_case", "n_control", "t", "df", "p_value", "p_adj_bh", "alternative",
+                  "reason"]
+
+
+# ------------------------------------------------------------------------------- groups
+
+def group_codes(obs: pd.DataFrame, columns: list[str], mask: np.ndarray | None = None):
+    """Group code of every cell (-1: not in any group) and the groups' coordinates.
+
+    Groups are the observed combinations of the columns' category codes among the masked
+    cells, ordered by those codes (category order). A cell with a missing value is left out.
+    """
+    n = len(obs)
+    keep = np.ones(n, dtype=bool) if mask is None else np.asarray(mask, dtype=bool).copy()
+    codes, levels = [], []
+    for col in columns:
+        s = obs[col]
+        if not isinstance(s.dtype, pd.CategoricalDtype):
+            s = s.astype("category")
+        c = s.cat.codes.to_numpy().astype(np.int64)
+        keep &= c >= 0
+        codes.append(c)
+        levels.append(np.asarray(s.cat.categories).astype(str))
+    out = np.full(n, -1, dtype=np.int64)
+    if not columns:
+        out[keep] = 0
+        return out, pd.DataFrame(index=range(1 if keep.any() else 0))
+    stacked = np.stack([c[keep] for c in codes], axis=1)
+    uniq, inverse = np.unique(stacked, axis=0, return_inverse=True)
+    out[keep] = inverse.ravel()
+    coords = pd.DataFrame({col: levels[i][uniq[:, i]] for i, col in enumerate(columns)})
+    return out, coords
+
+
+# ------------------------------------------------------------------------------- the pass
+
+def _stats_task(store: Store, start: int, stop: int, codes: np.ndarray, n_counts: np.ndarray,
+                scale: float, n_groups: int):
+    """One block: moments per (granule, group) slot, slots ordered by (granule, group)."""
+    m = store.read_rows(start, stop)
+    rows = np.flatnonzero(codes >= 0)
+    key = (rows // GRANULE) * n_groups + codes[rows]
+    slots, inverse = np.unique(key, return_inverse=True)
+    slot_of_row = np.full(stop - start, -1, dtype=np.int64)
+    slot_of_row[rows] = inverse.ravel()
+    parts = kern.grouped_block(m.data, m.indices, m.indptr.astype(np.int64), slot_of_row,
+                               n_counts.astype(np.float64), float(scale), len(slots), m.shape[1])
+    return (slots % n_groups,) + parts
+
+
+def _plan_blocks(store: Store, codes: np.ndarray, n_groups: int, memory_bytes: int,
+                 window: int) -> int:
+    """Cells per block so that a window of blocks (data + slot partials) fits a quarter of the
+    memory budget."""
+    n_cells = store.n_cells
+    if n_cells == 0:
+        return GRANULE
+    cells = np.flatnonzero(codes >= 0)
+    per_granule_slots = 1
+    if len(cells):
+        pairs = np.unique((cells // GRANULE) * max(n_groups, 1) + codes[cells])
+        per_granule_slots = int(np.bincount(pairs // max(n_groups, 1)).max())
+    nnz = GRANULE * store.nnz / n_cells
+    # slot entries (gene + 5 float64) for at most every gene of every slot; data, indices, y
+    per_granule = min(nnz, per_granule_slots * store.n_genes) * 48 + nnz * 16
+    granules = int(memory_bytes / 4 / (window * per_granule))
+    return GRANULE * max(1, min(16, granules))
+
+
+def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1e4,
+                       mask: np.ndarray | None = None, memory_bytes: int = 2 * 10**9,
+                       scheduler=None, progress: bool = False,
+                       block_cells: int | None = None):
+    """Grouped moments of y = log1p(x / n_counts * scale_factor) for every group of `columns`
+    (among the `mask`ed cells; default all) and every gene, as an xarray Dataset."""
+    import dask
+    import xarray as xr
+
+    from cellmill.engine.cluster import compute
+    from cellmill.engine.progress import bar
+
+    obs = store.obs()
+    missing = [c for c in columns if c not in obs]
+    if missing:
+        raise ConfigError(f"study.group_by: column(s) {', '.join(missing)} not in the cells' "
+                          f"metadata (have: {', '.join(map(str, obs.columns))})")
+    codes, coords = group_codes(obs, list(columns), mask)
+    n_groups, n_genes = len(coords), store.n_genes
+    n_counts = obs["n_counts"].to_numpy().astype(np.float64)
+    workers = scheduler[1] if isinstance(scheduler, tuple) else 2
+    window = 2 * max(1, workers)
+    if block_cells is None:
+        block_cells = _plan_blocks(store, codes, n_groups, memory_bytes, window)
+    ranges = store.block_ranges(block_cells)
+
+    acc_n = np.zeros(n_groups, dtype=np.float64)
+    acc_sums = np.zeros((n_groups, n_genes, kern.N_SUMS), dtype=np.float64)
+    acc_m2 = np.zeros((n_groups, n_genes), dtype=np.float64)
+    pbar = bar(total=len(ranges), desc="grouped statistics", enabled=progress)
+    try:
+        for w0 in range(0, len(ranges), window):
+            tasks = [dask.delayed(_stats_task, pure=False)(
+                store, a, b, codes[a:b], n_counts[a:b], scale_factor, n_groups)
+                for a, b in ranges[w0: w0 + window]]
+            for group_of_slot, n, ptr, genes, vals in compute(tasks, scheduler=scheduler,
+                                                              progress=False):
+                kern.fold_slots(acc_n, acc_sums, acc_m2, n, ptr, genes, vals,
+                                group_of_slot.astype(np.int64))
+                pbar.update(1)
+    finally:
+        pbar.close()
+
+    genes = np.asarray(store.var().index).astype(str)
+    dims = ("group", "gene")
+    ds = xr.Dataset(
+        {"n": (("group",), acc_n.astype(np.int64)),
+         "sum": (dims, acc_sums[:, :, kern.SUM]),
+         "sum_sq": (dims, acc_sums[:, :, kern.SUM_SQ]),
+         "m2": (dims, acc_m2),
+         "sum_expm1": (dims, acc_sums[:, :, kern.SUM_EXPM1]),
+         "nnz": (dims, acc_sums[:, :, kern.NNZ].astype(np.int64))},
+        coords={**{c: (("group",), coords[c].to_numpy().astype(str)) for c in coords.columns},
+                "gene": (("gene",), genes)},
+        attrs={"group_by": list(columns), "scale_factor": float(scale_factor),
+               "value": "y = log1p(x / n_counts * scale_factor)",
+               "cells": "QC-passed" if mask is not None else "all"})
+    return ds
+
+
+def write_grouped_stats(store: Store, ds) -> None:
+    chunk = (max(1, ds.sizes["group"]), max(1, min(ds.sizes["gene"], 4096)))
+    enc = {v: {"chunks": chunk} for v in ("sum", "sum_sq", "m2", "sum_expm1", "nnz")}
+    store.write_dataset("uns", GROUPED_STATS, ds, encoding=enc)
+
+
+def load_grouped_stats(store: Store):
+    """The grouped statistics Dataset written by the statistics stage (lazy)."""
+    ds = store.read_dataset("uns", GROUPED_STATS)
+    ds.attrs["group_by"] = list(ds.attrs.get("group_by", []))
+    return ds
+
+
+# ------------------------------------------------------------------------------- the study
+
+def target_tests(ds, cfg: Config) -> pd.DataFrame:
+    """One-tailed Welch tests (case > control) of every target gene, per cluster x time point,
+    per cluster with time points pooled, for all cells ("all"), plus the time-point contrasts
+    (each time point but the last vs the last, case and control conditions pooled).
+
+    p_adj_bh: Benjamini-Hochberg over all rows of this table that have a p-value (all target
+    genes, clusters, time points and contrasts together), as R's p.adjust(p, "BH").
+    """
+    st = cfg.study
+    genes = np.asarray(ds["gene"].values).astype(str)
+    known = set(genes)
+    for g in st.target_genes:
+        if g not in known:
+            raise ConfigError(f"study.target_genes: gene {g!r} is not in the store "
+                              f"({len(genes)} genes)")
+    by = list(ds.attrs["group_by"])
+    if st.condition not in by:
+        warnings.warn(f"statistics: no {st.condition!r} column among the grouping columns "
+                      f"({by}); target tests skipped", stacklevel=2)
+        return pd.DataFrame(columns=TARGET_COLUMNS)
+    sub = ds.sel(gene=list(st.target_genes)).load()
+    coords = group_coords(sub)
+    clusters = list(dict.fromkeys(coords["cluster"])) if "cluster" in by else []
+    has_tp = st.timepoint in by
+    tps = list(st.timepoints) if has_tp else []
+    pooled_tps = tps or None
+    rows = []
+
+    def add(cluster, tp_label, name, case, control):
+        where_c = {} if cluster == "all" else {"cluster": cluster}
+        res = contrast(sub, {**where_c, **case}, {**where_c, **control},
+                       alternative="greater")
+        res.insert(1, "cluster", cluster)
+        res.insert(2, "timepoint", tp_label)
+        res.insert(3, "contrast", name)
+        rows.append(res)
+
+    name = f"{st.case}_vs_{st.control}"
+    for cluster in ["all"] + clusters:
+        for tp in tps + ["pooled"]:
+            tsel = {st.timepoint: pooled_tps if tp == "pooled" else tp} if has_tp else {}
+            add(cluster, tp, name, {st.condition: st.case, **tsel},
+                {st.condition: st.control, **tsel})
+    both = [st.case, st.control]
+    for tp in tps[:-1]:
+        last = tps[-1]
+        for cluster in ["all"] + clusters:
+            add(cluster, f"{tp}_vs_{last}", f"{tp}_vs_{last}",
+                {st.timepoint: tp, st.condition: both}, {st.timepoint: last, st.condition: both})
+    table = pd.concat(rows, ignore_index=True)
+    order = {g: i for i, g in enumerate(st.target_genes)}
+    table = table.sort_values("gene", key=lambda s: s.map(order), kind="stable")
+    table["p_adj_bh"] = bh_adjust(table["p_value"].to_numpy())
+    return table[TARGET_COLUMNS].reset_index(drop=True)
+
+
+def _group_by(cfg: Config, obs_columns) -> list[str]:
+    cols = [c for c in cfg.study.group_by if c in obs_columns]
+    dropped = [c for c in cfg.study.group_by if c not in obs_columns]
+    if dropped:
+        log.warning("statistics: grouping columns absent from the cells' metadata, left out: %s",
+                    ", ".join(dropped))
+    return cols
+
+
+def _params(cfg: Config) -> dict:
+    st = cfg.study
+    return {"group_by": list(st.group_by), "scale_factor": cfg.normalize.scale_factor,
+            "target_genes": list(st.target_genes), "condition": st.condition,
+            "case": st.case, "control": st.control, "timepoint": st.timepoint,
+            "timepoints": list(st.timepoints)}
+
+
+@stage("statistics", after=("qc", "cluster"), params=_params)
+def run_statistics(ctx: Context) -> None:
+    from cellmill.engine.stage_ingest import qc_passed, write_table
+
+    store, cfg = ctx.store, ctx.cfg
+    obs_cols = list(store.obs().columns)
+    columns = _group_by(cfg, obs_cols)
+    ds = grouped_statistics(store, columns, cfg.normalize.scale_factor, mask=qc_passed(store),
+                            memory_bytes=cfg.compute.memory_bytes, scheduler=ctx.scheduler(),
+                            progress=ctx.progress)
+    write_grouped_stats(store, ds)
+    table = target_tests(ds, cfg)
+    write_table(table, ctx.tables / "target_tests.csv")

@@ -1,0 +1,227 @@
+"""Rank sums for Wilcoxon tests on a slab of genes of the gene-major (CSC) counts.
+
+Cells carry a label (-1: not in the test); labels belong to strata (a stratum is one ranking:
+FindAllMarkers ranks all labelled cells together; disjoint two-group contrasts are separate
+strata of one pass). Per gene and stratum only the nonzeros are sorted: the zeros are one tied
+block with the lowest ranks, mid-rank (n0 + 1) / 2, added by the caller from the counts. One
+sort per gene and stratum serves every label in it.
+
+y = log1p(x / n_counts * scale_factor) in Seurat's operation order, so ties are Seurat's ties.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+RADIX_BITS = 11
+RADIX = 1 << RADIX_BITS
+RADIX_MASK = RADIX - 1
+SMALL = 32  # below this many values, insertion sort
+QUICK = 1500  # below this many values, quicksort (radix passes cost 6 x RADIX bucket sweeps)
+
+
+@numba.njit(nogil=True, cache=True)
+def _insertion_sort(keys, payload, lo, hi):
+    for i in range(lo + 1, hi):
+        k = keys[i]
+        p = payload[i]
+        j = i - 1
+        while j >= lo and keys[j] > k:
+            keys[j + 1] = keys[j]
+            payload[j + 1] = payload[j]
+            j -= 1
+        keys[j + 1] = k
+        payload[j + 1] = p
+
+
+@numba.njit(nogil=True, cache=True)
+def _quicksort(keys, payload, lo, hi):
+    """Sort keys[lo:hi] carrying payload: quicksort, median of three, small runs by insertion;
+    recursion only into the smaller side (bounded stack)."""
+    while hi - lo > SMALL:
+        mid = (lo + hi) >> 1
+        a, b, c = keys[lo], keys[mid], keys[hi - 1]
+        if a < b:
+            pivot = b if b < c else (c if a < c else a)
+        else:
+            pivot = a if a < c else (c if b < c else b)
+        i, j = lo, hi - 1
+        while i <= j:
+            while keys[i] < pivot:
+                i += 1
+            while keys[j] > pivot:
+                j -= 1
+            if i <= j:
+                keys[i], keys[j] = keys[j], keys[i]
+                payload[i], payload[j] = payload[j], payload[i]
+                i += 1
+                j -= 1
+        if j + 1 - lo < hi - i:
+            _quicksort(keys, payload, lo, j + 1)
+            lo = i
+        else:
+            _quicksort(keys, payload, i, hi)
+            hi = j + 1
+    _insertion_sort(keys, payload, lo, hi)
+
+
+@numba.njit(nogil=True, cache=True)
+def sort_pairs(keys, payload, lo, hi, tmp_keys, tmp_payload, count):
+    """Sort keys[lo:hi] (uint64) ascending, carrying payload (LSD radix, 11-bit digits; digits
+    equal in every key are skipped)."""
+    n = hi - lo
+    if n < QUICK:
+        _quicksort(keys, payload, lo, hi)
+        return
+    kmin = keys[lo]
+    kmax = keys[lo]
+    for i in range(lo, hi):
+        if keys[i] < kmin:
+            kmin = keys[i]
+        if keys[i] > kmax:
+            kmax = keys[i]
+    diff = kmin ^ kmax
+    src_k, src_p, dst_k, dst_p = keys, payload, tmp_keys, tmp_payload
+    src_lo, dst_lo = lo, 0
+    shift = 0
+    swapped = False
+    while shift < 64:
+        if (diff >> np.uint64(shift)) & np.uint64(RADIX_MASK):
+            for d in range(RADIX):
+                count[d] = 0
+            for i in range(src_lo, src_lo + n):
+                count[(src_k[i] >> np.uint64(shift)) & np.uint64(RADIX_MASK)] += 1
+            total = 0
+            for d in range(RADIX):
+                c = count[d]
+                count[d] = total
+                total += c
+            for i in range(src_lo, src_lo + n):
+                d = (src_k[i] >> np.uint64(shift)) & np.uint64(RADIX_MASK)
+                pos = dst_lo + count[d]
+                count[d] += 1
+                dst_k[pos] = src_k[i]
+                dst_p[pos] = src_p[i]
+            src_k, dst_k = dst_k, src_k
+            src_p, dst_p = dst_p, src_p
+            src_lo, dst_lo = dst_lo, src_lo
+            swapped = not swapped
+        shift += RADIX_BITS
+    if swapped:  # result is in the temporaries: copy back
+        for i in range(n):
+            keys[lo + i] = tmp_keys[i]
+            payload[lo + i] = tmp_payload[i]
+
+
+@numba.njit(nogil=True, cache=True)
+def rank_slab(data, indices, indptr, label_of_cell, stratum_of_label, n_labels, n_strata,
+              y1_of_cell, e1_of_cell, n_counts, scale):
+    """Per gene (column) of a CSC slab: for every label the sum of the ranks of its nonzeros
+    within its stratum (ranks counted after the stratum's zeros), its nonzero count and its sum
+    of expm1(y); per stratum the nonzero count and sum(t^3 - t) over tied runs of nonzeros.
+
+    y1_of_cell[c], e1_of_cell[c]: y and expm1(y) of a count of 1 in cell c (most counts are 1:
+    saves the transcendental functions).
+    Returns rank_sum (G, L), nnz (G, L), sum_expm1 (G, L), tie (G, S), nnz_stratum (G, S).
+    """
+    n_genes = len(indptr) - 1
+    rank_sum = np.zeros((n_genes, n_labels), dtype=np.float64)
+    nnz = np.zeros((n_genes, n_labels), dtype=np.int64)
+    sum_e = np.zeros((n_genes, n_labels), dtype=np.float64)
+    tie = np.zeros((n_genes, n_strata), dtype=np.float64)
+    nnz_s = np.zeros((n_genes, n_strata), dtype=np.int64)
+    max_len = 0
+    for j in range(n_genes):
+        max_len = max(max_len, indptr[j + 1] - indptr[j])
+    keys = np.empty(max_len, dtype=np.uint64)
+    labs = np.empty(max_len, dtype=np.int32)
+    tmp_k = np.empty(max_len, dtype=np.uint64)
+    tmp_l = np.empty(max_len, dtype=np.int32)
+    # entries of a gene, bucketed by stratum
+    b_keys = np.empty(max_len, dtype=np.uint64)
+    b_labs = np.empty(max_len, dtype=np.int32)
+    count = np.empty(RADIX, dtype=np.int64)
+    s_start = np.zeros(n_strata + 1, dtype=np.int64)
+    cursor = np.zeros(n_strata, dtype=np.int64)
+    for j in range(n_genes):
+        m = 0
+        for s in range(n_strata + 1):
+            s_start[s] = 0
+        for k in range(indptr[j], indptr[j + 1]):
+            c = indices[k]
+            lab = label_of_cell[c]
+            x = data[k]
+            if lab < 0 or x <= 0:
+                continue
+            if x == 1:
+                y = y1_of_cell[c]
+                ey = e1_of_cell[c]
+            else:
+                y = math.log1p(x / n_counts[c] * scale)
+                ey = math.expm1(y)
+            # positive doubles order as their bit patterns
+            keys[m] = np.float64(y).view(np.uint64)
+            labs[m] = lab
+            m += 1
+            s_start[stratum_of_label[lab] + 1] += 1
+            nnz[j, lab] += 1
+            sum_e[j, lab] += ey
+        if m == 0:
+            continue
+        if n_strata == 1:
+            kk, ll = keys, labs
+            s_start[1] = m
+        else:
+            for s in range(n_strata):
+                s_start[s + 1] += s_start[s]
+            for s in range(n_strata):
+                cursor[s] = s_start[s]
+            for i in range(m):
+                s = stratum_of_label[labs[i]]
+                p = cursor[s]
+                b_keys[p] = keys[i]
+                b_labs[p] = labs[i]
+                cursor[s] = p + 1
+            kk, ll = b_keys, b_labs
+        for s in range(n_strata):
+            lo = s_start[s]
+            hi = s_start[s + 1]
+            if hi == lo:
+                continue
+            nnz_s[j, s] = hi - lo
+            sort_pairs(kk, ll, lo, hi, tmp_k, tmp_l, count)
+            # tied runs: mid-rank within the stratum's nonzeros (1-based), zeros added later
+            i = lo
+            t_acc = 0.0
+            while i < hi:
+                e = i + 1
+                while e < hi and kk[e] == kk[i]:
+                    e += 1
+                t = e - i
+                r = (i - lo + e - lo + 1) * 0.5  # mean of (i - lo + 1) .. (e - lo)
+                for q in range(i, e):
+                    rank_sum[j, ll[q]] += r
+                if t > 1:
+                    tf = float(t)
+                    t_acc += tf * (tf + 1.0) * (tf - 1.0)
+                i = e
+            tie[j, s] = t_acc
+    return rank_sum, nnz, sum_e, tie, nnz_s
+
+
+@numba.njit(nogil=True, cache=True)
+def unit_values(n_counts, scale):
+    """y and expm1(y) of a count of 1 in every cell (the same log1p as rank_slab's)."""
+    y1 = np.empty(len(n_counts), dtype=np.float64)
+    e1 = np.empty(len(n_counts), dtype=np.float64)
+    for c in range(len(n_counts)):
+        if n_counts[c] > 0:
+            y1[c] = math.log1p(1.0 / n_counts[c] * scale)
+            e1[c] = math.expm1(y1[c])
+        else:
+            y1[c] = 0.0
+            e1[c] = 0.0
+    return y1, e1

@@ -1,0 +1,281 @@
+"""Grouped statistics (one pass) and Welch t-tests from them: brute force, scipy and R's t.test."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from make_10x import barcodes, write_10x_v3
+from scipy import stats
+
+from cellmill.config import Config, ConfigError
+from cellmill.engine.stages import Context
+from cellmill.engine.statistics import (
+    TARGET_COLUMNS,
+    grouped_statistics,
+    load_grouped_stats,
+    run_statistics,
+    target_tests,
+    write_grouped_stats,
+)
+from cellmill.engine.welch import bh_adjust, contrast, welch
+from cellmill.io.ingest import ingest
+from cellmill.io.store import Store
+
+COLS = ["cluster", "condition", "timepoint", "sample"]
+N_GENES = 60
+
+
+def _sample_counts(rng, n, cluster, condition):
+    """Counts with cluster- and condition-specific genes; gene 0 is 'Sigmar1' (up in SNI)."""
+    base = rng.lognormal(-1.5, 1.2, N_GENES)
+    mu = np.outer(np.ones(n), base)
+    for k in range(3):
+        mu[cluster == k, 5 + 5 * k: 10 + 5 * k] *= 6.0
+    mu[:, 0] = 0.8 * (2.0 if condition == "SNI" else 1.0)
+    mu[:, 1] = 400.0  # a high, nearly constant gene: variance from sums would cancel
+    depth = rng.uniform(0.5, 2.0, n)
+    x = rng.poisson(mu * depth[:, None])
+    x[:, 2] = 0  # a gene never seen
+    return sp.csr_matrix(x.astype(np.int64))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stats")
+    rng = np.random.default_rng(7)
+    rows, clusters = [], []
+    genes = ["Sigmar1"] + [f"G{i}" for i in range(1, N_GENES)]
+    k = 0
+    for cond in ("SNI", "Sham"):
+        for tp in ("3d", "14d", "5mo"):
+            n = int(rng.integers(500, 900))
+            cl = rng.integers(0, 3, n)
+            name = f"{cond}_{tp}"
+            write_10x_v3(d / f"{name}.h5", _sample_counts(rng, n, cl, cond),
+                         barcodes(n, seed=k), genes)
+            rows.append({"sample": name, "path": f"{name}.h5", "condition": cond,
+                         "timepoint": tp})
+            clusters.append(cl)
+            k += 1
+    pd.DataFrame(rows).to_csv(d / "manifest.csv", index=False)
+    store = ingest(d / "manifest.csv", d / "study.zarr")
+    cl = np.concatenate(clusters).astype(object)
+    qc = np.ones(store.n_cells, dtype=bool)
+    qc[rng.random(store.n_cells) < 0.05] = False
+    cl[~qc] = None
+    cl = pd.Categorical(np.where(qc, cl.astype(str), None), categories=["0", "1", "2"])
+    store.update_obs(qc_pass=qc, cluster=cl)
+    return Store(store.path)
+
+
+def _lognorm(store):
+    obs = store.obs()
+    x = store.read_rows(0, store.n_cells).toarray().astype(np.float64)
+    return np.log1p(x / obs["n_counts"].to_numpy()[:, None] * 1e4), obs
+
+
+@pytest.fixture(scope="module")
+def grouped(study):
+    obs = study.obs()
+    ds = grouped_statistics(study, COLS, 1e4, mask=obs["qc_pass"].to_numpy(),
+                            scheduler=("threads", 2))
+    return ds
+
+
+def test_grouped_matches_brute_force(study, grouped):
+    y, obs = _lognorm(study)
+    ds = grouped
+    qc = obs["qc_pass"].to_numpy()
+    key = obs[COLS].astype(str).agg("|".join, axis=1).to_numpy()
+    coords = pd.DataFrame({c: ds[c].values.astype(str) for c in COLS})
+    assert len(coords) == len(set(key[qc]))  # every observed combination, nothing else
+    for g in range(len(coords)):
+        sel = qc & (key == "|".join(coords.iloc[g]))
+        v = y[sel]
+        assert ds["n"].values[g] == sel.sum()
+        np.testing.assert_allclose(ds["sum"].values[g], v.sum(0), rtol=1e-13)
+        np.testing.assert_allclose(ds["sum_sq"].values[g], (v * v).sum(0), rtol=1e-13)
+        np.testing.assert_allclose(ds["sum_expm1"].values[g], np.expm1(v).sum(0), rtol=1e-13)
+        assert np.array_equal(ds["nnz"].values[g], (v > 0).sum(0))
+        m2 = ((v - v.mean(0)) ** 2).sum(0)
+        np.testing.assert_allclose(ds["m2"].values[g], m2, rtol=1e-11, atol=1e-300)
+
+
+def test_m2_is_accurate_where_sums_cancel(study, grouped):
+    """Gene G1 is high and nearly constant: exact rational arithmetic as the reference."""
+    y, obs = _lognorm(study)
+    ds = grouped
+    j = 1
+    for g in range(0, ds.sizes["group"], 5):
+        sel = obs["qc_pass"].to_numpy().copy()
+        for c in COLS:
+            sel &= obs[c].astype(str).to_numpy() == str(ds[c].values[g])
+        v = [Fraction(float(a)) for a in y[sel, j]]
+        mean = sum(v) / len(v)
+        exact = float(sum((a - mean) ** 2 for a in v))
+        assert math.isclose(ds["m2"].values[g, j], exact, rel_tol=1e-13)
+        naive = ds["sum_sq"].values[g, j] - ds["sum"].values[g, j] ** 2 / ds["n"].values[g]
+        assert abs(naive - exact) / exact > 1e-13  # the naive formula would not do
+
+
+def test_deterministic_for_any_block_size_and_scheduler(study, grouped):
+    obs = study.obs()
+    for kw in ({"block_cells": 1024, "scheduler": ("sync", 1)},
+               {"block_cells": 3072, "scheduler": ("threads", 2)}):
+        other = grouped_statistics(study, COLS, 1e4, mask=obs["qc_pass"].to_numpy(), **kw)
+        for v in ("n", "sum", "sum_sq", "m2", "sum_expm1", "nnz"):
+            assert np.array_equal(other[v].values, grouped[v].values), v
+
+
+def test_store_round_trip_and_anndata(study, grouped):
+    write_grouped_stats(study, grouped)
+    back = load_grouped_stats(study)
+    assert back.attrs["group_by"] == COLS
+    for v in ("n", "sum", "m2", "nnz"):
+        assert np.array_equal(back[v].values, grouped[v].values)
+    assert list(back["gene"].values.astype(str)) == list(study.var().index)
+    a = ad.read_zarr(study.path)  # the store stays an AnnData store
+    assert a.n_obs == study.n_cells and "grouped_stats" in a.uns
+
+
+@pytest.mark.parametrize("alternative", ["greater", "less", "two-sided"])
+def test_contrast_matches_scipy(study, grouped, alternative):
+    y, obs = _lognorm(study)
+    qc = obs["qc_pass"].to_numpy()
+    alt_r = "two.sided" if alternative == "two-sided" else alternative
+    case = {"condition": "SNI", "cluster": ["0", "2"]}
+    control = {"condition": "Sham", "cluster": ["0", "2"], "timepoint": ["3d", "5mo"]}
+    res = contrast(grouped, case, control, alternative=alt_r)
+    cl, cond, tp = (obs[c].astype(str).to_numpy() for c in ("cluster", "condition", "timepoint"))
+    x_sel = qc & (cond == "SNI") & np.isin(cl, ["0", "2"])
+    y_sel = qc & (cond == "Sham") & np.isin(cl, ["0", "2"]) & np.isin(tp, ["3d", "5mo"])
+    assert (res["n_case"] == x_sel.sum()).all() and (res["n_control"] == y_sel.sum()).all()
+    for j in range(N_GENES):
+        a, b = y[x_sel, j], y[y_sel, j]
+        if j == 2:  # never expressed: NaN with a reason (R: t = NaN), not a crash
+            assert np.isnan(res["p_value"][j]) and "constant" in res["reason"][j]
+            continue
+        ref = stats.ttest_ind(a, b, equal_var=False, alternative=alternative)
+        assert math.isclose(res["t"][j], ref.statistic, rel_tol=1e-10)
+        assert math.isclose(res["p_value"][j], ref.pvalue, rel_tol=1e-10)
+        assert math.isclose(res["mean_case"][j], a.mean(), rel_tol=1e-13)
+        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+        df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+        assert math.isclose(res["df"][j], df, rel_tol=1e-10)
+        assert res["reason"][j] == ""
+
+
+def test_welch_edge_cases():
+    r = welch([1, 5, 5, 3], [1.0, 2.0, 0.0, 1.0], [np.nan, 0.0, 0.0, 1.0],
+              [5, 1, 5, 3], [0.0, 1.0, 0.0, 1.0], [1.0, np.nan, 0.0, 1.0], "greater")
+    assert np.isnan(r["p_value"][:3]).all()
+    assert "case" in r["reason"][0] and "control" in r["reason"][1]
+    assert "constant" in r["reason"][2]
+    assert r["reason"][3] == "" and math.isclose(r["p_value"][3], 0.5)
+
+
+def test_bh_matches_scipy():
+    rng = np.random.default_rng(3)
+    p = rng.random(40) ** 3
+    p[[3, 17]] = np.nan
+    got = bh_adjust(p)
+    ok = ~np.isnan(p)
+    np.testing.assert_allclose(got[ok], stats.false_discovery_control(p[ok]), rtol=1e-15)
+    assert np.isnan(got[~ok]).all()
+
+
+def test_target_tests_table(study, grouped):
+    cfg = Config()
+    table = target_tests(grouped, cfg)
+    assert list(table.columns) == TARGET_COLUMNS
+    assert set(table["gene"]) == {"Sigmar1"}
+    cond = table[table["contrast"] == "SNI_vs_Sham"]
+    assert set(cond["cluster"]) == {"all", "0", "1", "2"}
+    assert set(cond["timepoint"]) == {"3d", "14d", "5mo", "pooled"}
+    assert len(cond) == 16
+    times = table[table["contrast"] != "SNI_vs_Sham"]
+    assert set(times["contrast"]) == {"3d_vs_5mo", "14d_vs_5mo"} and len(times) == 8
+    assert (table["alternative"] == "greater").all()
+    np.testing.assert_allclose(table["p_adj_bh"], stats.false_discovery_control(
+        table["p_value"]), rtol=1e-14)
+    # one row against scipy on the raw values: cluster 1 at 14d, SNI > Sham
+    y, obs = _lognorm(study)
+    qc = obs["qc_pass"].to_numpy()
+    cl, cond_, tp = (obs[c].astype(str).to_numpy() for c in ("cluster", "condition", "timepoint"))
+    row = table[(table["cluster"] == "1") & (table["timepoint"] == "14d")].iloc[0]
+    a = y[qc & (cl == "1") & (tp == "14d") & (cond_ == "SNI"), 0]
+    b = y[qc & (cl == "1") & (tp == "14d") & (cond_ == "Sham"), 0]
+    ref = stats.ttest_ind(a, b, equal_var=False, alternative="greater")
+    assert math.isclose(row["p_value"], ref.pvalue, rel_tol=1e-10)
+    assert row["n_case"] == len(a) and row["n_control"] == len(b)
+    # pooled time points, all clusters; and a time-point contrast (conditions pooled)
+    row = table[(table["cluster"] == "all") & (table["timepoint"] == "pooled")].iloc[0]
+    a, b = y[qc & (cond_ == "SNI"), 0], y[qc & (cond_ == "Sham"), 0]
+    assert math.isclose(row["t"], stats.ttest_ind(a, b, equal_var=False).statistic,
+                        rel_tol=1e-10)
+    row = table[(table["cluster"] == "all") & (table["contrast"] == "14d_vs_5mo")].iloc[0]
+    a, b = y[qc & (tp == "14d"), 0], y[qc & (tp == "5mo"), 0]
+    ref = stats.ttest_ind(a, b, equal_var=False, alternative="greater")
+    assert math.isclose(row["p_value"], ref.pvalue, rel_tol=1e-10)
+
+
+def test_unknown_target_gene_is_a_config_error(grouped):
+    cfg = Config()
+    cfg.study.target_genes = ["Sigmar1", "Nope1"]
+    with pytest.raises(ConfigError, match="Nope1"):
+        target_tests(grouped, cfg)
+
+
+def test_stage_writes_table_and_store(study, tmp_path):
+    cfg = Config()
+    cfg.compute.workers = 1
+    ctx = Context(cfg=cfg, outdir=tmp_path, store=study, progress=False)
+    run_statistics(ctx)
+    table = pd.read_csv(tmp_path / "tables" / "target_tests.csv")
+    assert list(table.columns) == TARGET_COLUMNS and len(table) == 24
+    assert load_grouped_stats(study).sizes["group"] > 0
+
+
+# ---------------------------------------------------------------- parity with R's t.test
+
+
+def test_ttest_parity_with_r(seurat_reference, shared_data, tmp_path):
+    ref_dir = seurat_reference / "pbmc1k"
+    if not (ref_dir / "ttest.csv").exists():
+        pytest.skip("Seurat reference outputs not generated")
+    ref = pd.read_csv(ref_dir / "ttest.csv", float_precision="round_trip",
+                      keep_default_na=False, na_values=["NA"])
+    clusters = pd.read_csv(ref_dir / "clusters.csv", dtype=str)
+    store = ingest(shared_data / "10x" / "pbmc_1k_citeseq_v3.h5", tmp_path / "pbmc.zarr")
+    obs = store.obs()
+    qc = obs.index.isin(clusters["cell"])
+    cl = pd.Series(None, index=obs.index, dtype=object)
+    cl[clusters["cell"].to_numpy()] = clusters["seurat_clusters"].to_numpy()
+    # cluster 0 vs the rest
+    two = np.where(cl.to_numpy() == "0", "0", "rest")
+    store.update_obs(qc_pass=qc, cluster=pd.Categorical(np.where(qc, two, None)))
+    ds = grouped_statistics(store, ["cluster"], 1e4, mask=qc)
+    checked = 0
+    for alt, part in ref[ref["case"] == "cluster0_vs_rest"].groupby("alternative"):
+        res = contrast(ds, {"cluster": "0"}, {"cluster": "rest"}, genes=part["gene"],
+                       alternative=alt)
+        for (_, r), (_, g) in zip(part.iterrows(), res.iterrows(), strict=True):
+            assert r["gene"] == g["gene"]
+            assert g["n_case"] == r["n_x"] and g["n_control"] == r["n_y"]
+            assert math.isclose(g["mean_case"], r["mean_x"], rel_tol=1e-12)
+            if isinstance(r["error"], str) and r["error"]:
+                assert np.isnan(g["p_value"]) and g["reason"]
+                continue
+            if np.isnan(r["t"]):  # R gives NaN (both groups all zero): NaN with a reason
+                assert np.isnan(g["t"]) and g["reason"]
+                continue
+            for ours, theirs in (("t", "t"), ("df", "df"), ("p_value", "p_value")):
+                assert math.isclose(g[ours], r[theirs], rel_tol=1e-10), (r["gene"], ours)
+            checked += 1
+    assert checked >= 100
