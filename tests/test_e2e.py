@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellmill.config import load_config
 from cellmill.engine.stages import ORDER, load_stages
 
 N_CELLS = 5000
@@ -33,18 +32,12 @@ def run(tmp_path_factory):
     missing = _missing_stages()
     if missing:
         pytest.skip(f"stage(s) not built yet: {', '.join(missing)}")
-    from cellmill.engine.workflow import run_workflow
-    from cellmill.simulate import simulate_study
+    from cellmill.engine.workflow import run_demo
 
-    root = tmp_path_factory.mktemp("e2e")
-    sim = root / "sim"
-    simulate_study(sim, n_cells=N_CELLS, seed=SEED)
-    cfg_path = root / "study.toml"
-    cfg_path.write_text(f'[input]\nmanifest = "{sim / "manifest.csv"}"\n'
-                        f'[gsea]\ngmt = "{sim / "planted.gmt"}"\n'
-                        "[compute]\nprogress = false\n")
-    out = root / "out"
-    ctx = run_workflow(load_config(cfg_path), out)
+    # `cellmill demo` = simulate, then `cellmill run` with the study's defaults (planted GMT)
+    out = tmp_path_factory.mktemp("e2e")
+    ctx = run_demo(out, n_cells=N_CELLS, seed=SEED)
+    sim = out / "simulated"
     planted = json.loads((sim / "planted.json").read_text())
     truth = pd.read_csv(sim / "truth.csv", dtype=str).set_index("cell")
     return ctx, out, planted, truth
