@@ -8,7 +8,9 @@ Counts are negative binomial (gamma-Poisson) with mean mu = depth * rel[g] and d
   mu, so candidates are drawn as a Poisson process of rate depth along the cumulative rel axis
   (gene g owns an interval of length rel[g]) and kept with probability log(1+x)/x, x = mu*phi.
   Work follows the counts, not the number of genes, genes come out in order, and it is exact.
-Each chunk seeds Numba's generator itself, so output does not depend on which thread runs it.
+Each chunk seeds its generators itself (its own xoshiro256+ stream for the bulk of the draws,
+Numba's per-thread generator for the few gamma/normal draws), so output does not depend on which
+thread runs it.
 """
 
 from __future__ import annotations
@@ -16,16 +18,51 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+_U11 = np.uint64(11)
+_U17 = np.uint64(17)
+_U45 = np.uint64(45)
+_U19 = np.uint64(19)
+_TO_UNIT = 1.0 / 9007199254740992.0  # 2**-53
+
 
 @numba.njit(nogil=True, cache=True)
-def _logseries(p):
+def seed_state(seed):
+    """xoshiro256+ state from a 64-bit seed, expanded with splitmix64."""
+    state = np.empty(4, dtype=np.uint64)
+    z = np.uint64(seed)
+    for i in range(4):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        x = z
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        state[i] = x ^ (x >> np.uint64(31))
+    return state
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _uniform(s):
+    """Uniform [0, 1) from xoshiro256+ (a small explicit generator: fast, and its stream is ours,
+    not the thread's)."""
+    result = s[0] + s[3]
+    t = s[1] << _U17
+    s[2] ^= s[0]
+    s[3] ^= s[1]
+    s[1] ^= s[2]
+    s[0] ^= s[3]
+    s[2] ^= t
+    s[3] = (s[3] << _U45) | (s[3] >> _U19)
+    return float(result >> _U11) * _TO_UNIT
+
+
+@numba.njit(nogil=True, cache=True)
+def _logseries(s, p):
     """Logarithmic(p) variate, P(k) = -p^k / (k log(1-p)); Kemp's LK algorithm."""
     r = np.log1p(-p)
     while True:
-        v = np.random.random()
+        v = _uniform(s)
         if v >= p:
             return 1
-        u = np.random.random()
+        u = _uniform(s)
         q = -np.expm1(r * u)
         if v <= q * q:
             k = int(np.floor(1.0 + np.log(v) / np.log(q)))
@@ -38,7 +75,7 @@ def _logseries(p):
 
 
 @numba.njit(nogil=True, cache=True)
-def _nb_direct(mu, phi):
+def _nb_direct(s, mu, phi):
     """NB(mean mu, dispersion phi) by inverse CDF for moderate means, else gamma then Poisson."""
     r = 1.0 / phi
     x = mu * phi
@@ -48,7 +85,7 @@ def _nb_direct(mu, phi):
     q = x / (1.0 + x)
     pk = np.exp(log_p0)
     cdf = pk
-    u = np.random.random()
+    u = _uniform(s)
     k = 0
     while u > cdf and k < 100_000:
         k += 1
@@ -58,50 +95,109 @@ def _nb_direct(mu, phi):
 
 
 @numba.njit(nogil=True, cache=True)
-def _exp_gap(depth):
+def _exp_gap(s, depth):
     """Gap to the next candidate of a unit-rate Poisson process, in units of rel (1 / depth)."""
-    return -np.log(1.0 - np.random.random()) / depth
+    return -np.log(1.0 - _uniform(s)) / depth
 
 
 @numba.njit(nogil=True, cache=True)
-def _draw_cell(n_parts, profs, depths, rel, phi, is_direct, cum, out_idx, out_cnt, pos0):
-    """One cell's counts (sum over its parts: 1, or 2 for a doublet), gene by gene in order.
+def _first_above(cum, value, start):
+    """First index g >= start with cum[g] > value (cum non-decreasing), len(cum) if none.
+    Galloping from start: the next candidate is usually a few dozen genes ahead."""
+    n = cum.shape[0]
+    if start >= n or cum[n - 1] <= value:
+        return n
+    if cum[start] > value:
+        return start
+    lo = start  # cum[lo] <= value
+    step = 1
+    hi = start + 1
+    while hi < n and cum[hi] <= value:
+        lo = hi
+        step *= 2
+        hi = lo + step
+    if hi > n - 1:
+        hi = n - 1  # cum[n-1] > value
+    while hi - lo > 1:  # cum[lo] <= value < cum[hi]
+        mid = (lo + hi) // 2
+        if cum[mid] <= value:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@numba.njit(nogil=True, cache=True)
+def _draw_part(s, p, d, rel, phi, direct, n_direct, cum, out_idx, out_cnt):
+    """Counts of one cell (profile p, depth d) as sorted gene indices and counts; returns how many.
 
     Direct genes get an NB draw each. The others are covered by a Poisson process of candidates
-    along the cumulative rel axis (cum): candidates falling in gene g's interval are thinned to
-    clusters and given logarithmic sizes. Writes sorted gene indices and counts at pos0 onward;
-    returns the number of detected genes.
+    along the cumulative rel axis (cum[p]); candidates falling in gene g's interval are thinned to
+    clusters with logarithmic sizes. Both streams come out in gene order and are merged.
     """
     n_genes = rel.shape[1]
-    nxt = np.empty(2)
-    for t in range(n_parts):
-        nxt[t] = _exp_gap(depths[t])
-    nt = 0
-    for g in range(n_genes):
+    cum_p = cum[p]
+    total = cum_p[n_genes - 1]
+    nxt = _exp_gap(s, d)
+    j = 0
+    nd = n_direct[p]
+    n = 0
+    g = 0
+    while True:
+        gt = _first_above(cum_p, nxt, g) if nxt < total else n_genes
+        while j < nd and direct[p, j] < gt:
+            gd = direct[p, j]
+            c = _nb_direct(s, d * rel[p, gd], phi[gd])
+            if c > 0:
+                out_idx[n] = gd
+                out_cnt[n] = c
+                n += 1
+            j += 1
+        if gt >= n_genes:
+            return n
+        end = cum_p[gt]
+        x = d * rel[p, gt] * phi[gt]
         c = 0
-        for t in range(n_parts):
-            p = profs[t]
-            d = depths[t]
-            if is_direct[p, g]:
-                c += _nb_direct(d * rel[p, g], phi[g])
-            else:
-                end = cum[p, g]
-                while nxt[t] < end:
-                    x = d * rel[p, g] * phi[g]
-                    u = np.random.random()
-                    # keep with probability log(1+x)/x (>= 1 - x/2, which saves the log)
-                    if u < 1.0 - 0.5 * x or u * x < np.log1p(x):
-                        c += _logseries(x / (1.0 + x))
-                    nxt[t] += _exp_gap(d)
+        while nxt < end:
+            u = _uniform(s)
+            # keep with probability log(1+x)/x (>= 1 - x/2, which usually saves the log)
+            if u < 1.0 - 0.5 * x or u * x < np.log1p(x):
+                c += _logseries(s, x / (1.0 + x))
+            nxt += _exp_gap(s, d)
         if c > 0:
-            out_idx[pos0 + nt] = g
-            out_cnt[pos0 + nt] = c
-            nt += 1
-    return nt
+            out_idx[n] = gt
+            out_cnt[n] = c
+            n += 1
+        g = gt + 1
 
 
 @numba.njit(nogil=True, cache=True)
-def simulate_chunk(seed, prof_a, prof_b, log_depth, depth_sd, lo, hi, rel, phi, is_direct, cum):
+def _merge(a_idx, a_cnt, na, b_idx, b_cnt, nb, out_idx, out_cnt):
+    """Sum of two sorted sparse count vectors."""
+    i = 0
+    j = 0
+    n = 0
+    while i < na or j < nb:
+        if j >= nb or (i < na and a_idx[i] < b_idx[j]):
+            out_idx[n] = a_idx[i]
+            out_cnt[n] = a_cnt[i]
+            i += 1
+        elif i >= na or b_idx[j] < a_idx[i]:
+            out_idx[n] = b_idx[j]
+            out_cnt[n] = b_cnt[j]
+            j += 1
+        else:
+            out_idx[n] = a_idx[i]
+            out_cnt[n] = a_cnt[i] + b_cnt[j]
+            i += 1
+            j += 1
+        n += 1
+    return n
+
+
+@numba.njit(nogil=True, cache=True)
+def simulate_chunk(seed, prof_a, prof_b, log_depth, depth_sd, lo, hi, rel, phi, direct, n_direct,
+                   cum):
     """Counts for a chunk of cells, cell-major (CSC columns of the 10x matrix).
 
     Cell i uses profile prof_a[i] (plus prof_b[i] for a doublet, -1 otherwise) at a log-normal depth
@@ -109,7 +205,8 @@ def simulate_chunk(seed, prof_a, prof_b, log_depth, depth_sd, lo, hi, rel, phi, 
     [lo[i], hi[i]] (after each miss the depth is nudged toward the band).
     Returns (indptr, gene indices sorted within each cell, counts, total UMIs per cell).
     """
-    np.random.seed(seed)
+    state = seed_state(seed)
+    np.random.seed(np.uint32(seed >> np.uint64(32)))  # Numba's generator: gamma, normal
     n_cells = prof_a.shape[0]
     n_genes = rel.shape[1]
     cap = 0
@@ -119,22 +216,26 @@ def simulate_chunk(seed, prof_a, prof_b, log_depth, depth_sd, lo, hi, rel, phi, 
     indices = np.empty(cap, dtype=np.int32)
     data = np.empty(cap, dtype=np.int32)
     umis = np.zeros(n_cells, dtype=np.int64)
-    scratch_idx = np.empty(n_genes, dtype=np.int32)
-    scratch_cnt = np.empty(n_genes, dtype=np.int32)
-    profs = np.empty(2, dtype=np.int64)
-    depths = np.empty(2)
+    a_idx = np.empty(n_genes, dtype=np.int32)
+    a_cnt = np.empty(n_genes, dtype=np.int32)
+    b_idx = np.empty(n_genes, dtype=np.int32)
+    b_cnt = np.empty(n_genes, dtype=np.int32)
+    m_idx = np.empty(n_genes, dtype=np.int32)
+    m_cnt = np.empty(n_genes, dtype=np.int32)
     pos = 0
     for i in range(n_cells):
-        n_parts = 1 if prof_b[i] < 0 else 2
-        profs[0] = prof_a[i]
-        profs[1] = prof_b[i]
         nudge = 0.0
         tries = 0
         while True:
-            for t in range(n_parts):
-                depths[t] = np.exp(log_depth[i] + nudge + depth_sd * np.random.standard_normal())
-            nt = _draw_cell(n_parts, profs, depths, rel, phi, is_direct, cum,
-                            scratch_idx, scratch_cnt, 0)
+            d = np.exp(log_depth[i] + nudge + depth_sd * np.random.standard_normal())
+            nt = _draw_part(state, prof_a[i], d, rel, phi, direct, n_direct, cum, a_idx, a_cnt)
+            scratch_idx, scratch_cnt = a_idx, a_cnt
+            if prof_b[i] >= 0:  # doublet: a second cell of another population
+                d = np.exp(log_depth[i] + nudge + depth_sd * np.random.standard_normal())
+                nb = _draw_part(state, prof_b[i], d, rel, phi, direct, n_direct, cum,
+                                b_idx, b_cnt)
+                nt = _merge(a_idx, a_cnt, nt, b_idx, b_cnt, nb, m_idx, m_cnt)
+                scratch_idx, scratch_cnt = m_idx, m_cnt
             if lo[i] <= nt <= hi[i]:
                 break
             tries += 1

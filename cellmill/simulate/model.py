@@ -15,7 +15,7 @@ REF_DEPTH = 5000.0  # base means are given as UMIs per cell at this depth
 DEPTH_MEDIAN = 5200.0  # median library size of a normal cell
 DEPTH_SD = 0.45  # sd of log library size
 LOW_DEPTH_MEDIAN = 320.0  # near-empty droplets
-DOUBLET_DEPTH_FACTOR = 1.7  # each partner of a doublet-like cell is this much deeper
+DOUBLET_DEPTH_FACTOR = 2.0  # each partner of a doublet-like cell is this much deeper
 DYING_MT_FACTOR = 6.0  # near-empty droplets are often broken cells with much mitochondrial RNA
 
 # Base means (UMIs per cell at REF_DEPTH) of the named genes.

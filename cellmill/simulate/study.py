@@ -19,8 +19,7 @@ from .kernels import simulate_chunk
 from .tenx import TenxWriter
 
 CHUNK_CELLS = 1000  # cells per kernel call; fixed, so output does not depend on threads
-DIRECT_MIN_MEAN = 2.0  # genes above this mean (at twice the median depth) get one NB draw each
-DEPTH_REF_DIRECT = 2.0 * md.DEPTH_MEDIAN
+DIRECT_MIN_MEAN = 2.0  # genes above this mean at twice the median depth get one NB draw each
 DOUBLET = "doublet"
 LOW_QUALITY = "low_quality"
 MIN_LOW_FEATURES = 100
@@ -64,10 +63,19 @@ def _cell_plan(sample: ds.Sample, s: int, model: md.ExpressionModel, rng: np.ran
 
 
 def _profile_tables(rel: np.ndarray):
-    """Per profile: which genes are drawn directly, and the cumulative rel of the others."""
-    is_direct = rel * DEPTH_REF_DIRECT > DIRECT_MIN_MEAN
+    """Per profile: which genes are drawn directly, and the cumulative rel of the others.
+    Rows P.. are the near-empty droplets, so their reference depth is much lower."""
+    P = len(ds.POPULATION_NAMES)
+    depth_ref = np.where(np.arange(rel.shape[0]) < P, 2.0 * md.DEPTH_MEDIAN,
+                         2.0 * md.LOW_DEPTH_MEDIAN)
+    is_direct = rel * depth_ref[:, None] > DIRECT_MIN_MEAN
+    n_direct = is_direct.sum(axis=1).astype(np.int64)
+    direct = np.zeros((rel.shape[0], max(1, int(n_direct.max()))), dtype=np.int64)
+    for p in range(rel.shape[0]):
+        d = np.flatnonzero(is_direct[p])
+        direct[p, :d.size] = d
     cum = np.cumsum(np.where(is_direct, 0.0, rel), axis=1)
-    return is_direct, cum
+    return direct, n_direct, cum
 
 
 def _write_sample(path: Path, sample: ds.Sample, s: int, model: md.ExpressionModel,
@@ -77,16 +85,16 @@ def _write_sample(path: Path, sample: ds.Sample, s: int, model: md.ExpressionMod
     barcodes = _barcodes(rng, sample.n_total)
     plan = _cell_plan(sample, s, model, rng)
     rel = md.sample_profiles(model, s, sample)
-    is_direct, cum = _profile_tables(rel)
+    direct, n_direct, cum = _profile_tables(rel)
     phi = model.phi
     starts = list(range(0, sample.n_total, CHUNK_CELLS))
-    seeds = chunk_seq.generate_state(max(1, len(starts)), dtype=np.uint32)
+    seeds = chunk_seq.generate_state(max(1, len(starts)), dtype=np.uint64)
 
     def run(c: int):
         a, b = starts[c], min(starts[c] + CHUNK_CELLS, sample.n_total)
-        return simulate_chunk(int(seeds[c]), plan["prof_a"][a:b], plan["prof_b"][a:b],
+        return simulate_chunk(seeds[c], plan["prof_a"][a:b], plan["prof_b"][a:b],
                               plan["log_depth"][a:b], md.DEPTH_SD, plan["lo"][a:b],
-                              plan["hi"][a:b], rel, phi, is_direct, cum)
+                              plan["hi"][a:b], rel, phi, direct, n_direct, cum)
 
     u = model.universe
     writer = TenxWriter(path, u.ids, u.names, barcodes, library_id=sample.name)
