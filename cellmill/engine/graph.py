@@ -1,0 +1,406 @@
+"""Stages `neighbors`, `cluster` and `umap`: Seurat's FindNeighbors, FindClusters and RunUMAP.
+
+- neighbors: k nearest neighbours (self included, first) of the QC-passed cells on PCs
+  1..n_pcs: exact blocked brute force (kernels/knn.py) over Dask chunks of query cells, or
+  pynndescent; then Seurat's pruned Jaccard SNN graph (kernels/snn.py).
+  Stored: obsm/knn_index (absolute cell indices, -1 rows for QC-failed cells),
+  obsm/knn_distance (Euclidean, NaN rows), obsp/snn (all cells; rows of failed cells empty).
+- cluster: modularity with resolution (leidenalg's RBConfigurationVertexPartition) on the SNN
+  graph without its diagonal. `leiden`: leidenalg's Leiden. `louvain`: leidenalg's optimiser
+  without the refinement step (Louvain: local moves + aggregation), 10 seeded starts (seed,
+  seed + 1, ...) keeping the best quality, as Seurat's n.start = 10. Labels are renumbered by
+  size (0 = largest; equal sizes by first appearance in cell order), then singletons join the
+  cluster with the highest mean SNN weight to them (Seurat's GroupSingletons, including its
+  tie-break: R's sample() after set.seed(1)). Stored: obs/cluster (categorical "0".."K-1", NaN
+  for failed cells) and tables/clusters.csv (cell, cluster) for QC-passed cells.
+- umap: umap-learn on our own exact 30-nearest-neighbour graph in cosine distance (uwot's
+  metric in Seurat's RunUMAP) on the same PCs; spectral init, min_dist 0.3, 200 epochs when
+  N > 10,000 else 500, seeded. Stored: obsm/X_umap (NaN rows for failed cells).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cellmill.engine.stages import Context, stage
+
+log = logging.getLogger("cellmill")
+
+N_STARTS = 10  # Seurat's FindClusters n.start
+NN_SEED = 42  # pynndescent's random state
+
+
+# ------------------------------------------------------------------ nearest neighbours
+
+
+def _knn_chunk(ref_t, q0, q1, k):
+    from cellmill.kernels.knn import knn_self
+
+    idx = np.empty((q1 - q0, k), dtype=np.int64)
+    dist = np.empty((q1 - q0, k))
+    knn_self(ref_t, q0, q1, k, idx, dist)
+    return idx, dist
+
+
+def exact_knn(points: np.ndarray, k: int, scheduler=None, chunk: int | None = None,
+              progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours of every row of `points` among all rows (self first).
+
+    Ties are broken by the smaller index; the result does not depend on `chunk` or the
+    scheduler. Returns (indices int64, Euclidean distances float64), n x k.
+    """
+    import dask
+
+    from cellmill.engine.cluster import compute
+
+    n = points.shape[0]
+    ref_t = np.ascontiguousarray(np.asarray(points, dtype=np.float64).T)
+    if chunk is None:
+        workers = scheduler[1] if isinstance(scheduler, tuple) else 2
+        chunk = min(8192, max(256, -(-n // (8 * max(1, workers)))))
+    d_ref = dask.delayed(ref_t, pure=True)
+    tasks = [dask.delayed(_knn_chunk, pure=True)(d_ref, a, min(a + chunk, n), k)
+             for a in range(0, n, chunk)]
+    parts = compute(tasks, scheduler=scheduler, desc="knn", progress=progress)
+    if not parts:
+        return np.empty((0, k), dtype=np.int64), np.empty((0, k))
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+
+def self_first(idx: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Make every row start with the point itself at distance 0 (as Seurat's lists do)."""
+    idx, dist = idx.copy(), dist.copy()
+    rows = np.arange(idx.shape[0])
+    for i in np.flatnonzero(idx[:, 0] != rows):
+        row = list(idx[i])
+        drow = list(dist[i])
+        if i in row:
+            p = row.index(i)
+            del row[p], drow[p]
+        else:
+            row.pop()
+            drow.pop()
+        idx[i] = [i] + row
+        dist[i] = [0.0] + drow
+    return idx, dist
+
+
+def nndescent_knn(points: np.ndarray, k: int, seed: int = NN_SEED,
+                  workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate k nearest neighbours by pynndescent (self first)."""
+    from pynndescent import NNDescent
+
+    index = NNDescent(np.asarray(points, dtype=np.float32), n_neighbors=k, metric="euclidean",
+                      random_state=seed, n_jobs=workers, low_memory=True, verbose=False)
+    idx, dist = index.neighbor_graph
+    return self_first(idx.astype(np.int64), dist.astype(np.float64))
+
+
+def recall(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Fraction of the exact neighbours (per row, as sets) that the approximate lists hold."""
+    hit = 0
+    for a, e in zip(approx, exact, strict=True):
+        hit += len(np.intersect1d(a, e, assume_unique=True))
+    return hit / exact.size
+
+
+# ------------------------------------------------------------------ SNN graph
+
+
+def _snn_piece(knn, ptr, idx, r0, r1, prune):
+    from cellmill.kernels.snn import snn_rows
+
+    return snn_rows(knn, ptr, idx, r0, r1, prune)
+
+
+def snn_graph(knn: np.ndarray, prune: float = 1.0 / 15.0, scheduler=None,
+              chunk: int = 16384, progress: bool = False) -> sp.csr_matrix:
+    """Seurat's SNN graph (n x n CSR, float64, diagonal 1) from n x k neighbour lists
+    (indices into the same n points)."""
+    import dask
+
+    from cellmill.engine.cluster import compute
+    from cellmill.kernels.snn import reverse_lists
+
+    knn = np.ascontiguousarray(knn, dtype=np.int64)
+    n = knn.shape[0]
+    ptr, idx = reverse_lists(knn, n)
+    d_knn, d_ptr, d_idx = (dask.delayed(x, pure=True) for x in (knn, ptr, idx))
+    tasks = [dask.delayed(_snn_piece, pure=True)(d_knn, d_ptr, d_idx, a, min(a + chunk, n),
+                                                 float(prune))
+             for a in range(0, n, chunk)]
+    parts = compute(tasks, scheduler=scheduler, desc="snn", progress=progress)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    off, pos = 0, 0
+    for p_ptr, _, _ in parts:
+        m = len(p_ptr) - 1
+        indptr[pos + 1: pos + m + 1] = p_ptr[1:] + off
+        off += int(p_ptr[-1])
+        pos += m
+    indices = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
+    data = np.concatenate([p[2] for p in parts]) if parts else np.empty(0)
+    return sp.csr_matrix((data, indices.astype(np.int32), indptr), shape=(n, n))
+
+
+def expand_rows(m: sp.csr_matrix, cells: np.ndarray, n_cells: int) -> sp.csr_matrix:
+    """A graph over `cells` (ascending) as an n_cells x n_cells CSR (other rows empty)."""
+    counts = np.zeros(n_cells, dtype=np.int64)
+    counts[cells] = np.diff(m.indptr)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    indices = cells[m.indices].astype(np.int32 if n_cells < 2**31 else np.int64)
+    return sp.csr_matrix((m.data, indices, indptr), shape=(n_cells, n_cells))
+
+
+# ------------------------------------------------------------------ clustering
+
+
+def _igraph(snn: sp.csr_matrix):
+    """Undirected weighted igraph of the SNN graph without its diagonal."""
+    import igraph as ig
+
+    up = sp.triu(snn, k=1).tocoo()
+    edges = np.column_stack([up.row, up.col]).astype(np.int64)
+    g = ig.Graph(n=snn.shape[0], edges=edges, directed=False)
+    g.es["weight"] = up.data
+    return g
+
+
+def modularity_clusters(snn: sp.csr_matrix, algorithm: str = "leiden", resolution: float = 0.3,
+                        seed: int = 0, n_iterations: int = -1,
+                        n_starts: int = N_STARTS) -> tuple[np.ndarray, float]:
+    """Raw community membership (0..K-1) and its quality (RBConfiguration objective)."""
+    import leidenalg as la
+
+    g = _igraph(snn)
+    if algorithm == "leiden":
+        part = la.find_partition(g, la.RBConfigurationVertexPartition, weights="weight",
+                                 resolution_parameter=resolution, n_iterations=n_iterations,
+                                 seed=seed)
+        return np.asarray(part.membership, dtype=np.int64), part.quality()
+    if algorithm != "louvain":
+        raise ValueError(f"unknown clustering algorithm {algorithm!r}")
+    best, best_q = None, -math.inf
+    for s in range(n_starts):
+        part = la.RBConfigurationVertexPartition(g, weights="weight",
+                                                 resolution_parameter=resolution)
+        opt = la.Optimiser()
+        opt.set_rng_seed(seed + s)
+        it = 0
+        while (n_iterations < 0 or it < n_iterations) and _louvain_pass(opt, part):
+            it += 1
+        q = part.quality()
+        if q > best_q:
+            best, best_q = np.asarray(part.membership, dtype=np.int64), q
+    return best, best_q
+
+
+def _louvain_pass(opt, part) -> bool:
+    """One Louvain run from the current clustering (Seurat's runLouvainAlgorithm): local
+    moves of the nodes, then of the aggregated communities, level by level. Built from
+    leidenalg's move_nodes / aggregate_partition (its Optimiser with refine_partition = False
+    crashes with leidenalg 0.12.0 + igraph 1.0). True when the quality improved."""
+    gain = opt.move_nodes(part)
+    agg = part.aggregate_partition()
+    while True:
+        d = opt.move_nodes(agg)
+        if d <= 0:
+            break
+        gain += d
+        part.from_coarse_partition(agg)
+        agg = agg.aggregate_partition()
+    return gain > 0
+
+
+def order_by_size(labels: np.ndarray) -> np.ndarray:
+    """Renumber labels 0..K-1 by size, descending; equal sizes by first appearance."""
+    _, first, inv, sizes = np.unique(labels, return_index=True, return_inverse=True,
+                                     return_counts=True)
+    rank = np.lexsort((first, -sizes))
+    new = np.empty(len(rank), dtype=np.int64)
+    new[rank] = np.arange(len(rank))
+    return new[inv.ravel()]
+
+
+def _r_seed1_uniforms(count: int) -> np.ndarray:
+    """R's runif(count) right after set.seed(1) (Mersenne-Twister, R's seed scrambling)."""
+    s = 1
+    for _ in range(50):
+        s = (69069 * s + 1) & 0xFFFFFFFF
+    key = []
+    for _ in range(625):
+        s = (69069 * s + 1) & 0xFFFFFFFF
+        key.append(s)
+    bg = np.random.MT19937()
+    bg.state = {"bit_generator": "MT19937",
+                "state": {"key": np.array(key[1:], dtype=np.uint32), "pos": 624}}
+    return bg.random_raw(count).astype(np.float64) * 2.3283064365386963e-10
+
+
+def r_sample_seed1(n: int) -> int:
+    """0-based index that R's sample(x, 1) picks from n items after set.seed(1) (R >= 3.6
+    rejection sampling)."""
+    u = iter(_r_seed1_uniforms(256))
+    bits = math.ceil(math.log2(n)) if n > 1 else 0
+    while True:
+        v = 0
+        for _ in range(0, bits + 1, 16):
+            v = 65536 * v + int(math.floor(next(u) * 65536))
+        v &= (1 << bits) - 1
+        if v < n:
+            return v
+
+
+def group_singletons(labels: np.ndarray, snn: sp.csr_matrix) -> np.ndarray:
+    """Seurat's GroupSingletons: each cluster of one cell joins the (non-singleton) cluster
+    with the highest mean SNN weight to it; the labels are then made contiguous (singleton
+    labels are the largest numbers after order_by_size, so the others keep theirs)."""
+    labels = np.asarray(labels, dtype=np.int64).copy()
+    uniq, first, sizes = np.unique(labels, return_index=True, return_counts=True)
+    in_order = uniq[np.argsort(first, kind="stable")]  # R's unique(ids)
+    single = set(uniq[sizes == 1].tolist())
+    if not single or len(single) == len(uniq):
+        return labels
+    names = np.array([c for c in in_order if c not in single])
+    snn = sp.csr_matrix(snn)
+    for c in [c for c in in_order if c in single]:
+        i = int(np.flatnonzero(labels == c)[0])
+        row = snn.indices[snn.indptr[i]: snn.indptr[i + 1]]
+        w = snn.data[snn.indptr[i]: snn.indptr[i + 1]]
+        top = int(labels.max()) + 1
+        sums = np.bincount(labels[row], weights=w, minlength=top)
+        counts = np.bincount(labels, minlength=top)
+        conn = sums[names] / counts[names]
+        ties = names[conn == conn.max()]
+        labels[i] = ties[r_sample_seed1(len(ties))]
+    _, inv = np.unique(labels, return_inverse=True)
+    return inv.ravel().astype(np.int64)
+
+
+def cluster_labels(snn: sp.csr_matrix, algorithm: str = "leiden", resolution: float = 0.3,
+                   seed: int = 0, n_iterations: int = -1) -> np.ndarray:
+    """Final labels 0..K-1 (0 = largest) of the cells of an SNN graph (with its diagonal)."""
+    raw, _ = modularity_clusters(snn, algorithm, resolution, seed, n_iterations)
+    return group_singletons(order_by_size(raw), snn)
+
+
+# ------------------------------------------------------------------ UMAP
+
+
+def umap_epochs(n: int, n_epochs: int = 0) -> int:
+    return n_epochs if n_epochs > 0 else (200 if n > 10_000 else 500)
+
+
+def cosine_knn(points: np.ndarray, k: int, scheduler=None, progress: bool = False):
+    """Exact k nearest neighbours in cosine distance 1 - cos (via unit vectors)."""
+    x = np.asarray(points, dtype=np.float64)
+    norm = np.sqrt((x * x).sum(axis=1))
+    unit = x / np.where(norm > 0, norm, 1.0)[:, None]
+    idx, dist = exact_knn(unit, k, scheduler=scheduler, progress=progress)
+    return idx, dist * dist / 2.0
+
+
+def umap_embedding(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 0.3,
+                   seed: int = 42, n_epochs: int = 0, knn=None, scheduler=None,
+                   progress: bool = False) -> np.ndarray:
+    """umap-learn on our exact cosine kNN graph of `points` (n x 2)."""
+    import umap
+
+    n = points.shape[0]
+    k = min(n_neighbors, n)
+    if knn is None:
+        knn = cosine_knn(points, k, scheduler=scheduler, progress=progress)
+    model = umap.UMAP(n_neighbors=k, n_components=2, metric="cosine", min_dist=min_dist,
+                      spread=1.0, init="spectral", n_epochs=umap_epochs(n, n_epochs),
+                      random_state=seed, precomputed_knn=(knn[0], knn[1], None),
+                      verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no search index (no transform); n_jobs=1 with a seed
+        return model.fit_transform(np.asarray(points, dtype=np.float32)).astype(np.float64)
+
+
+# ------------------------------------------------------------------ stages
+
+
+def _passed_pcs(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    from cellmill.engine.stage_ingest import qc_passed
+
+    cells = np.flatnonzero(qc_passed(ctx.store))
+    x = ctx.store.read_array("obsm", "X_pca")
+    n_pcs = min(ctx.cfg.neighbors.n_pcs, x.shape[1])
+    return cells, np.ascontiguousarray(x[cells, :n_pcs])
+
+
+def _neighbors_params(cfg):
+    n = cfg.neighbors
+    return {"n_pcs": n.n_pcs, "k": n.k, "prune": n.prune, "method": n.method}
+
+
+@stage("neighbors", after=("pca",), params=_neighbors_params)
+def run_neighbors(ctx: Context) -> None:
+    cfg, store = ctx.cfg.neighbors, ctx.store
+    cells, pcs = _passed_pcs(ctx)
+    k = min(cfg.k, len(cells))
+    if cfg.method == "pynndescent":
+        idx, dist = nndescent_knn(pcs, k, workers=ctx.cfg.compute.workers)
+    else:
+        idx, dist = exact_knn(pcs, k, scheduler=ctx.scheduler(), progress=ctx.progress)
+    snn = snn_graph(idx, cfg.prune, scheduler=ctx.scheduler(), progress=ctx.progress)
+    full_idx = np.full((store.n_cells, k), -1, dtype=np.int64)
+    full_idx[cells] = cells[idx]
+    full_dist = np.full((store.n_cells, k), np.nan)
+    full_dist[cells] = dist
+    store.write_array("obsm", "knn_index", full_idx)
+    store.write_array("obsm", "knn_distance", full_dist)
+    store.write_sparse("obsp", "snn", expand_rows(snn, cells, store.n_cells))
+    log.info("neighbors: %s k=%d on %d PCs, %d cells; SNN %d entries", cfg.method, k,
+             pcs.shape[1], len(cells), snn.nnz)
+
+
+def _cluster_params(cfg):
+    c = cfg.cluster
+    return {"algorithm": c.algorithm, "resolution": c.resolution, "seed": c.seed,
+            "n_iterations": c.n_iterations, "n_starts": N_STARTS}
+
+
+@stage("cluster", after=("neighbors",), params=_cluster_params)
+def run_cluster(ctx: Context) -> None:
+    from cellmill.engine.stage_ingest import qc_passed, write_table
+
+    cfg, store = ctx.cfg.cluster, ctx.store
+    cells = np.flatnonzero(qc_passed(store))
+    snn = store.read_sparse("obsp", "snn").tocsr()[cells][:, cells]
+    labels = cluster_labels(snn, cfg.algorithm, cfg.resolution, cfg.seed, cfg.n_iterations)
+    k = int(labels.max()) + 1
+    cats = [str(i) for i in range(k)]
+    codes = np.full(store.n_cells, -1, dtype=np.int64)
+    codes[cells] = labels
+    col = pd.Categorical.from_codes(codes, categories=cats)
+    store.update_obs(cluster=col)
+    names = store.obs().index.to_numpy()[cells]
+    write_table(pd.DataFrame({"cell": names, "cluster": labels.astype(str)}),
+                ctx.tables / "clusters.csv")
+    log.info("cluster: %s resolution %g: %d clusters, sizes %s", cfg.algorithm,
+             cfg.resolution, k, np.bincount(labels).tolist())
+
+
+def _umap_params(cfg):
+    u = cfg.umap
+    return {"n_neighbors": u.n_neighbors, "min_dist": u.min_dist, "seed": u.seed,
+            "n_epochs": u.n_epochs, "n_pcs": cfg.neighbors.n_pcs, "metric": "cosine"}
+
+
+@stage("umap", after=("pca",), params=_umap_params)
+def run_umap(ctx: Context) -> None:
+    u, store = ctx.cfg.umap, ctx.store
+    cells, pcs = _passed_pcs(ctx)
+    emb = umap_embedding(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
+                         scheduler=ctx.scheduler(), progress=ctx.progress)
+    x = np.full((store.n_cells, 2), np.nan)
+    x[cells] = emb
+    store.write_array("obsm", "X_umap", x)

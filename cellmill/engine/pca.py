@@ -1,0 +1,266 @@
+"""Stage `pca`: exact, out-of-core PCA of the scaled variable-gene matrix (Seurat's RunPCA).
+
+A = the QC-passed cells x variable genes matrix of ScaleData (clipped at `pca.clip` from above,
+not re-centred), never held for all cells. Two streaming passes:
+1. the float64 Gram matrix A^T A (genes x genes), from dense scaled blocks of one GRANULE of
+   cells each (BLAS syrk), summed along a fixed binary tree over the granules: granule sums are
+   paired as aligned power-of-two ranges of granules, inside a Dask task for the granules of one
+   task and by Dask tasks above it. The tree does not depend on the task size or scheduler, so
+   the Gram matrix (and everything after it) is bit-identical for any of them;
+2. after `eigh` (A^T A = V diag(d^2) V^T), the embeddings A V = U d, granule by granule.
+Output as Seurat: embeddings U d, loadings V, stdev d / sqrt(N - 1). Signs: the loading of the
+largest magnitude of every component is made positive (Seurat's signs are arbitrary).
+Stored: obsm/X_pca (NaN rows for QC-failed cells), varm/PCs (zero rows for other genes),
+uns/pca_stdev.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from cellmill.engine.stages import Context, stage
+from cellmill.io.store import GRANULE, Store
+from cellmill.kernels.gram import scaled_block, zero_values
+
+log = logging.getLogger("cellmill")
+
+SCALE_FACTOR_KEY = "lognorm_scale_factor"  # uns key written by the normalize stage
+
+
+@dataclass
+class PCAResult:
+    embeddings: np.ndarray  # QC-passed cells x n_components (U d)
+    loadings: np.ndarray  # variable genes x n_components (V), rows in `genes` order
+    stdev: np.ndarray  # d / sqrt(N - 1)
+    genes: np.ndarray  # indices of the variable genes (ascending)
+    cells: np.ndarray  # indices of the QC-passed cells (ascending)
+
+
+@dataclass
+class _Scaling:
+    """What a task needs to scale a block (small, shipped once per task)."""
+
+    col_of_gene: np.ndarray  # gene -> column in the scaled block, -1 if not variable
+    mean: np.ndarray
+    sd: np.ndarray
+    zero: np.ndarray
+    clip: float
+    scale_factor: float
+
+
+def scaling_inputs(store: Store, clip: float, scale_factor: float):
+    """The variable genes (ascending) and their scaling from the hvg stage's var columns."""
+    var = store.var()
+    missing = [c for c in ("highly_variable", "ln_mean", "ln_std") if c not in var]
+    if missing:
+        raise RuntimeError(f"{store.path}: var lacks {', '.join(missing)}: run the hvg stage")
+    genes = np.flatnonzero(var["highly_variable"].to_numpy().astype(bool))
+    if len(genes) == 0:
+        raise RuntimeError(f"{store.path}: no highly variable genes")
+    mean = var["ln_mean"].to_numpy(np.float64)[genes]
+    sd = var["ln_std"].to_numpy(np.float64)[genes]
+    sd = np.where(np.isfinite(sd), sd, 0.0)
+    col = np.full(store.n_genes, -1, dtype=np.int64)
+    col[genes] = np.arange(len(genes))
+    return genes, _Scaling(col, mean, sd, zero_values(mean, sd, float(clip)), float(clip),
+                           float(scale_factor))
+
+
+def _scaled(m, rows, n_counts, sc: _Scaling, r0: int, r1: int) -> np.ndarray:
+    """Dense scaled rows r0..r1 of `rows` (local row indices into the CSR block m)."""
+    sub = m[rows[r0:r1]]
+    out = np.empty((r1 - r0, len(sc.mean)))
+    scaled_block(sub.data, sub.indices, sub.indptr, 0, r1 - r0, n_counts[rows[r0:r1]],
+                 sc.col_of_gene, sc.mean, sc.sd, sc.clip, sc.scale_factor, sc.zero, out)
+    return out
+
+
+def _granule_rows(rows: np.ndarray, n_gran: int) -> np.ndarray:
+    """Boundaries in `rows` (ascending row indices within a block) of its n_gran granules."""
+    return np.searchsorted(rows, np.arange(n_gran + 1) * GRANULE)
+
+
+def _add(a, b):
+    """a + b for the in-task tree (a is a fresh partial sum: add in place)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    a += b
+    return a
+
+
+def _plus(a, b):
+    """a + b for the Dask tree: never mutates a task's result (a retried task or a result
+    held by the scheduler must stay valid)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _tree(part, lo: int, hi: int):
+    """Sum of part(g) for lo <= g < hi along the aligned binary tree (None when empty).
+    Depth first: at most one partial sum per level is alive."""
+    if hi - lo == 1:
+        return part(lo)
+    mid = (lo + hi) // 2
+    return _add(_tree(part, lo, mid), _tree(part, mid, hi))
+
+
+def _gram_leaf(store: Store, g0: int, g1: int, mask, n_counts, sc: _Scaling):
+    """Tree sum of the granule Gram matrices of granules g0..g1 (an aligned power-of-two range)."""
+    from threadpoolctl import threadpool_limits
+
+    start, stop = g0 * GRANULE, min(g1 * GRANULE, store.n_cells)
+    if start >= stop:
+        return None
+    rows = np.flatnonzero(mask[start:stop])
+    if len(rows) == 0:
+        return None
+    m = store.read_rows(start, stop)
+    nc = n_counts[start:stop]
+    bounds = _granule_rows(rows, g1 - g0)
+
+    def part(g):
+        a, b = bounds[g - g0], bounds[g - g0 + 1]
+        if a == b:
+            return None
+        z = _scaled(m, rows, nc, sc, a, b)
+        with threadpool_limits(1, user_api="blas"):
+            return z.T @ z  # numpy calls syrk for a^T a
+
+    return _tree(part, g0, g1)
+
+
+def _leaf_granules(store: Store, block_cells: int | None, memory_bytes: int, workers: int) -> int:
+    """Granules per Gram task: a power of two (the tree needs aligned power-of-two ranges)."""
+    from cellmill.engine.passes import block_cells_for_budget
+
+    cells = block_cells or block_cells_for_budget(store, memory_bytes, workers=workers)
+    g = max(1, int(cells) // GRANULE)
+    return 1 << (g.bit_length() - 1)
+
+
+def gram_matrix(store: Store, mask: np.ndarray, sc: _Scaling, n_counts: np.ndarray,
+                leaf_granules: int, scheduler=None, progress: bool = False) -> np.ndarray:
+    """A^T A over the masked cells, bit-identical for any leaf size and scheduler."""
+    import dask
+
+    from cellmill.engine.cluster import compute
+
+    n_gran = (store.n_cells + GRANULE - 1) // GRANULE
+    top = 1
+    while top < n_gran:
+        top *= 2
+    leaf = min(leaf_granules, top)
+    d_mask, d_nc, d_sc = (dask.delayed(x, pure=True) for x in (mask, n_counts, sc))
+    level = [dask.delayed(_gram_leaf, pure=True)(store, g, g + leaf, d_mask, d_nc, d_sc)
+             for g in range(0, n_gran, leaf)]
+    width = leaf
+    while width < top:
+        nxt = []
+        for i in range(0, len(level), 2):
+            if i + 1 < len(level):
+                nxt.append(dask.delayed(_plus, pure=True)(level[i], level[i + 1]))
+            else:
+                nxt.append(level[i])  # right sibling is beyond the last granule
+        level = nxt
+        width *= 2
+    (g,) = compute(level, scheduler=scheduler, desc="pca gram", progress=progress)
+    if g is None:
+        raise RuntimeError(f"{store.path}: no QC-passed cells for PCA")
+    return g
+
+
+def _project_block(start, stop, m, cells, n_counts, sc: _Scaling, v: np.ndarray):
+    """Embeddings Z V of one block's (masked) cells, granule by granule."""
+    from threadpoolctl import threadpool_limits
+
+    rows = (cells - start).astype(np.int64)
+    local = np.arange(len(rows))
+    bounds = _granule_rows(rows, (stop - start + GRANULE - 1) // GRANULE)
+    nc = n_counts[start:stop][rows]
+    out = np.empty((len(rows), v.shape[1]))
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if a == b:
+            continue
+        z = _scaled(m, local, nc, sc, a, b)
+        with threadpool_limits(1, user_api="blas"):
+            out[a:b] = z @ v
+    return out
+
+
+def orient(v: np.ndarray) -> np.ndarray:
+    """Flip each column so that its entry of largest magnitude (first on ties) is positive."""
+    pick = np.argmax(np.abs(v), axis=0)
+    signs = np.where(v[pick, np.arange(v.shape[1])] < 0, -1.0, 1.0)
+    return v * signs
+
+
+def compute_pca(store: Store, n_components: int = 50, clip: float = 10.0,
+                scale_factor: float = 1e4, mask: np.ndarray | None = None,
+                block_cells: int | None = None, memory_bytes: int = 2 << 30, workers: int = 2,
+                scheduler=None, progress: bool = False) -> PCAResult:
+    """Exact PCA of the scaled variable genes of the masked (default: QC-passed) cells."""
+    import scipy.linalg
+    from threadpoolctl import threadpool_limits
+
+    from cellmill.engine.passes import map_blocks
+    from cellmill.engine.stage_ingest import qc_passed
+
+    if mask is None:
+        mask = qc_passed(store)
+    mask = np.asarray(mask, dtype=bool)
+    genes, sc = scaling_inputs(store, clip, scale_factor)
+    n_counts = store.obs()["n_counts"].to_numpy(np.float64)
+    n = int(mask.sum())
+    leaf = _leaf_granules(store, block_cells, memory_bytes, workers)
+    nc = min(n_components, len(genes), n)
+    # one BLAS thread per task: the tasks are the parallelism (and OpenBLAS threads spinning
+    # against busy cores made eigh ten times slower in measurements)
+    with threadpool_limits(1, user_api="blas"):
+        g = gram_matrix(store, mask, sc, n_counts, leaf, scheduler=scheduler, progress=progress)
+        p = g.shape[0]
+        # only the top nc eigenpairs (MRRR); eigenvalues ascending
+        lam, vec = scipy.linalg.eigh(g, subset_by_index=(p - nc, p - 1), driver="evr")
+        lam, vec = lam[::-1], vec[:, ::-1]
+        d = np.sqrt(np.clip(lam, 0.0, None))
+        v = orient(vec)
+        parts = map_blocks(store, _project_block, n_counts, sc, v, mask=mask,
+                           block_cells=leaf * GRANULE, scheduler=scheduler, desc="pca embed",
+                           progress=progress)
+    emb = np.concatenate(parts, axis=0) if parts else np.empty((0, nc))
+    stdev = d / np.sqrt(max(1, n - 1))
+    return PCAResult(emb, v, stdev, genes, np.flatnonzero(mask))
+
+
+def _params(cfg):
+    return {"n_components": cfg.pca.n_components, "clip": cfg.pca.clip,
+            "scale_factor": cfg.normalize.scale_factor}
+
+
+@stage("pca", after=("hvg",), params=_params)
+def run_pca(ctx: Context) -> None:
+    store = ctx.store
+    c = ctx.cfg.compute
+    sf = ctx.cfg.normalize.scale_factor
+    if store.has("uns", SCALE_FACTOR_KEY):  # the one the normalize stage really used
+        sf = float(store.read_array("uns", SCALE_FACTOR_KEY)[0])
+    res = compute_pca(store, ctx.cfg.pca.n_components, ctx.cfg.pca.clip, sf,
+                      memory_bytes=c.memory_bytes,
+                      workers=c.workers, scheduler=ctx.scheduler(), progress=ctx.progress)
+    nc = res.embeddings.shape[1]
+    x = np.full((store.n_cells, nc), np.nan)
+    x[res.cells] = res.embeddings
+    pcs = np.zeros((store.n_genes, nc))
+    pcs[res.genes] = res.loadings
+    store.write_array("obsm", "X_pca", x)
+    store.write_array("varm", "PCs", pcs)
+    store.write_array("uns", "pca_stdev", res.stdev)
+    log.info("pca: %d components of %d genes x %d cells; stdev %s", nc, len(res.genes),
+             len(res.cells), np.array2string(res.stdev[:5], precision=3))

@@ -1,0 +1,259 @@
+"""Stages `neighbors`, `cluster`, `umap`: exact kNN against brute force, Seurat's SNN graph
+(dense numpy and Seurat's own graph), label conventions, and clusters against Seurat on pbmc_1k.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scipy.spatial.distance import cdist
+from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+from cellmill.config import Config
+from cellmill.engine.graph import (
+    cluster_labels,
+    exact_knn,
+    group_singletons,
+    order_by_size,
+    r_sample_seed1,
+    recall,
+    run_cluster,
+    run_neighbors,
+    run_umap,
+    self_first,
+    snn_graph,
+)
+from cellmill.engine.stages import Context
+from cellmill.io.ingest import ingest
+
+# ------------------------------------------------------------------ kNN
+
+
+def brute_knn(x: np.ndarray, k: int):
+    """Self first, then the others by (distance, index): scipy's cdist and a stable sort."""
+    d = cdist(x, x, "sqeuclidean")
+    n = len(x)
+    idx = np.empty((n, k), dtype=np.int64)
+    for i in range(n):
+        others = np.lexsort((np.arange(n), d[i]))
+        others = others[others != i]
+        idx[i] = np.concatenate([[i], others[: k - 1]])
+    return idx, np.sqrt(np.take_along_axis(d, idx, axis=1))
+
+
+def mixture(n: int, d: int = 15, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=4.0, size=(6, d))
+    return centers[rng.integers(0, 6, n)] + rng.normal(size=(n, d))
+
+
+@pytest.mark.parametrize("chunk,scheduler", [(None, ("threads", 2)), (37, ("sync", 1)),
+                                             (256, ("threads", 2))])
+def test_exact_knn_matches_brute_force(chunk, scheduler):
+    x = mixture(700)
+    idx, dist = exact_knn(x, 20, scheduler=scheduler, chunk=chunk)
+    ref_idx, ref_dist = brute_knn(x, 20)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-12, atol=1e-12)
+
+
+def test_exact_knn_ties_and_duplicates():
+    # small integer coordinates: many exactly equal distances and duplicated points; the
+    # order must be (distance, index) with the point itself first
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 3, size=(400, 5)).astype(np.float64)
+    idx, dist = exact_knn(x, 12, chunk=50)
+    ref_idx, ref_dist = brute_knn(x, 12)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(dist, ref_dist)
+    assert (idx[:, 0] == np.arange(400)).all()
+
+
+def test_self_first_for_approximate_lists():
+    # pynndescent's lists (the neighbors.method = "pynndescent" option) may miss the point
+    # itself or hold it later: it is put first at distance 0, the last neighbour dropped
+    idx = np.array([[0, 5, 6], [2, 1, 7], [3, 4, 8]])
+    dist = np.array([[0.0, 1, 2], [0.5, 0, 1], [1.0, 2, 3]])
+    i2, d2 = self_first(idx, dist)
+    np.testing.assert_array_equal(i2, [[0, 5, 6], [1, 2, 7], [2, 3, 4]])
+    np.testing.assert_array_equal(d2, [[0, 1, 2], [0, 0.5, 1], [0, 1, 2]])
+    assert recall(i2, idx) == 8 / 9
+
+
+# ------------------------------------------------------------------ SNN
+
+
+def dense_snn(knn: np.ndarray, prune: float) -> np.ndarray:
+    n, k = knn.shape
+    a = np.zeros((n, n))
+    a[np.repeat(np.arange(n), k), knn.ravel()] = 1.0
+    s = a @ a.T
+    j = s / (2 * k - s)
+    j[j < prune] = 0.0
+    return j
+
+
+def test_snn_matches_dense_numpy():
+    x = mixture(600, seed=3)
+    knn, _ = exact_knn(x, 20)
+    g = snn_graph(knn, 1 / 15, chunk=97)
+    ref = dense_snn(knn, 1 / 15)
+    np.testing.assert_array_equal(g.toarray(), ref)
+    assert g.has_sorted_indices and (g.diagonal() == 1).all()
+    assert (g != g.T).nnz == 0
+    # pruning is strict: with k = 20, 2 shared neighbours (2/38 < 1/15) go, 3 (3/37) stay
+    assert g.data.min() == 3 / 37
+    g0 = snn_graph(knn, 0.0)
+    np.testing.assert_array_equal(g0.toarray(), dense_snn(knn, 0.0))
+
+
+# ------------------------------------------------------------------ label conventions
+
+
+def test_order_by_size():
+    labels = np.array([5, 5, 2, 2, 2, 7, 9, 9, 9])
+    # sizes 3 (2), 3 (9), 2 (5), 1 (7); equal sizes in order of first appearance
+    np.testing.assert_array_equal(order_by_size(labels), [2, 2, 0, 0, 0, 3, 1, 1, 1])
+
+
+def test_r_sample_after_set_seed_1():
+    # R 4.2.2: for (n in ...) { set.seed(1); cat(sample(seq_len(n), 1)) }
+    expected = {1: 1, 2: 1, 5: 1, 8: 1, 9: 9, 12: 9, 17: 4, 40000: 24388, 70000: 24388}
+    for n, r in expected.items():
+        assert r_sample_seed1(n) + 1 == r
+
+
+def _graph(n: int, edges: list[tuple[int, int, float]]) -> sp.csr_matrix:
+    rows = [i for i, j, w in edges] + [j for i, j, w in edges] + list(range(n))
+    cols = [j for i, j, w in edges] + [i for i, j, w in edges] + list(range(n))
+    data = [w for *_, w in edges] * 2 + [1.0] * n
+    return sp.csr_matrix((data, (rows, cols)), shape=(n, n))
+
+
+def test_singletons_join_highest_mean_connectivity():
+    # cluster 0 = cells 0-2, cluster 1 = cells 3-4, cell 5 alone (label 2)
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    # cell 5: to cluster 0 total 0.8 over 3 cells (0.267); to cluster 1 total 0.6 over 2 (0.3)
+    g = _graph(6, [(0, 1, 0.5), (1, 2, 0.5), (3, 4, 0.5),
+                   (5, 0, 0.7), (5, 1, 0.1), (5, 3, 0.6)])
+    np.testing.assert_array_equal(group_singletons(labels, g), [0, 0, 0, 1, 1, 1])
+
+
+def test_isolated_singleton_follows_r_sample():
+    # nine clusters of two cells (first appearance order 0..8) and an isolated cell: all
+    # mean connectivities are 0 and Seurat picks sample(names, 1) after set.seed(1) = 9th
+    labels = np.concatenate([np.repeat(np.arange(9), 2), [9]])
+    edges = [(2 * c, 2 * c + 1, 0.5) for c in range(9)]
+    out = group_singletons(labels, _graph(19, edges))
+    assert out[18] == 8 and out.max() == 8
+
+
+def test_cluster_labels_deterministic_and_ordered():
+    x = mixture(1500, seed=4)
+    knn, _ = exact_knn(x, 20)
+    g = snn_graph(knn)
+    for alg in ("leiden", "louvain"):
+        a = cluster_labels(g, alg, 0.3, seed=0)
+        b = cluster_labels(g, alg, 0.3, seed=0)
+        np.testing.assert_array_equal(a, b)
+        sizes = np.bincount(a)
+        assert (np.diff(sizes) <= 0).all() and sizes.min() > 1
+
+
+# ------------------------------------------------------------------ Seurat 4.3.0 on pbmc_1k
+
+
+def read_ref(path, **kw) -> pd.DataFrame:
+    return pd.read_csv(path, float_precision="round_trip", **kw)
+
+
+@pytest.fixture(scope="module")
+def ref(seurat_reference):
+    r = seurat_reference / "pbmc1k"
+    if not (r / "snn.csv.gz").exists():
+        pytest.skip("pbmc1k Seurat references not generated")
+    return r
+
+
+def test_snn_identical_to_seurat(ref):
+    nn = read_ref(ref / "nn_idx.csv.gz", index_col=0).to_numpy() - 1
+    trip = read_ref(ref / "snn.csv.gz")
+    n = nn.shape[0]
+    seurat = sp.csr_matrix((trip["x"].to_numpy(), (trip["i"].to_numpy() - 1,
+                                                   trip["j"].to_numpy() - 1)), shape=(n, n))
+    seurat.sort_indices()
+    ours = snn_graph(nn, 1 / 15)
+    np.testing.assert_array_equal(ours.indptr, seurat.indptr)
+    np.testing.assert_array_equal(ours.indices, seurat.indices)
+    np.testing.assert_array_equal(ours.data, seurat.data)  # bit-identical weights
+
+
+def test_clusters_agree_with_seurat(ref):
+    emb = read_ref(ref / "pca_embeddings.csv.gz", index_col=0).to_numpy()[:, :15]
+    seurat = read_ref(ref / "clusters.csv")["seurat_clusters"].to_numpy()
+    knn, _ = exact_knn(emb, 20)
+    ours = snn_graph(knn, 1 / 15)
+    louvain = cluster_labels(ours, "louvain", 0.3, seed=0)
+    leiden = cluster_labels(ours, "leiden", 0.3, seed=0)
+    assert adjusted_rand_score(seurat, louvain) >= 0.95
+    assert adjusted_rand_score(seurat, leiden) >= 0.9
+    if (ref / "clusters_leiden.csv").exists():  # Seurat's algorithm = 4 (leidenalg)
+        seurat_leiden = read_ref(ref / "clusters_leiden.csv")["seurat_clusters"].to_numpy()
+        assert adjusted_rand_score(seurat_leiden, leiden) >= 0.9
+
+
+@pytest.fixture(scope="module")
+def pbmc_store(shared_data, ref, tmp_path_factory):
+    d = tmp_path_factory.mktemp("graph")
+    store = ingest(shared_data / "10x" / "pbmc_1k_citeseq_v3.h5", d / "pbmc.zarr")
+    nf = store.obs()["n_features"].to_numpy()
+    qc = (nf > 500) & (nf < 4000)
+    emb = read_ref(ref / "pca_embeddings.csv.gz", index_col=0)
+    assert (store.obs().index.to_numpy()[qc] == emb.index.to_numpy()).all()
+    x = np.full((store.n_cells, emb.shape[1]), np.nan)
+    x[qc] = emb.to_numpy()
+    store.update_obs(qc_pass=qc)
+    store.write_array("obsm", "X_pca", x)  # Seurat's PCA: the graph stages on their own
+    return store, qc, d
+
+
+def test_graph_stages_on_pbmc(pbmc_store, ref):
+    store, qc, d = pbmc_store
+    cells = np.flatnonzero(qc)
+    cfg = Config()
+    cfg.cluster.algorithm = "louvain"
+    ctx = Context(cfg=cfg, outdir=d / "out", store=store, progress=False)
+    run_neighbors(ctx)
+    idx = store.read_array("obsm", "knn_index")
+    dist = store.read_array("obsm", "knn_distance")
+    assert idx.shape == (store.n_cells, 20)
+    assert (idx[~qc] == -1).all() and np.isnan(dist[~qc]).all()
+    assert (idx[qc, 0] == cells).all() and np.isin(idx[qc], cells).all()
+    snn = store.read_sparse("obsp", "snn")
+    assert snn.shape == (store.n_cells, store.n_cells)
+    assert (np.diff(snn.indptr)[~qc] == 0).all() and (snn.diagonal()[qc] == 1).all()
+
+    run_cluster(ctx)
+    obs = store.obs()
+    col = obs["cluster"]
+    assert isinstance(col.dtype, pd.CategoricalDtype)
+    k = len(col.cat.categories)
+    assert list(col.cat.categories) == [str(i) for i in range(k)]
+    assert col[~qc].isna().all() and col[qc].notna().all()
+    sizes = col[qc].value_counts().reindex(col.cat.categories).to_numpy()
+    assert (np.diff(sizes) <= 0).all()
+    table = pd.read_csv(d / "out" / "tables" / "clusters.csv", dtype=str)
+    assert list(table.columns) == ["cell", "cluster"]
+    assert (table["cell"].to_numpy() == obs.index.to_numpy()[qc]).all()
+    seurat = read_ref(ref / "clusters.csv")
+    assert (seurat["cell"].to_numpy() == table["cell"].to_numpy()).all()
+    assert adjusted_rand_score(seurat["seurat_clusters"], table["cluster"]) >= 0.9
+
+    run_umap(ctx)
+    u = store.read_array("obsm", "X_umap")
+    assert np.isnan(u[~qc]).all() and np.isfinite(u[qc]).all()
+    # UMAP is not reproducible across implementations: judge the separation of Seurat's
+    # clusters in it
+    assert silhouette_score(u[qc], seurat["seurat_clusters"]) > 0.3
