@@ -38,13 +38,16 @@ def _run_block(store: Store, start: int, stop: int, mask, genes, func, args):
 
 def map_blocks(store: Store, func: Callable[..., Any], *args, mask: np.ndarray | None = None,
                genes: np.ndarray | None = None, block_cells: int | None = None,
-               scheduler=None, desc: str = "pass", progress: bool = True) -> list[Any]:
-    """Apply func(start, stop, csr, cells, *args) to every block; results in block order."""
+               scheduler=None, desc: str = "pass", progress: bool = True,
+               ranges: list[tuple[int, int]] | None = None) -> list[Any]:
+    """Apply func(start, stop, csr, cells, *args) to every block; results in block order.
+    `ranges`: only these (start, stop) blocks, e.g. a window of `store.block_ranges(...)`."""
     import dask
 
     from cellmill.engine.cluster import compute
 
-    ranges = store.block_ranges(block_cells)
+    if ranges is None:
+        ranges = store.block_ranges(block_cells)
     tasks = [dask.delayed(_run_block, pure=False)(store, a, b, mask, genes, func, args)
              for a, b in ranges]
     return compute(tasks, scheduler=scheduler, desc=desc, progress=progress)
