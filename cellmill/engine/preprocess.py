@@ -24,16 +24,20 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cellmill.config import Config, ConfigError
-from cellmill.engine.passes import block_cells_for_budget, granules, map_blocks, ordered_sum
+from cellmill.engine.passes import block_cells_for_budget, granules, map_blocks
 from cellmill.engine.stages import Context, stage
 from cellmill.errors import InputError
 from cellmill.io.store import GRANULE, Store
-from cellmill.kernels.lognorm import lognorm_values, row_totals
+from cellmill.kernels.lognorm import lognorm_values
 from cellmill.kernels.moments import clipped_z2_nonzero, vst_first_pass
 
 log = logging.getLogger("cellmill")
 
 SCALE_FACTOR_KEY = "lognorm_scale_factor"
+# Messages R's loess issues as warnings (ehg184a), not errors; scikit-misc raises them.
+LOESS_WARNINGS = ("pseudoinverse used", "neighborhood radius", "reciprocal condition number",
+                  "There are other near singularities", "zero-width neighborhood",
+                  "k-d tree limited by memory", "Chernobyl")
 HVG_COLUMNS = ("vst_mean", "vst_variance", "vst_variance_expected", "vst_variance_standardized",
                "highly_variable", "hvg_rank", "ln_mean", "ln_std")
 
@@ -100,9 +104,8 @@ def _granule_rows(start: int, stop: int, cells: np.ndarray) -> tuple[np.ndarray,
 
 def _first_block(start, stop, m, cells, sf):
     gran, n_gran = _granule_rows(start, stop, cells)
-    # full rows are read, so the row totals are the cells' n_counts
-    n_counts = row_totals(m.data, m.indptr)
-    return vst_first_pass(m.data, m.indices, m.indptr, gran, n_gran, m.shape[1], n_counts, sf)
+    # full rows are read, so each row's sum is the cell's n_counts
+    return vst_first_pass(m.data, m.indices, m.indptr, gran, n_gran, m.shape[1], sf)
 
 
 def _second_block(start, stop, m, cells, mu, sd, vmax):
@@ -110,47 +113,98 @@ def _second_block(start, stop, m, cells, mu, sd, vmax):
     return clipped_z2_nonzero(m.data, m.indices, m.indptr, gran, n_gran, mu, sd, vmax)
 
 
-def _cells_per_granule(store: Store, mask: np.ndarray, block_cells: int | None) -> list[np.ndarray]:
-    """Selected cells in each granule of each block, in pass order."""
-    out = []
-    for a, b in store.block_ranges(block_cells):
-        edges = np.arange(a, b, GRANULE)
-        out.append(np.add.reduceat(mask[a:b].astype(np.int64), edges - a))
-    return out
+# Partial results held by the driver at once: passes fold a window of blocks at a time, so
+# memory does not grow with the number of cells.
+RESULT_BUDGET = 128 * 2**20
+
+
+def _n_workers(scheduler) -> int:
+    if scheduler is None:
+        return 2
+    if isinstance(scheduler, tuple):
+        return int(scheduler[1])
+    try:  # a distributed Client
+        return max(1, sum(w.get("nthreads", 1)
+                          for w in scheduler.scheduler_info()["workers"].values()))
+    except (AttributeError, KeyError, TypeError):  # not a distributed Client: a modest window
+        return 8
+
+
+def stream_blocks(store: Store, func, *args, mask: np.ndarray, block_cells: int | None,
+                  scheduler, desc: str, progress: bool, result_bytes: int):
+    """map_blocks window by window: yields ((start, stop), result) in block order, holding
+    at most ~RESULT_BUDGET of results (`result_bytes` per block) but at least 8 blocks per
+    worker in flight."""
+    from cellmill.engine.progress import bar
+
+    ranges = store.block_ranges(block_cells)
+    window = max(8 * _n_workers(scheduler), RESULT_BUDGET // max(result_bytes, 1))
+    pbar = bar(total=len(ranges), desc=desc, enabled=progress)
+    try:
+        for i in range(0, len(ranges), window):
+            part = ranges[i: i + window]
+            res = map_blocks(store, func, *args, mask=mask, scheduler=scheduler,
+                             progress=False, ranges=part)
+            pbar.update(len(part))
+            yield from zip(part, res, strict=True)
+    finally:
+        pbar.close()
+
+
+def _block_bytes(store: Store, block_cells: int | None, per_granule: int, per_block: int) -> int:
+    ranges = store.block_ranges(block_cells)
+    most = max(granules(a, b) for a, b in ranges)
+    return 8 * store.n_genes * (most * per_granule + per_block)
 
 
 def exact_count_variance(sx: np.ndarray, sxx: np.ndarray, n: int) -> np.ndarray:
     """sum (x - mean)^2 / (n - 1) from exact integer sums: (n*sxx - sx^2) / (n (n - 1)),
-    numerator in arbitrary precision, so only the final rounding remains."""
-    num = [n * int(b) - int(a) * int(a) for a, b in zip(sx.tolist(), sxx.tolist(), strict=True)]
-    return np.array([float(v) for v in num], dtype=np.float64) / float(n * (n - 1))
+    numerator exact (int64 when it cannot overflow, else Python integers), so only the
+    conversion and the division round."""
+    lim = np.iinfo(np.int64).max
+    if sxx.max(initial=0) <= lim // max(n, 1) and sx.max(initial=0) <= math.isqrt(lim):
+        num = (n * sxx - sx * sx).astype(np.float64)  # int64 -> float64 rounds to nearest
+    else:
+        num = np.array([float(n * int(b) - int(a) * int(a))
+                        for a, b in zip(sx.tolist(), sxx.tolist(), strict=True)])
+    return num / float(n * (n - 1))
 
 
 def first_pass(store: Store, mask: np.ndarray, sf: float, block_cells: int | None = None,
                scheduler=None, progress: bool = False) -> dict[str, np.ndarray]:
     """Pass 1: count mean/variance, nonzeros per gene, ln_mean / ln_std (n-1)."""
     n = int(mask.sum())
-    res = map_blocks(store, _first_block, float(sf), mask=mask, block_cells=block_cells,
-                     scheduler=scheduler, desc="hvg: pass 1", progress=progress)
-    sx = np.zeros(store.n_genes, np.int64)
-    sxx = np.zeros(store.n_genes, np.int64)
-    nnz = np.zeros(store.n_genes, np.int64)
-    for r in res:  # integer sums: exact in any order
-        sx += r[0]
+    g = store.n_genes
+    sx = np.zeros(g, np.int64)
+    sxx = np.zeros(g, np.int64)
+    nnz = np.zeros(g, np.int64)
+    # log-normalised moments: sum of y folded granule by granule in cell order (as
+    # ordered_sum); M2 by Chan's pairwise update in the same order, each granule's M2
+    # centred on its own mean, so no large sums cancel
+    total = np.zeros(g, np.float64)
+    run_n = 0
+    run_mean = np.zeros(g, np.float64)
+    run_m2 = np.zeros(g, np.float64)
+    size = _block_bytes(store, block_cells, 2, 3)
+    for (a, b), r in stream_blocks(store, _first_block, float(sf), mask=mask,
+                                   block_cells=block_cells, scheduler=scheduler,
+                                   desc="hvg: pass 1", progress=progress, result_bytes=size):
+        sx += r[0]  # integer sums: exact in any order
         sxx += r[1]
         nnz += r[2]
-    total = ordered_sum([r[3] for r in res])
-    ln_mean = total / n
-    # Chan: M2 = sum_j M2_j + sum_j n_j (m_j - m)^2, folded in granule order
-    m2 = np.zeros(store.n_genes, np.float64)
-    for r, counts in zip(res, _cells_per_granule(store, mask, block_cells), strict=True):
+        counts = np.add.reduceat(mask[a:b].astype(np.int64), np.arange(0, b - a, GRANULE))
         for s_j, m2_j, n_j in zip(r[3], r[4], counts, strict=True):
-            if n_j:
-                d = s_j / n_j - ln_mean
-                m2 += m2_j + n_j * (d * d)
-    mean = sx.astype(np.float64) / n
-    return {"n": n, "mean": mean, "variance": exact_count_variance(sx, sxx, n), "nnz": nnz,
-            "ln_mean": ln_mean, "ln_std": np.sqrt(m2 / (n - 1))}
+            total += s_j
+            if n_j == 0:
+                continue
+            new_n = run_n + int(n_j)
+            delta = s_j / n_j - run_mean
+            run_mean += delta * (n_j / new_n)
+            run_m2 += m2_j + delta * delta * (run_n * n_j / new_n)
+            run_n = new_n
+    return {"n": n, "mean": sx.astype(np.float64) / n,
+            "variance": exact_count_variance(sx, sxx, n), "nnz": nnz,
+            "ln_mean": total / n, "ln_std": np.sqrt(run_m2 / (n - 1))}
 
 
 def loess_expected_variance(mean: np.ndarray, variance: np.ndarray, span: float,
@@ -161,15 +215,22 @@ def loess_expected_variance(mean: np.ndarray, variance: np.ndarray, span: float,
 
     fit = variance > 0
     expected = np.zeros(len(mean), np.float64)
-    if not fit.any():
-        raise InputError(where, "no gene varies across the QC-passed cells")
+    if fit.sum() * span < 1:  # R: "span is too small" (scikit-misc would crash)
+        raise InputError(where, f"vst: only {int(fit.sum())} genes vary across the QC-passed "
+                         f"cells, too few for loess with span {span}")
+    lo = loess(np.log10(mean[fit]), np.log10(variance[fit]), span=span, degree=2,
+               family="gaussian", surface="interpolate")
     try:
-        lo = loess(np.log10(mean[fit]), np.log10(variance[fit]), span=span, degree=2,
-                   family="gaussian", surface="interpolate")
         lo.fit()
-    except (ValueError, RuntimeError) as e:
-        raise InputError(where, f"vst loess fit failed ({e})") from None
-    expected[fit] = np.power(10.0, np.asarray(lo.outputs.fitted_values, dtype=np.float64))
+    except ValueError as e:
+        # scikit-misc raises on what R's loess only warns about (near singularities with
+        # few distinct means); the fit has completed and equals R's, so carry on like R.
+        msg = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+        if not msg.startswith(LOESS_WARNINGS):
+            raise InputError(where, f"vst loess fit failed ({msg})") from None
+        log.warning("vst loess: %s (R warns and continues; so does cellmill)", msg)
+    fitted = np.asarray(lo.outputs.fitted_values, dtype=np.float64)
+    expected[fit] = np.power(10.0, fitted)
     return expected
 
 
@@ -179,9 +240,13 @@ def second_pass(store: Store, mask: np.ndarray, mean: np.ndarray, sd: np.ndarray
     """Pass 2: V_g = sum_c min((x - mu)/s, sqrt(N))^2 / (N - 1); 0 where s == 0."""
     n = int(mask.sum())
     vmax = math.sqrt(n)
-    res = map_blocks(store, _second_block, mean, sd, vmax, mask=mask, block_cells=block_cells,
-                     scheduler=scheduler, desc="hvg: pass 2", progress=progress)
-    acc = ordered_sum(res)
+    acc = np.zeros(store.n_genes, np.float64)
+    size = _block_bytes(store, block_cells, 1, 0)
+    for _, r in stream_blocks(store, _second_block, mean, sd, vmax, mask=mask,
+                              block_cells=block_cells, scheduler=scheduler,
+                              desc="hvg: pass 2", progress=progress, result_bytes=size):
+        for row in r:  # granule order, as ordered_sum
+            acc += row
     ok = sd > 0
     zeros = np.zeros_like(acc)
     zeros[ok] = ((0.0 - mean[ok]) / sd[ok]) ** 2 * (n - nnz[ok])
