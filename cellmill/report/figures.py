@@ -502,7 +502,9 @@ def fig_gsea_heatmap(inp: ReportInputs, out: Path) -> FigureResult:
     for i in range(len(rows)):
         for j in range(len(cols)):
             if np.isfinite(padj[i, j]) and padj[i, j] < SIG:
-                ax.text(j, i, stars(padj[i, j]), ha="center", va="center", fontsize=6)
+                dark = abs(nes[i, j]) > 0.6 * lim
+                ax.text(j, i, stars(padj[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if dark else "black")
     ax.set_yticks(range(len(rows)), [_short(p) for p in rows], fontsize=7)
     ax.set_xticks(range(len(cols)), [f"{c} · {t}" for c, t in cols], rotation=90, fontsize=7)
     for j in range(len(tps), len(cols), len(tps)):

@@ -21,8 +21,8 @@ nav a { margin-right: 1em; white-space: nowrap; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.88em; color: #444; margin-top: 0.3em; }
 table { border-collapse: collapse; font-size: 0.82em; margin: 0.6em 0; }
-th, td { border: 1px solid #ddd; padding: 2px 7px; text-align: right; }
-th { background: #f2f4f4; } td.text, th.text { text-align: left; }
+th, td { border: 1px solid #ddd; padding: 2px 7px; text-align: right; white-space: nowrap; }
+th { background: #f2f4f4; } td.text, th.text { text-align: left; white-space: normal; }
 tr:nth-child(even) td { background: #fbfcfc; } tr.sig td { background: #fdebd0; }
 .note { color: #8a6d3b; background: #fcf8e3; border-left: 4px solid #f0ad4e;
         padding: 0.3em 0.8em; font-size: 0.9em; }
@@ -47,7 +47,7 @@ def fmt(value, column: str = "") -> str:
         return f"{int(value):,}" if column not in ("cluster",) else str(value)
     if isinstance(value, (float, np.floating)):
         v = float(value)
-        if column in P_COLUMNS:
+        if column in P_COLUMNS or column.split(" ")[0] in P_COLUMNS:
             return f"{v:.3g}" if v >= 1e-3 or v == 0 else f"{v:.2e}"
         if v == int(v) and abs(v) < 1e15:
             return f"{int(v)}"
