@@ -7,7 +7,6 @@ so studies simulated with different seeds share one gene list.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -73,24 +72,6 @@ class GeneUniverse:
         return np.array([self.index[n] for n in names], dtype=np.int64)
 
 
-def read_gmt(path) -> dict[str, list[str]]:
-    """Gene sets from a GMT file: name <tab> description <tab> gene <tab> gene ..."""
-    sets: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            fields = [f.strip() for f in line.rstrip("\n\r").split("\t")]
-            if not fields or not fields[0]:
-                continue
-            if len(fields) < 3:
-                raise ValueError(f"{path}: line {lineno} is not a GMT record "
-                                 "(name, description, genes)")
-            genes = list(dict.fromkeys(g for g in fields[2:] if g))
-            sets[fields[0]] = genes
-    if not sets:
-        raise ValueError(f"{path}: no gene sets found")
-    return sets
-
-
 def write_gmt(path, sets: dict[str, list[str]]) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as fh:
         for name, genes in sets.items():
@@ -148,5 +129,3 @@ def build_universe(n_genes: int, extra: list[str] = ()) -> GeneUniverse:
     return GeneUniverse(names=names, ids=ids, index={n: i for i, n in enumerate(names)})
 
 
-def load_gene_sets(gmt: str | Path | None) -> dict[str, list[str]] | None:
-    return None if gmt is None else read_gmt(gmt)

@@ -139,7 +139,8 @@ def build_model(universe: gn.GeneUniverse, gene_sets: dict[str, list[str]],
     base[marker_sym] = 0.3 * np.exp(rng.normal(0.0, 0.5, marker_sym.size))
     generic[marker_sym] = False
     gi = np.flatnonzero(generic)
-    silent = rng.random(gi.size) < 0.3
+    # a third of genes are near-silent in microglia; the planted pathways' genes are expressed
+    silent = (rng.random(gi.size) < 0.3) & ~in_planted_set[gi]
     log10m = np.where(silent, rng.normal(-3.5, 0.5, gi.size), rng.normal(-1.4, 0.85, gi.size))
     m = 10.0 ** log10m
     m *= (REF_DEPTH - base.sum()) / m.sum()

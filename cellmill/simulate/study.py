@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cellmill.io.gmt import read_gmt
+
 from . import design as ds
 from . import genes as gn
 from . import model as md
@@ -135,7 +137,7 @@ def simulate_study(out_dir, n_cells: int = 20_000, seed: int = 0, n_genes: int =
     design_seq, model_seq, samples_seq = root.spawn(3)
     samples = ds.make_samples(n_cells, np.random.default_rng(design_seq))
 
-    gene_sets = gn.read_gmt(gmt) if gmt is not None else None
+    gene_sets = read_gmt(gmt) if gmt is not None else None
     extra = [] if gene_sets is None else [g for s in gene_sets.values() for g in s]
     universe = gn.build_universe(n_genes, extra)
     gmt_path = None
@@ -143,6 +145,8 @@ def simulate_study(out_dir, n_cells: int = 20_000, seed: int = 0, n_genes: int =
         gene_sets = md.planted_gene_sets(universe, np.random.default_rng(gn.LAYOUT_SEED + 1))
         gmt_path = out / "planted.gmt"
         gn.write_gmt(gmt_path, gene_sets)
+    else:
+        (out / "planted.gmt").unlink(missing_ok=True)  # a stale one would mislead
     model = md.build_model(universe, gene_sets, samples, np.random.default_rng(model_seq))
 
     n_threads = threads or os.cpu_count() or 1
@@ -179,8 +183,8 @@ def simulate_study(out_dir, n_cells: int = 20_000, seed: int = 0, n_genes: int =
         gmt=str(gmt_path if gmt_path is not None else gmt),
         samples=[dict(sample=x.name, path=str(out / f"{x.name}.h5"), n_pass=x.n_pass,
                       n_total=x.n_total) for x in samples],
-        n_cells=n_cells, n_cells_total=sum(x.n_total for x in samples), n_genes=n_genes,
-        nnz=int(total_nnz), seconds=time.perf_counter() - t0,
+        n_samples=len(samples), n_cells=n_cells, n_cells_total=sum(x.n_total for x in samples),
+        n_genes=n_genes, nnz=int(total_nnz), seconds=time.perf_counter() - t0,
     )
 
 
