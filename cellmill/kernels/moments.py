@@ -22,34 +22,25 @@ def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_fa
     """Counts moments and log-normalised moments in one sweep over a block.
 
     Rows must be complete (all genes): a cell's total counts are its row sum.
-
     Returns
       sx, sxx, nnz:  int64 (n_genes,) exact sums of x, x^2 and nonzero counts per gene
                      (exact while a gene's sum of x^2 stays below 2^63, ~9.2e18);
       ln_sum:        float64 (n_granules, n_genes) sum of y = log1p(x / n_counts * sf);
-      ln_m2:         float64 (n_granules, n_genes) sum over the granule's cells of
-                     (y - granule mean)^2, zeros included: a second sweep over the granule's
-                     values, so no cancellation. The caller combines granules with
-                     M2 = sum_j M2_j + sum_j n_j (m_j - m)^2 (differences of means only).
+      ln_m2:         float64 (n_granules, n_genes) sum over the granule's cells (zeros
+                     included) of (y - granule mean)^2.
+    M2 of a granule comes from sums of y - K, K = the gene's first value in the granule
+    (shifted data): (mean - K)^2 <= n_j * variance, so at most log2(1024) bits cancel, unlike
+    sum y^2 - n mean^2 whose loss is unbounded. The caller merges granules in order with
+    Chan's update (differences of means only).
     """
     n_rows = len(indptr) - 1
-    # one 32-byte slot per gene, so a nonzero touches one cache line: sum x, sum x^2,
-    # nonzeros in the current granule (int64) and sum y (float64, same memory viewed)
-    acc = np.zeros((n_genes, 4), np.int64)
+    # one 64-byte cache line per gene: sum x, sum x^2, nonzeros in the granule (int64), then
+    # viewed as float64: shift K, sum (y - K), sum (y - K)^2 (two slots spare)
+    acc = np.zeros((n_genes, 8), np.int64)
     accf = acc.view(np.float64)
-    mm = np.zeros((n_genes, 2), np.float64)  # granule mean, centred M2
     nnz = np.zeros(n_genes, np.int64)
     ln_sum = np.zeros((n_granules, n_genes), np.float64)
     ln_m2 = np.zeros((n_granules, n_genes), np.float64)
-    most = 0  # y of one granule at a time
-    r0 = 0
-    while r0 < n_rows:
-        r1 = r0
-        while r1 < n_rows and granule[r1] == granule[r0]:
-            r1 += 1
-        most = max(most, indptr[r1] - indptr[r0])
-        r0 = r1
-    y = np.empty(most, np.float64)
     memo = np.empty(MEMO, np.float64)
     sf = np.float64(scale_factor)
     r0 = 0
@@ -58,19 +49,18 @@ def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_fa
         r1 = r0
         while r1 < n_rows and granule[r1] == j:
             r1 += 1
-        base = indptr[r0]
         for r in range(r0, r1):
             k0, k1 = indptr[r], indptr[r + 1]
             total = 0
             for k in range(k0, k1):
                 total += np.int64(data[k])
             n = np.float64(total)
-            # LogNormalize as in kernels.lognorm.lognorm_row (same expression and memo),
-            # inlined: one sweep computes y and the sums
             memo[:] = -1.0
             for k in range(k0, k1):
                 x = np.int64(data[k])
                 g = indices[k]
+                # LogNormalize exactly as kernels.lognorm.lognorm_row (same expression,
+                # same memo), inlined so that one sweep computes y and the sums
                 if x < MEMO:
                     v = memo[x]
                     if v < 0.0:
@@ -78,29 +68,30 @@ def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_fa
                         memo[x] = v
                 else:
                     v = math.log1p(np.float64(x) / n * sf)
-                y[k - base] = v
                 acc[g, 0] += x
                 acc[g, 1] += x * x
-                acc[g, 2] += 1
-                accf[g, 3] += v
+                c = acc[g, 2]
+                if c == 0:
+                    accf[g, 3] = v
+                acc[g, 2] = c + 1
+                d = v - accf[g, 3]
+                accf[g, 4] += d
+                accf[g, 5] += d * d
         nj = np.float64(r1 - r0)
-        for g in range(n_genes):
-            if acc[g, 2]:
-                mm[g, 0] = accf[g, 3] / nj
-                mm[g, 1] = 0.0
-        for k in range(base, indptr[r1]):
-            g = indices[k]
-            d = y[k - base] - mm[g, 0]
-            mm[g, 1] += d * d
         for g in range(n_genes):
             c = acc[g, 2]
             if c:
-                m = mm[g, 0]
-                ln_m2[j, g] = mm[g, 1] + np.float64(r1 - r0 - c) * m * m
-                ln_sum[j, g] = accf[g, 3]
+                kg = accf[g, 3]
+                zeros = nj - np.float64(c)
+                b = accf[g, 4] - zeros * kg
+                a = accf[g, 5] + zeros * kg * kg
+                ln_sum[j, g] = accf[g, 4] + np.float64(c) * kg
+                m2 = a - b * b / nj
+                ln_m2[j, g] = m2 if m2 > 0.0 else 0.0
                 nnz[g] += c
                 acc[g, 2] = 0
-                accf[g, 3] = 0.0
+                accf[g, 4] = 0.0
+                accf[g, 5] = 0.0
         r0 = r1
     return acc[:, 0].copy(), acc[:, 1].copy(), nnz, ln_sum, ln_m2
 
