@@ -7,6 +7,7 @@ The store comes from real ingest + qc of synthetic 10x files; the outputs of the
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import subprocess
@@ -153,6 +154,33 @@ def test_expression_matches_direct_lognormalisation(study):
     for g in (TARGET, "Gene5"):
         ref = np.log1p(x[:, var.get_loc(g)] / tot * 1e4)
         np.testing.assert_allclose(y[g], ref, rtol=1e-12)
+
+
+def test_expression_from_the_gene_major_copy(study, tmp_path):
+    from cellmill.io.gene_major import build_gene_major
+    from cellmill.io.store import Store
+    from cellmill.report.figures import ReportInputs
+
+    ctx, truth, counts = study
+    shutil.copytree(ctx.store_path, tmp_path / "s.zarr")
+    store = Store(tmp_path / "s.zarr")
+    build_gene_major(store, 256 * 2**20)
+    assert store.has_gene_major()
+    y = ReportInputs(ctx.cfg, store, ctx.tables).expression([TARGET])[TARGET]
+    qc = store.obs()["qc_pass"].to_numpy()
+    x = counts[qc].astype(float)
+    np.testing.assert_allclose(y, np.log1p(x[:, 0] / x.sum(axis=1) * 1e4), rtol=1e-12)
+
+
+def test_partial_run_writes_a_report(study, tmp_path):
+    from cellmill.engine.workflow import run_workflow
+
+    ctx, *_ = study
+    run_workflow(ctx.cfg, tmp_path, until="qc")
+    text = (tmp_path / "report.html").read_text()
+    assert "partial run: stages up to &#x27;qc&#x27;" in text
+    assert (tmp_path / "figures" / "qc_distributions.png").is_file()
+    assert json.loads((tmp_path / "run.json").read_text())["until"] == "qc"
 
 
 def test_cluster_of_interest(study):

@@ -39,9 +39,10 @@ class Missing(Exception):
 class ReportInputs:
     """Lazy, cached access to everything the report reads (store, tables, config)."""
 
-    def __init__(self, cfg: Config, store, tables: Path):
+    def __init__(self, cfg: Config, store, tables: Path, scheduler=None):
         self.cfg = cfg
         self.store = store
+        self.scheduler = scheduler
         self.tables_dir = Path(tables)
         self._cache: dict = {}
         self._expr: dict[str, np.ndarray] = {}
@@ -117,8 +118,11 @@ class ReportInputs:
             if store.has_gene_major():
                 cols = [store.read_genes(int(i), int(i) + 1).toarray().ravel()[qc] for i in idx]
                 counts = np.column_stack(cols).astype(np.float64)
-            else:
-                parts = [m.toarray() for _, _, m in store.iter_blocks(mask=qc, genes=idx)]
+            else:  # one streaming pass reading only these columns of each block
+                from cellmill.engine.passes import map_blocks
+
+                parts = map_blocks(store, _dense_block, mask=qc, genes=idx,
+                                   scheduler=self.scheduler, desc="report", progress=False)
                 counts = np.vstack(parts).astype(np.float64)
             n_counts = self.obs["n_counts"].to_numpy()[qc].astype(np.float64)
             scale = self.cfg.normalize.scale_factor
@@ -190,6 +194,10 @@ class ReportInputs:
                    f"vs {best['mean_control']:.3f})")
         self._cache["coi"] = out
         return out
+
+
+def _dense_block(start, stop, csr, cells):
+    return csr.toarray()
 
 
 def sort_labels(labels) -> list[str]:

@@ -209,7 +209,7 @@ def build_report(ctx: Context, partial: str | None = None):
         except FileNotFoundError:
             store = None
     cfg, s = ctx.cfg, ctx.cfg.study
-    inp = ReportInputs(cfg, store, ctx.outdir / "tables")
+    inp = ReportInputs(cfg, store, ctx.outdir / "tables", scheduler=ctx.scheduler())
     figs = {f.key: f for f in make_figures(inp, ctx.figures)}
     notes: list[str] = []
 
