@@ -1,45 +1,112 @@
-"""Where passes run: threads, processes, or a dask.distributed cluster (local or remote)."""
+"""Where passes run: threads, processes, or a dask.distributed cluster (local or remote).
+
+`compute.scheduler`:
+- "threads" (default): Dask's threaded scheduler with `workers` threads (kernels are nogil);
+- "synchronous": one thread, for debugging;
+- "processes": a dask.distributed LocalCluster of `workers` single-threaded worker processes,
+  each under a nanny that restarts it if it dies;
+- "tcp://host:8786" (any address): an existing dask.distributed scheduler, e.g. one started by
+  dask-jobqueue on an HPC cluster (see examples/hpc_slurm.md). The workers must see the store
+  at the same path (a shared file system).
+
+Tasks carry a `Store` (which pickles to its path only) and cell ranges; the workers read their
+blocks from the store themselves. Large constants that callers put into many tasks (masks,
+per-gene vectors, loadings) are lifted into one graph node each before a graph goes to a
+distributed scheduler, so they travel once instead of once per task (`share_constants`).
+A task lost with a killed worker is rerun elsewhere; passes are deterministic, so the results
+are the same.
+"""
 
 from __future__ import annotations
 
 import atexit
+import logging
+import threading
+import uuid
 from typing import Any
 
+from cellmill.config import ConfigError
+
+log = logging.getLogger("cellmill")
+
+# Literal task arguments at least this big are sent once per graph, not once per task.
+SHARE_MIN_BYTES = 64 * 1024
+# A task may be on this many workers that died before it counts as the culprit.
+ALLOWED_FAILURES = 6
+CONNECT_TIMEOUT = "30s"
+
 _CLIENTS: dict[str, Any] = {}
+_LOCK = threading.Lock()
 
 
 def get_scheduler(ctx) -> Any:
-    """A scheduler for `compute`: "threads"/"sync" strings, or a distributed Client."""
+    """The scheduler for the run's `compute` settings (clients are cached per setting)."""
     c = ctx.cfg.compute
-    return scheduler_for(c.scheduler, c.workers)
+    sched = scheduler_for(c.scheduler, c.workers)
+    if not isinstance(sched, tuple):
+        ctx._client = sched
+    return sched
+
+
+def is_distributed(scheduler) -> bool:
+    return scheduler is not None and not isinstance(scheduler, tuple)
 
 
 def scheduler_for(name: str, workers: int = 2) -> Any:
+    """("threads", n) / ("sync", 1) for Dask's local schedulers, else a distributed Client."""
     if name == "threads":
         return ("threads", workers)
-    if name == "synchronous":
+    if name in ("synchronous", "sync"):
         return ("sync", 1)
-    key = f"{name}:{workers}"
-    if key not in _CLIENTS:
-        from distributed import Client, LocalCluster
-
-        if name == "processes":
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=40)
-            client = Client(cluster)
-        else:
-            client = Client(name)
+    key = f"{name}:{workers}" if name == "processes" else name
+    with _LOCK:
+        client = _CLIENTS.get(key)
+        if client is not None and client.status in ("running", "connecting"):
+            return client
+        client = _local_cluster(workers) if name == "processes" else _connect(name)
         _CLIENTS[key] = client
-    return _CLIENTS[key]
+    return client
+
+
+def _local_cluster(workers: int):
+    import dask
+    from distributed import Client, LocalCluster
+
+    # The scheduler of a LocalCluster lives in this process, so its settings apply.
+    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=":0", silence_logs=logging.ERROR)
+    log.info("started a LocalCluster with %d worker processes (%s)", workers,
+             cluster.scheduler_address)
+    return Client(cluster, set_as_default=False)
+
+
+def _connect(address: str):
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+    except OSError as e:
+        raise ConfigError(f"compute.scheduler: cannot reach the Dask scheduler at "
+                          f"{address} ({e})") from None
+    log.info("connected to the Dask scheduler at %s (%d workers)", address,
+             len(client.scheduler_info().get("workers", {})))
+    return client
 
 
 def close_clients() -> None:
-    for client in _CLIENTS.values():
+    """Close every client; shut down the LocalClusters this process started."""
+    with _LOCK:
+        clients = list(_CLIENTS.values())
+        _CLIENTS.clear()
+    for client in clients:
         cluster = getattr(client, "cluster", None)
-        client.close()
-        if cluster is not None:
-            cluster.close()
-    _CLIENTS.clear()
+        try:
+            client.close()
+            if cluster is not None:  # ours (a LocalCluster); a remote scheduler is left alone
+                cluster.close()
+        except Exception:  # already gone (interpreter exit, dead scheduler)
+            log.debug("closing a Dask client failed", exc_info=True)
 
 
 atexit.register(close_clients)
@@ -51,6 +118,8 @@ def compute(tasks: list, scheduler=None, desc: str = "pass", progress: bool = Tr
 
     from cellmill.engine.progress import bar
 
+    if not tasks:
+        return []
     if scheduler is None:
         scheduler = ("threads", 2)
     if isinstance(scheduler, tuple):
@@ -74,11 +143,110 @@ def compute(tasks: list, scheduler=None, desc: str = "pass", progress: bool = Tr
         finally:
             pbar.close()
         return list(out)
+    return _compute_distributed(scheduler, tasks, desc, progress)
+
+
+def _compute_distributed(client, tasks: list, desc: str, progress: bool) -> list:
     from distributed import as_completed
 
-    futures = scheduler.compute(tasks)
+    from cellmill.engine.progress import bar
+
+    futures = client.compute(share_constants(tasks))
     pbar = bar(total=len(futures), desc=desc, enabled=progress)
-    for _ in as_completed(futures):
-        pbar.update(1)
-    pbar.close()
-    return scheduler.gather(futures)
+    try:
+        for _ in as_completed(futures, loop=client.loop):
+            pbar.update(1)
+        return client.gather(futures)
+    except BaseException:
+        client.cancel(futures)
+        raise
+    finally:
+        pbar.close()
+
+
+# ----------------------------------------------------------------- constants sent once
+
+def _nbytes(x) -> int:
+    """Size of a task argument: dask's sizeof, plus the fields of plain objects."""
+    from dask.sizeof import sizeof
+
+    n = sizeof(x)
+    fields = getattr(x, "__dict__", None)
+    if isinstance(fields, dict) and not isinstance(x, type):
+        n += sum(sizeof(v) for v in fields.values())
+    return n
+
+
+def share_constants(tasks: list, min_bytes: int = SHARE_MIN_BYTES) -> list:
+    """The same delayed tasks, with every literal argument of `min_bytes` or more replaced by a
+    reference to one graph node holding it (shared by all the tasks that use that object).
+
+    Without this, a distributed scheduler ships such an argument inside every task: a pass over
+    1M cells with a 1M-cell mask would send the mask once per block. Anything unexpected in the
+    graph leaves the tasks as they are (correct, only slower)."""
+    try:
+        from dask._task_spec import DataNode, GraphNode, List, Task, TaskRef, Tuple
+        from dask.delayed import Delayed
+    except ImportError:  # a Dask without the task spec: nothing to rewrite
+        return tasks
+    try:
+        graph: dict = {}
+        for t in tasks:
+            graph.update(t.__dask_graph__())
+    except Exception:
+        return tasks
+    lifted: dict[int, str] = {}
+    keep_alive = []
+
+    def swap(x):
+        if x is None or isinstance(x, (GraphNode, str, bytes, int, float, complex, type)):
+            return x, False
+        if type(x) in (tuple, list):
+            items = [swap(i) for i in x]
+            if not any(changed for _, changed in items):
+                return x, False
+            wrap = Tuple if type(x) is tuple else List
+            return wrap(*(i for i, _ in items)), True
+        if _nbytes(x) < min_bytes:
+            return x, False
+        key = lifted.get(id(x))
+        if key is None:
+            key = f"cellmill-shared-{type(x).__name__}-{uuid.uuid4().hex}"
+            lifted[id(x)] = key
+            keep_alive.append(x)
+            graph[key] = DataNode(key, x)
+        return TaskRef(key), True
+
+    try:
+        for key, node in list(graph.items()):
+            if type(node) is not Task:
+                continue
+            args = [swap(a) for a in node.args]
+            kwargs = {k: swap(v) for k, v in node.kwargs.items()}
+            if any(c for _, c in args) or any(c for _, c in kwargs.values()):
+                graph[key] = Task(key, node.func, *(a for a, _ in args),
+                                  _data_producer=node.data_producer,
+                                  **{k: v for k, (v, _) in kwargs.items()})
+    except Exception:
+        log.debug("share_constants: graph left as it is", exc_info=True)
+        return tasks
+    if not lifted:
+        return tasks
+    return [Delayed(t.key, graph) for t in tasks]
+
+
+def task_sizes(client) -> dict[str, int]:
+    """Pickled size of every task the scheduler holds now (for tests and diagnostics)."""
+
+    def sizes(dask_scheduler):
+        import cloudpickle
+
+        out = {}
+        for key, ts in dask_scheduler.tasks.items():
+            try:
+                out[str(key)] = len(cloudpickle.dumps(ts.run_spec))
+            except Exception:
+                out[str(key)] = -1
+        return out
+
+    return client.run_on_scheduler(sizes)

@@ -1,0 +1,468 @@
+"""`cellmill bench`: the benchmark suite, side by side with scanpy.
+
+    cellmill bench [--sizes 25k,50k,100k,196k] [--out bench_out] [--no-scanpy] ...
+
+For every size: simulate a study (cellmill.simulate; cached under OUT/data), run every stage of
+the workflow through `run_stages`, each stage in a fresh child process (so a stage's peak RSS is
+its own and not what an earlier stage left behind), and read its timings from the store's stage
+record (wall seconds, CPU seconds, peak RSS). Then a read-only decode pass over the store (the
+ceiling a streaming pass can reach), and scanpy on the same files and the same steps in its own
+child process (benchmarks/scanpy_baseline.py) when it fits in memory. Writes OUT/bench.json and
+OUT/bench.md after every size.
+
+Headline: qc..cluster (qc, normalize, hvg, pca, neighbors, cluster) wall time and peak RSS against
+scanpy's same steps; the memory check compares each stage's peak RSS at the largest size with its
+peak at 196k cells (goal: within 15%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_SIZES = "25k,50k,100k,196k"
+HEADLINE = ["qc", "normalize", "hvg", "pca", "neighbors", "cluster"]
+# cellmill stage -> scanpy step (benchmarks/scanpy_baseline.py names its steps the same way)
+SCANPY_STEPS = ["ingest", "qc", "hvg", "normalize", "pca", "neighbors", "cluster", "umap",
+                "markers"]
+REFERENCE_SIZE = 196_000
+FLAT_TOLERANCE = 0.15
+GOAL_SPEED, GOAL_MEMORY = 5.0, 6.0
+WARMUP_CELLS = 3000
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().lower().replace("_", "")
+    mult = {"k": 1000, "m": 1_000_000}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a cell count: {text!r} (e.g. 25k, 1M)") from None
+
+
+def _sizes(text: str) -> list[int]:
+    return sorted({parse_size(s) for s in text.split(",") if s.strip()})
+
+
+def _label(n: int) -> str:
+    if n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def scanpy_script() -> Path | None:
+    p = _repo_root() / "benchmarks" / "scanpy_baseline.py"
+    return p if p.exists() else None
+
+
+# ------------------------------------------------------------------ child processes
+
+def _child_env() -> dict:
+    env = dict(os.environ, CELLMILL_QUIET="1", PYTHONWARNINGS="ignore")
+    return env
+
+
+def _run_child(args: list[str], result: Path, log: Path, timeout: float | None) -> dict:
+    """Run `python -m cellmill.bench <args>` (or a script); its JSON result, or an error."""
+    result.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "a") as lf:
+        lf.write(f"\n$ {' '.join(args)}\n")
+        lf.flush()
+        try:
+            proc = subprocess.run([sys.executable, *args], stdout=lf, stderr=subprocess.STDOUT,
+                                  env=_child_env(), timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s"}
+    out = json.loads(result.read_text()) if result.exists() else {}
+    out["child_seconds"] = round(time.perf_counter() - t0, 1)
+    if code != 0 and "skipped" not in out:
+        out["error"] = f"exit status {code} (see {log})"
+    return out
+
+
+def _child_stage(config: str, outdir: str, stage: str, result: str) -> int:
+    """One stage (earlier stages must be up to date) in this fresh process."""
+    from cellmill.config import load_config
+    from cellmill.engine.cluster import close_clients
+    from cellmill.engine.stages import Context, run_stages
+
+    cfg = load_config(config)
+    ctx = Context(cfg=cfg, outdir=Path(outdir), progress=False)
+    try:
+        run_stages(ctx, until=stage)
+    finally:
+        close_clients()
+    rec = dict(ctx.timings[stage])
+    redone = [n for n, t in ctx.timings.items() if n != stage and not t.get("skipped")]
+    out = {"record": rec, "redone": redone, "nnz": ctx.store.nnz, "n_cells": ctx.store.n_cells,
+           "n_genes": ctx.store.n_genes,
+           "process_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                       1)}
+    if stage == "qc":
+        out["n_cells_qc"] = int(ctx.store.obs()["qc_pass"].sum())
+    Path(result).write_text(json.dumps(out, default=str))
+    return 0
+
+
+def _touch(start, stop, m, cells):
+    return m.nnz
+
+
+def _child_decode(store_path: str, memory: str, workers: int, result: str) -> int:
+    """A read-only pass: decode every block and count its nonzeros (best of two)."""
+    from cellmill.config import parse_bytes
+    from cellmill.engine.monitor import PeakMemory
+    from cellmill.engine.passes import block_cells_for_budget, map_blocks
+    from cellmill.io.store import Store
+
+    store = Store(store_path)
+    bc = block_cells_for_budget(store, parse_bytes(memory), workers=workers)
+    runs = []
+    for _ in range(2):
+        t0, c0 = time.perf_counter(), time.process_time()
+        with PeakMemory() as mem:
+            n = sum(map_blocks(store, _touch, block_cells=bc, scheduler=("threads", workers),
+                               progress=False))
+        runs.append({"seconds": round(time.perf_counter() - t0, 3),
+                     "cpu_seconds": round(time.process_time() - c0, 3),
+                     "peak_rss_mb": round(mem.peak / 2**20, 1)})
+        assert n == store.nnz
+    best = min(runs, key=lambda r: r["seconds"])
+    Path(result).write_text(json.dumps({**best, "nnz": store.nnz, "block_cells": bc}))
+    return 0
+
+
+# ------------------------------------------------------------------ one size
+
+def _config_text(sim: Path, args) -> str:
+    return (f'[input]\nmanifest = {json.dumps(str(sim / "manifest.csv"))}\n\n'
+            f'[compute]\nscheduler = {json.dumps(args.scheduler)}\nworkers = {args.workers}\n'
+            f'memory = {json.dumps(args.memory)}\nprogress = false\n\n'
+            f'[gsea]\ngmt = {json.dumps(str(sim / "planted.gmt"))}\n')
+
+
+def simulate(n: int, data: Path, seed: int, log) -> tuple[Path, float | None]:
+    from cellmill.simulate import simulate_study
+
+    sim = data / f"sim_{_label(n)}_seed{seed}"
+    if (sim / "planted.json").exists() and (sim / "manifest.csv").exists():
+        return sim, None
+    shutil.rmtree(sim, ignore_errors=True)
+    log(f"simulating {n:,} cells into {sim} ...")
+    t0 = time.perf_counter()
+    simulate_study(sim, n_cells=n, seed=seed)
+    return sim, round(time.perf_counter() - t0, 1)
+
+
+def scanpy_fits(n_cells: int, nnz: int, available: int) -> tuple[bool, str]:
+    """scanpy holds the counts ~3 times (read, concat, float32 copy) and a dense scaled matrix of
+    the variable genes; it fits when that estimate is within 60% of the available memory."""
+    need = 36 * nnz + n_cells * 2000 * 12
+    ok = need <= 0.6 * available
+    why = (f"estimated {need / 2**30:.1f} GiB for scanpy vs {available / 2**30:.1f} GiB "
+           "available")
+    return ok, why
+
+
+def bench_size(n: int, args, stages: list[str], log) -> dict:
+    import psutil
+
+    out = Path(args.out)
+    sim, sim_s = simulate(n, Path(args.data), args.seed, log)
+    run = out / "runs" / _label(n)
+    if not args.resume:
+        shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = run / "bench.toml"
+    cfg.write_text(_config_text(sim.resolve(), args))
+    logf = run / "bench.log"
+    res: dict = {"cells": n, "simulate_seconds": sim_s, "stages": {}}
+    for stage in stages:
+        log(f"{_label(n)}: stage {stage} ...")
+        r = _run_child(["-m", "cellmill.bench", "_stage", str(cfg), str(run), stage,
+                        str(run / "child.json")], run / "child.json", logf, args.timeout)
+        if "error" in r:
+            res["stages"][stage] = {"error": r["error"]}
+            log(f"{_label(n)}: stage {stage} failed: {r['error']}")
+            break
+        rec = r["record"]
+        for k in ("nnz", "n_cells", "n_genes", "n_cells_qc"):
+            if k in r:
+                res[k] = r[k]
+        res["stages"][stage] = {
+            "seconds": rec.get("seconds"), "cpu_seconds": rec.get("cpu_seconds"),
+            "peak_rss_mb": rec.get("peak_rss_mb"), "skipped": rec.get("skipped", False),
+            "process_max_rss_mb": r["process_max_rss_mb"], "redone": r["redone"]}
+        log(f"{_label(n)}: stage {stage}: {rec.get('seconds')} s, "
+            f"peak {rec.get('peak_rss_mb')} MB")
+    store = run / "study.zarr"
+    if store.exists() and "error" not in res["stages"].get("ingest", {"error": 1}):
+        log(f"{_label(n)}: read-only decode pass ...")
+        d = _run_child(["-m", "cellmill.bench", "_decode", str(store), args.memory,
+                        str(args.workers), str(run / "child.json")], run / "child.json", logf,
+                       args.timeout)
+        res["decode"] = d
+    res["scanpy"] = run_scanpy(n, sim, res, args, run, log)
+    if not args.keep_stores:
+        shutil.rmtree(store, ignore_errors=True)
+    res["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    res["available_memory_gb_after"] = round(psutil.virtual_memory().available / 1e9, 1)
+    return res
+
+
+def run_scanpy(n: int, sim: Path, res: dict, args, run: Path, log) -> dict:
+    import psutil
+
+    if args.no_scanpy:
+        return {"skipped": "--no-scanpy"}
+    script = scanpy_script()
+    if script is None:
+        return {"skipped": "benchmarks/scanpy_baseline.py not found (run from a source checkout)"}
+    if args.scanpy_max_cells is not None and n > args.scanpy_max_cells:
+        return {"skipped": f"{n} cells > --scanpy-max-cells {args.scanpy_max_cells}"}
+    nnz = res.get("nnz") or 0
+    if args.scanpy_max_cells is None:
+        ok, why = scanpy_fits(res.get("n_cells", n), nnz, psutil.virtual_memory().available)
+        if not ok:
+            log(f"{_label(n)}: scanpy skipped: {why}")
+            return {"skipped": why}
+    log(f"{_label(n)}: scanpy ...")
+    r = _run_child([str(script), str(sim / "manifest.csv"), "--out", str(run / "scanpy.json")],
+                   run / "scanpy.json", run / "bench.log", args.timeout)
+    if "error" in r:
+        log(f"{_label(n)}: scanpy failed: {r['error']}")
+    return r
+
+
+# ------------------------------------------------------------------ summaries
+
+def _sum(d: dict, names: list[str], key: str) -> float | None:
+    vals = [d.get(s, {}).get(key) for s in names]
+    if any(v is None for v in vals):
+        return None
+    return sum(vals)
+
+
+def _max(d: dict, names: list[str], key: str) -> float | None:
+    vals = [d.get(s, {}).get(key) for s in names]
+    if any(v is None for v in vals):
+        return None
+    return max(vals)
+
+
+def headline(res: dict) -> dict:
+    """qc..cluster: cellmill vs scanpy, wall time and peak RSS."""
+    st = res.get("stages", {})
+    sp = res.get("scanpy", {}).get("steps", {})
+    h = {"cellmill_seconds": _sum(st, HEADLINE, "seconds"),
+         "cellmill_peak_rss_mb": _max(st, HEADLINE, "peak_rss_mb"),
+         "scanpy_seconds": _sum(sp, HEADLINE, "seconds") if sp else None,
+         "scanpy_peak_rss_mb": _max(sp, HEADLINE, "peak_rss_mb") if sp else None}
+    if h["cellmill_seconds"] and h["scanpy_seconds"]:
+        h["speed_ratio"] = round(h["scanpy_seconds"] / h["cellmill_seconds"], 2)
+        h["memory_ratio"] = round(h["scanpy_peak_rss_mb"] / h["cellmill_peak_rss_mb"], 2)
+        h["goal_met"] = h["speed_ratio"] >= GOAL_SPEED and h["memory_ratio"] >= GOAL_MEMORY
+    return h
+
+
+def flatness(results: list[dict], stages: list[str]) -> dict | None:
+    """Each stage's peak RSS at the largest size over its peak at 196k cells (or the nearest
+    smaller size)."""
+    done = sorted((r for r in results if r.get("stages")), key=lambda r: r["cells"])
+    if len(done) < 2:
+        return None
+    big = done[-1]
+    base = [r for r in done[:-1] if r["cells"] <= REFERENCE_SIZE] or done[:-1]
+    ref = base[-1]
+    rows = {}
+    for s in stages:
+        a = ref["stages"].get(s, {}).get("peak_rss_mb")
+        b = big["stages"].get(s, {}).get("peak_rss_mb")
+        if a and b:
+            rows[s] = {"ref_mb": a, "big_mb": b, "ratio": round(b / a, 3),
+                       "within": b <= a * (1 + FLAT_TOLERANCE)}
+    return {"ref_cells": ref["cells"], "big_cells": big["cells"], "stages": rows}
+
+
+def _f(x, fmt="{:.1f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"# cellmill bench ({doc['machine']['cpus']} CPUs, "
+             f"{doc['machine']['memory_gb']} GB RAM, scheduler {doc['settings']['scheduler']}, "
+             f"workers {doc['settings']['workers']}, memory budget "
+             f"{doc['settings']['memory']})", ""]
+    lines += ["## qc..cluster vs scanpy", "",
+              "| cells | nonzeros | cellmill s | scanpy s | speed × | cellmill peak MB | "
+              "scanpy peak MB | memory ÷ | decode Mnnz/s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["results"]:
+        h = headline(r)
+        dec = r.get("decode", {})
+        mnnz = dec["nnz"] / dec["seconds"] / 1e6 if dec.get("seconds") else None
+        lines.append(f"| {r['cells']:,} | {r.get('nnz', 0):,} | {_f(h['cellmill_seconds'])} | "
+                     f"{_f(h['scanpy_seconds'])} | {_f(h.get('speed_ratio'), '{:.2f}')} | "
+                     f"{_f(h['cellmill_peak_rss_mb'], '{:.0f}')} | "
+                     f"{_f(h['scanpy_peak_rss_mb'], '{:.0f}')} | "
+                     f"{_f(h.get('memory_ratio'), '{:.2f}')} | {_f(mnnz, '{:.0f}')} |")
+    skipped = [(r["cells"], r["scanpy"].get("skipped") or r["scanpy"].get("error"))
+               for r in doc["results"] if not r.get("scanpy", {}).get("steps")]
+    for n, why in skipped:
+        lines.append(f"\nscanpy at {n:,} cells: not measured ({why}).")
+    lines += ["", f"Goal: qc..cluster at 196k cells >= {GOAL_SPEED:g}x faster than scanpy with "
+              f"<= 1/{GOAL_MEMORY:g} of its peak RSS.", ""]
+    for r in doc["results"]:
+        lines += [f"## {r['cells']:,} cells ({r.get('n_cells_qc', '?')} pass QC, "
+                  f"{r.get('nnz', 0):,} nonzeros)", "",
+                  "| stage | wall s | CPU s | peak RSS MB | Mnnz/s | scanpy s | scanpy peak MB "
+                  "| speed × |", "|---|---|---|---|---|---|---|---|"]
+        sp = r.get("scanpy", {}).get("steps", {})
+        for s, t in r["stages"].items():
+            if "error" in t:
+                lines.append(f"| {s} | failed: {t['error']} | | | | | | |")
+                continue
+            mnnz = r["nnz"] / t["seconds"] / 1e6 if t.get("seconds") and r.get("nnz") else None
+            o = sp.get(s, {})
+            ratio = o["seconds"] / t["seconds"] if o.get("seconds") and t.get("seconds") else None
+            lines.append(f"| {s} | {_f(t['seconds'])} | {_f(t['cpu_seconds'])} | "
+                         f"{_f(t['peak_rss_mb'], '{:.0f}')} | {_f(mnnz, '{:.0f}')} | "
+                         f"{_f(o.get('seconds'))} | {_f(o.get('peak_rss_mb'), '{:.0f}')} | "
+                         f"{_f(ratio, '{:.2f}')} |")
+        dec = r.get("decode", {})
+        if dec.get("seconds"):
+            lines.append(f"| read-only decode | {_f(dec['seconds'])} | {_f(dec['cpu_seconds'])} "
+                         f"| {_f(dec['peak_rss_mb'], '{:.0f}')} | "
+                         f"{dec['nnz'] / dec['seconds'] / 1e6:.0f} | | | |")
+        lines.append("")
+    flat = doc.get("flatness")
+    if flat and flat["stages"]:
+        lines += [f"## Peak RSS: {flat['big_cells']:,} vs {flat['ref_cells']:,} cells "
+                  f"(goal: within {FLAT_TOLERANCE:.0%})", "",
+                  "| stage | peak MB (ref) | peak MB (big) | ratio | within |",
+                  "|---|---|---|---|---|"]
+        for s, row in flat["stages"].items():
+            lines.append(f"| {s} | {row['ref_mb']:.0f} | {row['big_mb']:.0f} | "
+                         f"{row['ratio']:.2f} | {'yes' if row['within'] else 'no'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ main
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cellmill bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default=DEFAULT_SIZES,
+                    help=f"cells per study, comma-separated (default {DEFAULT_SIZES}; "
+                    "add 400k and 1M for the memory check)")
+    ap.add_argument("--out", default="bench_out", help="results folder (default bench_out)")
+    ap.add_argument("--data", help="where simulated studies are kept (default OUT/data)")
+    ap.add_argument("--stages", default="all",
+                    help="all, a stage name (run up to it) or a comma-separated list prefix")
+    ap.add_argument("--scheduler", default="threads", help="compute.scheduler for the stages")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--memory", default="2GB", help="compute.memory for the stages")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-scanpy", action="store_true", help="do not run the scanpy baseline")
+    ap.add_argument("--scanpy-max-cells", type=parse_size, default=None,
+                    help="run scanpy only up to this size (default: where it is estimated "
+                    "to fit in the available memory)")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="skip the unreported small run that compiles the Numba kernels")
+    ap.add_argument("--keep-stores", action="store_true", help="keep OUT/runs/*/study.zarr")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep finished stages of an earlier bench run (their old timings)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per child process")
+    return ap
+
+
+def _stage_list(text: str) -> list[str]:
+    from cellmill.engine.stages import ORDER, load_stages
+
+    available = load_stages()
+    if text == "all":
+        wanted = ORDER
+    elif "," in text:
+        wanted = [s.strip() for s in text.split(",")]
+    else:
+        if text not in ORDER:
+            raise SystemExit(f"cellmill bench: unknown stage {text!r} ({', '.join(ORDER)})")
+        wanted = ORDER[: ORDER.index(text) + 1]
+    bad = [s for s in wanted if s not in ORDER]
+    if bad:
+        raise SystemExit(f"cellmill bench: unknown stage(s) {', '.join(bad)}")
+    # a stage needs every stage before it: stop at the first one this build lacks
+    out = []
+    for s in ORDER[: ORDER.index(wanted[-1]) + 1]:
+        if s not in available:
+            break
+        out.append(s)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `cellmill bench -- --sizes ...`
+        argv = argv[1:]
+    if argv and argv[0] == "_stage":
+        return _child_stage(*argv[1:5])
+    if argv and argv[0] == "_decode":
+        return _child_decode(argv[1], argv[2], int(argv[3]), argv[4])
+    import psutil
+
+    args = build_parser().parse_args(argv)
+    sizes = _sizes(args.sizes)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    args.data = args.data or str(out / "data")
+    stages = _stage_list(args.stages)
+
+    def log(msg):
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    log(f"sizes {', '.join(_label(n) for n in sizes)}; stages {', '.join(stages)}")
+    if not args.no_warmup:
+        log(f"warm-up run ({WARMUP_CELLS} cells, not reported) ...")
+        wargs = argparse.Namespace(**{**vars(args), "out": str(out / "warmup"),
+                                      "no_scanpy": True, "resume": False,
+                                      "keep_stores": False})
+        bench_size(WARMUP_CELLS, wargs, stages, lambda m: None)
+    from cellmill.engine.workflow import versions
+
+    doc = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                       "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+                       "load_average_start": [round(x, 2) for x in os.getloadavg()]},
+           "settings": {"scheduler": args.scheduler, "workers": args.workers,
+                        "memory": args.memory, "seed": args.seed, "stages": stages},
+           "versions": versions(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "results": []}
+    for n in sizes:
+        r = bench_size(n, args, stages, log)
+        r["headline"] = headline(r)
+        doc["results"].append(r)
+        doc["flatness"] = flatness(doc["results"], stages)
+        (out / "bench.json").write_text(json.dumps(doc, indent=1, default=str))
+        (out / "bench.md").write_text(markdown(doc))
+    md = markdown(doc)
+    print(md)
+    log(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
