@@ -250,32 +250,43 @@ def test_ttest_parity_with_r(seurat_reference, shared_data, tmp_path):
     if not (ref_dir / "ttest.csv").exists():
         pytest.skip("Seurat reference outputs not generated")
     ref = pd.read_csv(ref_dir / "ttest.csv", float_precision="round_trip",
-                      keep_default_na=False, na_values=["NA"])
+                      keep_default_na=False, na_values=["NA", "NaN"])
     clusters = pd.read_csv(ref_dir / "clusters.csv", dtype=str)
     store = ingest(shared_data / "10x" / "pbmc_1k_citeseq_v3.h5", tmp_path / "pbmc.zarr")
     obs = store.obs()
     qc = obs.index.isin(clusters["cell"])
-    cl = pd.Series(None, index=obs.index, dtype=object)
+    assert qc.sum() == len(clusters) == 821
+    cl = pd.Series("", index=obs.index, dtype=object)
     cl[clusters["cell"].to_numpy()] = clusters["seurat_clusters"].to_numpy()
-    # cluster 0 vs the rest
-    two = np.where(cl.to_numpy() == "0", "0", "rest")
-    store.update_obs(qc_pass=qc, cluster=pd.Categorical(np.where(qc, two, None)))
-    ds = grouped_statistics(store, ["cluster"], 1e4, mask=qc)
-    checked = 0
-    for alt, part in ref[ref["case"] == "cluster0_vs_rest"].groupby("alternative"):
-        res = contrast(ds, {"cluster": "0"}, {"cluster": "rest"}, genes=part["gene"],
-                       alternative=alt)
+    # groups: the first cell of cluster 0, the rest of cluster 0, every other cell
+    grp = np.where(cl.to_numpy() == "0", "0", "other").astype(object)
+    grp[np.flatnonzero(qc & (cl.to_numpy() == "0"))[0]] = "first0"
+    store.update_obs(qc_pass=qc, grp=pd.Categorical(np.where(qc, grp, None)))
+    ds = grouped_statistics(store, ["grp"], 1e4, mask=qc)
+    sides = {"cluster0_vs_rest": ({"grp": ["first0", "0"]}, {"grp": "other"}),
+             "first_cell_of_cluster0_vs_rest": ({"grp": "first0"}, {"grp": ["0", "other"]})}
+    checked = errors = 0
+    for (case, alt), part in ref.groupby(["case", "alternative"], sort=False):
+        if case not in sides:
+            continue
+        res = contrast(ds, *sides[case], genes=part["gene"], alternative=alt)
         for (_, r), (_, g) in zip(part.iterrows(), res.iterrows(), strict=True):
             assert r["gene"] == g["gene"]
             assert g["n_case"] == r["n_x"] and g["n_control"] == r["n_y"]
-            assert math.isclose(g["mean_case"], r["mean_x"], rel_tol=1e-12)
-            if isinstance(r["error"], str) and r["error"]:
-                assert np.isnan(g["p_value"]) and g["reason"]
+            assert math.isclose(g["mean_case"], r["mean_x"], rel_tol=1e-12, abs_tol=1e-300)
+            assert math.isclose(g["mean_control"], r["mean_y"], rel_tol=1e-12, abs_tol=1e-300)
+            if r["error"] or np.isnan(r["t"]):  # R stops, or gives NaN: NaN with a reason
+                assert np.isnan(g["t"]) and np.isnan(g["p_value"]) and g["reason"]
+                errors += 1
                 continue
-            if np.isnan(r["t"]):  # R gives NaN (both groups all zero): NaN with a reason
-                assert np.isnan(g["t"]) and g["reason"]
-                continue
-            for ours, theirs in (("t", "t"), ("df", "df"), ("p_value", "p_value")):
-                assert math.isclose(g[ours], r[theirs], rel_tol=1e-10), (r["gene"], ours)
+            for col in ("t", "df", "p_value"):
+                assert math.isclose(g[col], r[col], rel_tol=1e-10), (r["gene"], alt, col)
+            assert g["reason"] == ""
             checked += 1
-    assert checked >= 100
+    assert checked >= 100 and errors >= 4
+    # R: "data are essentially constant" (five zeros vs five copies of a maximum)
+    syn = ref[ref["case"] == "synthetic_5_zeros_vs_5_max"]
+    for _, r in syn.iterrows():
+        res = welch(5, 0.0, 0.0, 5, r["mean_y"], 0.0, r["alternative"])
+        assert "constant" in str(res["reason"]) and np.isnan(res["p_value"])
+        assert "constant" in r["error"]

@@ -11,8 +11,10 @@ the test (QC-passed cells by default):
                -> p = 1); identical to scipy.stats.mannwhitneyu(use_continuity=True,
                method="asymptotic")
   p_val_adj  : min(1, p_val * number of genes in the store)
-Rows sorted by (p_val, -avg_log2FC), ties in gene order (R's stable order()). FindAllMarkers:
-each cluster against all other cells, rows with p_val < return_thresh, clusters in level order.
+FindMarkers' rows are sorted by p_val (equal p-values in gene order: Seurat's
+order(p_val, -de.results[, 1]) names p_val twice); FindAllMarkers: each cluster against all other
+cells, rows sorted by (p_val, -avg_log2FC) (stable), p_val < return_thresh, clusters in level
+order.
 
 Computed on the gene-major copy: per gene one sort of the nonzeros serves every cluster (zeros
 are one tied block). Many disjoint two-group contrasts share one pass (`find_markers_many`).
@@ -177,8 +179,9 @@ def de_table(genes, n1, n2, nnz_1, nnz_2, sum_e_1, sum_e_2, rank_sum_1, tie_sum,
     if only_pos:
         df = df[df["avg_log2FC"] > 0]
     df["p_val_adj"] = np.minimum(1.0, df["p_val"].to_numpy() * n_genes_total)
-    order = np.lexsort((-df["avg_log2FC"].to_numpy(), df["p_val"].to_numpy()))  # stable
-    return df.iloc[order]
+    # Seurat's order(p_val, -de.results[, 1]): column 1 is p_val itself, so rows are sorted
+    # by p_val alone, equal p-values in gene order (R's order() is stable)
+    return df.iloc[np.argsort(df["p_val"].to_numpy(), kind="stable")]
 
 
 def _check_sizes(n1: int, n2: int, min_cells_group: int) -> None:
@@ -310,6 +313,8 @@ def find_all_markers(store: Store, labels: np.ndarray | None = None,
         t = de_table(genes, n1, n2, r["nnz"][:, k], nnz_2, r["sum_expm1"][:, k], sum_e_2,
                      r["rank_sum"][:, k], r["tie"][:, 0], len(genes), logfc_threshold,
                      min_pct, only_pos)
+        # FindAllMarkers re-sorts: order(p_val, -avg_log2FC), stable over FindMarkers' order
+        t = t.iloc[np.lexsort((-t["avg_log2FC"].to_numpy(), t["p_val"].to_numpy()))]
         t = t[t["p_val"] < return_thresh]
         if len(t):
             t = t.assign(cluster=levels[k], gene=t.index.to_numpy())

@@ -8,7 +8,7 @@ The grouped statistics are an xarray Dataset stored at uns/grouped_stats (read i
              sample: every combination observed among QC-passed cells), gene (gene,)
   n          (group,)       cells
   sum        (group, gene)  sum of y = log1p(x / n_counts * scale_factor)
-  sum_sq     (group, gene)  sum of y^2
+  sum_sq     (group, gene)  sum of y^2 (= m2 + sum^2 / n)
   m2         (group, gene)  sum of (y - group mean)^2: use this for variances (exact to a few
                             ulps; sum_sq - sum^2 / n cancels)
   sum_expm1  (group, gene)  sum of expm1(y) (means on the CP10k scale, for fold changes)
@@ -16,8 +16,9 @@ The grouped statistics are an xarray Dataset stored at uns/grouped_stats (read i
 Any contrast pools groups (engine/welch.py: `contrast(ds, case={...}, control={...})`).
 
 Determinism: each block returns moments per (granule of 1024 cells, group) slot; the slots are
-folded with Chan's formula strictly in (granule, group) order, so the result does not depend on
-block size, worker count or scheduler. Blocks are computed in windows (a few per worker) and
+folded with Chan's formula (over the nonzeros; the zeros join at the end, see
+kernels/grouped.py) strictly in (granule, group) order, so the result does not depend on block
+size, worker count or scheduler. Blocks are computed in windows (a few per worker) and
 folded as they arrive, so memory is a window of block partials plus the accumulators.
 """
 
@@ -102,8 +103,8 @@ def _plan_blocks(store: Store, codes: np.ndarray, n_groups: int, memory_bytes: i
         pairs = np.unique((cells // GRANULE) * max(n_groups, 1) + codes[cells])
         per_granule_slots = int(np.bincount(pairs // max(n_groups, 1)).max())
     nnz = GRANULE * store.nnz / n_cells
-    # slot entries (gene + 5 float64) for at most every gene of every slot; data, indices, y
-    per_granule = min(nnz, per_granule_slots * store.n_genes) * 48 + nnz * 16
+    # slot entries (gene + 4 float64) for at most every gene of every slot; data and indices
+    per_granule = min(nnz, per_granule_slots * store.n_genes) * 36 + nnz * 8
     granules = int(memory_bytes / 4 / (window * per_granule))
     return GRANULE * max(1, min(16, granules))
 
@@ -135,8 +136,7 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
     ranges = store.block_ranges(block_cells)
 
     acc_n = np.zeros(n_groups, dtype=np.float64)
-    acc_sums = np.zeros((n_groups, n_genes, kern.N_SUMS), dtype=np.float64)
-    acc_m2 = np.zeros((n_groups, n_genes), dtype=np.float64)
+    acc = np.zeros((n_groups, n_genes, kern.N_VALS), dtype=np.float64)
     pbar = bar(total=len(ranges), desc="grouped statistics", enabled=progress)
     try:
         for w0 in range(0, len(ranges), window):
@@ -145,21 +145,22 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
                 for a, b in ranges[w0: w0 + window]]
             for group_of_slot, n, ptr, genes, vals in compute(tasks, scheduler=scheduler,
                                                               progress=False):
-                kern.fold_slots(acc_n, acc_sums, acc_m2, n, ptr, genes, vals,
-                                group_of_slot.astype(np.int64))
+                kern.fold_slots(acc_n, acc, n, ptr, genes, vals, group_of_slot.astype(np.int64))
                 pbar.update(1)
     finally:
         pbar.close()
 
+    sum_sq = kern.finish_m2(acc_n, acc)
     genes = np.asarray(store.var().index).astype(str)
     dims = ("group", "gene")
+    data = {"n": (("group",), acc_n.astype(np.int64)), "sum_sq": (dims, sum_sq)}
+    for name, q, dtype in (("sum", kern.SUM, np.float64), ("m2", kern.M2, np.float64),
+                           ("sum_expm1", kern.SUM_EXPM1, np.float64),
+                           ("nnz", kern.NNZ, np.int64)):
+        data[name] = (dims, np.ascontiguousarray(acc[:, :, q], dtype=dtype))
+    del acc
     ds = xr.Dataset(
-        {"n": (("group",), acc_n.astype(np.int64)),
-         "sum": (dims, acc_sums[:, :, kern.SUM]),
-         "sum_sq": (dims, acc_sums[:, :, kern.SUM_SQ]),
-         "m2": (dims, acc_m2),
-         "sum_expm1": (dims, acc_sums[:, :, kern.SUM_EXPM1]),
-         "nnz": (dims, acc_sums[:, :, kern.NNZ].astype(np.int64))},
+        data,
         coords={**{c: (("group",), coords[c].to_numpy().astype(str)) for c in coords.columns},
                 "gene": (("gene",), genes)},
         attrs={"group_by": list(columns), "scale_factor": float(scale_factor),

@@ -1,10 +1,15 @@
 """Grouped moments of the log-normalised counts, per (granule, group) slot and gene.
 
 y = log1p(x / n_counts * scale_factor), in that operation order (Seurat's LogNormalize), so the
-values are bit-identical to Seurat's. Per slot and gene the kernel returns n (per slot), the sum
-of y, of y^2, of expm1(y), the nonzero count, and m2 = sum of squared deviations from the slot's
-mean, computed in two passes (accurate variances: sum_sq - sum^2 / n cancels badly when the mean
-is large relative to the spread). Slots are folded with Chan's formula in a fixed order.
+values are bit-identical to Seurat's. Per slot and per gene with a nonzero in the slot, the
+kernel returns the sum of y, of expm1(y), the nonzero count and m2_nz, the sum of squared
+deviations of the nonzero values from their mean (the Youngs-Cramer update
+m2 += (c - 1) / c (y - S / (c - 1))^2, as stable as Welford's; accurate where
+sum_sq - sum^2 / n cancels). Slots are folded into the group accumulators with Chan's formula
+over the nonzeros only, in a fixed order; the zeros (all equal) join once at the end:
+  m2 = m2_nz + mean_nz^2 nnz (n - nnz) / n,   sum_sq = m2 + sum^2 / n
+(sums of terms >= 0: nothing cancels), so folding costs O(nonzero entries), not O(genes), and
+the per-gene scratch of a slot is 4 doubles (the whole gene vector stays in L2).
 """
 
 from __future__ import annotations
@@ -14,36 +19,22 @@ import math
 import numba
 import numpy as np
 
-LUT = 32  # per row, y and expm1(y) of counts 1..LUT-1 are computed once (most counts are small)
+LUT = 32  # per row, y and expm1(y) of counts 1..LUT-1 are memoised (most counts are small)
 
-SUM, SUM_SQ, SUM_EXPM1, NNZ, M2 = 0, 1, 2, 3, 4
-N_SUMS = 4
-
-
-@numba.njit(nogil=True, cache=True)
-def lognorm_row_lut(n_counts, scale, lut_y, lut_e):
-    """lut_y[x] = log1p(x / n_counts * scale), lut_e[x] = expm1(lut_y[x]) for x < LUT."""
-    lut_y[0] = 0.0
-    lut_e[0] = 0.0
-    for x in range(1, len(lut_y)):
-        y = math.log1p(x / n_counts * scale)
-        lut_y[x] = y
-        lut_e[x] = math.expm1(y)
+SUM, SUM_EXPM1, NNZ, M2 = 0, 1, 2, 3  # columns of the slot values and of the accumulators
+N_VALS = 4
 
 
 @numba.njit(nogil=True, cache=True)
 def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_slots, n_genes):
     """Moments of one CSR block of cells, per slot, for the genes a slot touches (sparse).
 
-    slot_of_row[r]: slot of row r (-1: skip the row); a slot holds at most GRANULE rows. Rows
-    are taken slot by slot (in row order within a slot), so the dense scratch is one gene
-    vector. m2 comes from Welford's update over the slot's nonzeros, combined with the block
-    of zeros by Chan's formula (both terms positive: no cancellation). Returns
+    slot_of_row[r]: slot of row r (-1: skip the row). Rows are taken slot by slot (in row order
+    within a slot), so the dense scratch is one gene vector. Returns
       n       (n_slots,)          cells per slot
       ptr     (n_slots + 1,)      entries of slot s: ptr[s]:ptr[s + 1]
       genes   (n_entries,) int32  gene of each entry (genes with a nonzero in the slot)
-      vals    (n_entries, 5)      sum y, sum y^2, sum expm1(y), nonzero count, m2 (sum of
-                                  (y - slot mean)^2 over all the slot's cells, zeros included)
+      vals    (n_entries, 4)      sum y, sum expm1(y), nonzero count, m2 of the nonzeros
     """
     n_rows = len(indptr) - 1
     n = np.zeros(n_slots, dtype=np.float64)
@@ -58,29 +49,28 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
         start[s + 1] += start[s]
     rows = np.empty(start[n_slots], dtype=np.int64)
     fill = start[:n_slots].copy()
-    bound = 0  # entries of a slot <= min(n_genes, its nonzeros): untouched memory is free
     for r in range(n_rows):
         s = slot_of_row[r]
         if s >= 0:
             rows[fill[s]] = r
             fill[s] += 1
+    # entries of a slot <= min(n_genes, its nonzeros); untouched memory costs nothing
+    bound = 0
+    max_nz = 1
     for s in range(n_slots):
         nz = 0
         for i in range(start[s], start[s + 1]):
             nz += indptr[rows[i] + 1] - indptr[rows[i]]
         bound += min(nz, n_genes)
-    max_k = 1
-    for s in range(n_slots):
-        max_k = max(max_k, start[s + 1] - start[s])
-    inv = np.empty(max_k + 1, dtype=np.float64)
+        max_nz = max(max_nz, nz)
+    inv = np.empty(min(max_nz, n_rows) + 2, dtype=np.float64)  # 1 / k for the m2 update
     inv[0] = 0.0
-    for k in range(1, max_k + 1):
+    for k in range(1, len(inv)):
         inv[k] = 1.0 / k
     ptr = np.zeros(n_slots + 1, dtype=np.int64)
     genes = np.empty(bound, dtype=np.int32)
-    vals = np.empty((bound, N_SUMS + 1), dtype=np.float64)
-    # scratch per gene: sum, sum_sq, sum_expm1, nnz, Welford mean, Welford m2 (nonzeros)
-    acc = np.zeros((n_genes, 6), dtype=np.float64)
+    vals = np.empty((bound, N_VALS), dtype=np.float64)
+    acc = np.zeros((n_genes, N_VALS), dtype=np.float64)
     lut_y = np.empty(LUT, dtype=np.float64)
     lut_e = np.empty(LUT, dtype=np.float64)
     nt = 0
@@ -89,74 +79,77 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
         for i in range(start[s], start[s + 1]):
             r = rows[i]
             nc = n_counts_of_row[r]
-            lognorm_row_lut(nc, scale, lut_y, lut_e)
+            lut_y[:] = -1.0
             for k in range(indptr[r], indptr[r + 1]):
                 x = data[k]
                 if x <= 0:
                     continue
                 if x < LUT:
                     y = lut_y[x]
+                    if y < 0.0:
+                        y = math.log1p(x / nc * scale)
+                        lut_y[x] = y
+                        lut_e[x] = math.expm1(y)
                     e = lut_e[x]
                 else:
                     y = math.log1p(x / nc * scale)
                     e = math.expm1(y)
                 g = indices[k]
-                c = acc[g, NNZ] + 1.0
-                if c == 1.0:
+                b = acc[g, NNZ]
+                if b == 0.0:
                     genes[nt] = g
                     nt += 1
+                else:
+                    nb = int(b)
+                    d = y - acc[g, SUM] * inv[nb]
+                    acc[g, M2] += d * d * (b * inv[nb + 1])
                 acc[g, SUM] += y
-                acc[g, SUM_SQ] += y * y
                 acc[g, SUM_EXPM1] += e
-                acc[g, NNZ] = c
-                d = y - acc[g, 4]
-                acc[g, 4] += d * inv[int(c)]
-                acc[g, 5] += d * (y - acc[g, 4])
-        ns = n[s]
+                acc[g, NNZ] = b + 1.0
         for t in range(base, nt):
             g = genes[t]
-            nz = acc[g, NNZ]
-            mean_nz = acc[g, 4]
-            for q in range(N_SUMS):
+            for q in range(N_VALS):
                 vals[t, q] = acc[g, q]
-            vals[t, M2] = acc[g, 5] + mean_nz * mean_nz * (nz * (ns - nz) / ns)
-            for q in range(6):
                 acc[g, q] = 0.0
         ptr[s + 1] = nt
     return n, ptr, genes[:nt], vals[:nt]
 
 
 @numba.njit(nogil=True, cache=True)
-def fold_slots(acc_n, acc_sums, acc_m2, n, ptr, genes, vals, group_of_slot):
-    """Fold slot moments into the group accumulators, slot by slot in order (Chan et al.):
-    m2_ab = m2_a + m2_b + (mean_b - mean_a)^2 n_a n_b / (n_a + n_b), over every gene (a gene
-    the slot does not touch is a block of zeros: mean_b = 0, m2_b = 0)."""
-    n_genes = acc_sums.shape[1]
-    sb = np.zeros(n_genes, dtype=np.float64)
-    m2b = np.zeros(n_genes, dtype=np.float64)
+def fold_slots(acc_n, acc, n, ptr, genes, vals, group_of_slot):
+    """Fold slot moments into the group accumulators acc (groups, genes, 4), slot by slot in
+    order. Over the nonzeros (Chan et al.): m2_ab = m2_a + m2_b + (mean_b - mean_a)^2
+    nnz_a nnz_b / (nnz_a + nnz_b); sums add. Zeros join in `finish_m2`."""
     for s in range(len(group_of_slot)):
-        nb = n[s]
-        if nb == 0:
-            continue
         g = group_of_slot[s]
-        na = acc_n[g]
-        nab = na + nb
-        if na > 0:
-            for t in range(ptr[s], ptr[s + 1]):
-                sb[genes[t]] = vals[t, SUM]
-                m2b[genes[t]] = vals[t, M2]
-            w = na * nb / nab
-            for j in range(n_genes):
-                delta = sb[j] / nb - acc_sums[g, j, SUM] / na
-                acc_m2[g, j] += m2b[j] + delta * delta * w
-            for t in range(ptr[s], ptr[s + 1]):
-                sb[genes[t]] = 0.0
-                m2b[genes[t]] = 0.0
-        else:
-            for t in range(ptr[s], ptr[s + 1]):
-                acc_m2[g, genes[t]] = vals[t, M2]
+        acc_n[g] += n[s]
         for t in range(ptr[s], ptr[s + 1]):
             j = genes[t]
-            for q in range(N_SUMS):
-                acc_sums[g, j, q] += vals[t, q]
-        acc_n[g] = nab
+            na = acc[g, j, NNZ]
+            nb = vals[t, NNZ]
+            if na == 0.0:
+                for q in range(N_VALS):
+                    acc[g, j, q] = vals[t, q]
+                continue
+            delta = vals[t, SUM] / nb - acc[g, j, SUM] / na
+            acc[g, j, M2] += vals[t, M2] + delta * delta * (na * nb / (na + nb))
+            acc[g, j, SUM] += vals[t, SUM]
+            acc[g, j, SUM_EXPM1] += vals[t, SUM_EXPM1]
+            acc[g, j, NNZ] = na + nb
+
+
+@numba.njit(nogil=True, cache=True)
+def finish_m2(acc_n, acc):
+    """m2 over all cells of each group (the nonzeros' m2 plus the block of zeros,
+    m2 = m2_nz + mean_nz^2 nnz (n - nnz) / n), in place; returns sum_sq = m2 + sum^2 / n."""
+    sum_sq = np.zeros(acc.shape[:2], dtype=np.float64)
+    for g in range(acc.shape[0]):
+        ng = acc_n[g]
+        for j in range(acc.shape[1]):
+            nz = acc[g, j, NNZ]
+            if nz > 0.0:
+                s = acc[g, j, SUM]
+                mean = s / nz
+                acc[g, j, M2] += mean * mean * (nz * (ng - nz) / ng)
+                sum_sq[g, j] = acc[g, j, M2] + s * s / ng
+    return sum_sq
