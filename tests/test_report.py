@@ -275,11 +275,14 @@ def test_partial_report_notes_what_is_missing(tmp_path, study):
     obs = st.obs().drop(columns=["cluster"])
     st.write_df("obs", obs)
     shutil.copy(ctx.tables / "qc.csv", part.tables / "qc.csv")
+    (part.figures / "fig1a_umap_clusters.png").write_bytes(b"stale")  # from an earlier run
     text = build_report(part, partial="qc").read_text()
     assert len(_imgs(text)) == 2  # QC and the PCA elbow (pca_stdev is in the copied store)
     assert "partial run" in text
     assert "skipped: obs has no &#x27;cluster&#x27; column" in text
     assert "skipped: tables/hvg.csv not found" in text
+    assert sorted(p.name for p in part.figures.iterdir()) == ["pca_elbow.png",
+                                                             "qc_distributions.png"]
 
 
 def test_report_without_store(tmp_path):

@@ -802,8 +802,14 @@ FIGURES = [
 ]
 
 
+FILE_PREFIX = {"fig1a": "fig1a_", "fig1b": "fig1b_", "fig1c": "fig1c_", "fig1d": "fig1d_",
+               "fig1e": "fig1e_", "fig2": "fig2_", "fig2b": "fig2b_", "fig2c": "fig2c_",
+               "fig3": "fig3_", "qc": "qc_", "hvg": "hvg_", "pca": "pca_"}
+
+
 def make_figures(inp: ReportInputs, out: Path) -> list[FigureResult]:
-    """Draw every figure it can; the others come back with a note saying why not."""
+    """Draw every figure it can; the others come back with a note saying why not (and any
+    file an earlier run left for them is removed, so figures/ matches the report)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -815,5 +821,8 @@ def make_figures(inp: ReportInputs, out: Path) -> list[FigureResult]:
         except Exception as e:  # a figure must never sink the run; say what went wrong
             log.warning("figure %s failed", key, exc_info=True)
             res = FigureResult(key, title, note=f"failed: {type(e).__name__}: {e}")
+        if res.path is None:
+            for stale in out.glob(FILE_PREFIX[key] + "*.png"):
+                stale.unlink()
         results.append(res)
     return results
