@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import patheffects
 from matplotlib.figure import Figure
 
 from cellmill.config import Config
@@ -300,7 +301,7 @@ def fig_umap(inp: ReportInputs, out: Path) -> FigureResult:
         sel = lab == c
         x, y = np.median(emb[sel, 0]), np.median(emb[sel, 1])
         ax.text(x, y, c, fontsize=10, weight="bold", ha="center", va="center",
-                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.7, "lw": 0})
+                path_effects=[patheffects.withStroke(linewidth=2.5, foreground="white")])
         ax.scatter([], [], color=colors[c], label=f"{c} (n={int(sel.sum())})")
     ax.legend(title="cluster", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
               markerscale=2.5, fontsize=8)
