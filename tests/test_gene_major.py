@@ -40,7 +40,7 @@ def _read_layer(store: Store):
     return g
 
 
-@pytest.mark.parametrize("memory", [2_000, 200_000, 10**9])
+@pytest.mark.parametrize("memory", [40_000, 400_000, 10**9])
 def test_build_matches_scipy(small_store, memory):
     store, m = small_store
     build_gene_major(store, memory)

@@ -24,7 +24,7 @@ from cellmill.engine.markers import (
 from cellmill.engine.stages import Context
 from cellmill.io.ingest import ingest
 from cellmill.io.store import Store
-from cellmill.kernels.wilcoxon import sort_pairs
+from cellmill.kernels.wilcoxon import rank_slab, sort_pairs
 
 N_CELLS, N_GENES, K = 1800, 80, 4
 
@@ -118,6 +118,23 @@ def test_sort_pairs_any_size():
         assert np.array_equal(keys.view(np.float64), np.sort(vals))
         assert np.array_equal(vals[pay], np.sort(vals))
         assert np.array_equal(np.sort(pay), np.arange(n))
+
+
+def test_ranks_by_y_when_ratios_are_close():
+    """x / N that differ by ~1e-11 relative: the kernel sorts by v = x / N * 1e4 and lets
+    y = log1p(v) decide close neighbours; ranks must be scipy's ranks of y."""
+    x = np.array([100000, 99999, 3, 5, 100000, 6, 1, 2], dtype=np.int32)
+    n = np.array([1000001.0, 999991.0, 7.0, 11.0, 1000001.0, 14.0, 7.0 / 3.0, 14.0 / 3.0])
+    lab = np.array([0, 1, 0, 1, 1, 0, 1, 0], dtype=np.int32)
+    y = np.array([math.log1p(a / b * 1e4) for a, b in zip(x, n, strict=True)])
+    assert 0 < abs(x[0] / n[0] - x[1] / n[1]) < 1e-10 * (x[0] / n[0])
+    ranks = stats.rankdata(y)
+    _, t = np.unique(y, return_counts=True)
+    rs, nnz, _, tie, _ = rank_slab(x, np.arange(8, dtype=np.int32),
+                                   np.array([0, 8], dtype=np.int64), lab,
+                                   np.zeros(2, np.int32), 2, 1, n, 1e4)
+    assert list(rs[0]) == [ranks[lab == 0].sum(), ranks[lab == 1].sum()]
+    assert tie[0, 0] == (t ** 3 - t).sum() and list(nnz[0]) == [4, 4]
 
 
 def test_wilcoxon_p_matches_scipy():
@@ -276,6 +293,10 @@ def test_find_markers_parity_0_vs_1(pbmc):
         pytest.skip("Seurat reference outputs not generated")
     r = _read_ref(ref / "markers_0_vs_1.csv.gz").set_index("gene")
     assert len(got) == len(r) == store.n_genes
+    # row order: by p_val, equal p-values in gene order; only near-equal p-values may swap
+    moved = np.flatnonzero(got.index.to_numpy() != r.index.to_numpy())
+    assert np.allclose(got["p_val"].to_numpy()[moved], r["p_val"].to_numpy()[moved],
+                       rtol=1e-6, atol=0)
     got = got.loc[r.index]
     rel = np.abs(got["p_val"] - r["p_val"]) / r["p_val"]
     assert rel.max() <= 1e-6

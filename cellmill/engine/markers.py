@@ -114,10 +114,10 @@ def ensure_gene_major(store: Store, memory_bytes: int, progress: bool = False,
 # ------------------------------------------------------------------------------- the pass
 
 def _slab_task(store, g0, g1, indptr, label_of_cell, stratum_of_label, n_labels, n_strata,
-               y1, e1, n_counts, scale):
+               n_counts, scale):
     m = store.read_genes(g0, g1, indptr)
     return kern.rank_slab(m.data, m.indices, m.indptr.astype(np.int64), label_of_cell,
-                          stratum_of_label, n_labels, n_strata, y1, e1, n_counts, float(scale))
+                          stratum_of_label, n_labels, n_strata, n_counts, float(scale))
 
 
 def rank_pass(store: Store, label_of_cell: np.ndarray, stratum_of_label: np.ndarray,
@@ -137,16 +137,14 @@ def rank_pass(store: Store, label_of_cell: np.ndarray, stratum_of_label: np.ndar
     stratum_of_label = np.ascontiguousarray(stratum_of_label, dtype=np.int32)
     n_labels, n_strata = len(stratum_of_label), int(stratum_of_label.max()) + 1
     n_counts = store.obs()["n_counts"].to_numpy().astype(np.float64)
-    y1, e1 = kern.unit_values(n_counts, float(scale_factor))
     indptr = store.gene_major_indptr()
     max_nnz = int(min(SLAB_NNZ_MAX, memory_bytes / 4 / max(workers, 1) / 16))
     # at least a few slabs per worker, for balance
     max_nnz = max(1, min(max_nnz, int(indptr[-1]) // (4 * max(workers, 1)) + 1))
     slabs = plan_slabs(indptr, max_nnz)
-    shared = [dask.delayed(a) for a in (label_of_cell, stratum_of_label, y1, e1, n_counts)]
+    shared = [dask.delayed(a) for a in (label_of_cell, stratum_of_label, n_counts)]
     tasks = [dask.delayed(_slab_task, pure=False)(store, g0, g1, indptr, shared[0], shared[1],
-                                                  n_labels, n_strata, shared[2], shared[3],
-                                                  shared[4], scale_factor)
+                                                  n_labels, n_strata, shared[2], scale_factor)
              for g0, g1 in slabs]
     parts = compute(tasks, scheduler=scheduler, desc="markers", progress=progress)
     rank_sum, nnz, sum_e, tie, nnz_s = (np.concatenate([p[i] for p in parts])

@@ -6,7 +6,13 @@ strata of one pass). Per gene and stratum only the nonzeros are sorted: the zero
 block with the lowest ranks, mid-rank (n0 + 1) / 2, added by the caller from the counts. One
 sort per gene and stratum serves every label in it.
 
-y = log1p(x / n_counts * scale_factor) in Seurat's operation order, so ties are Seurat's ties.
+y = log1p(v), v = x / n_counts * scale_factor (Seurat's operation order). The nonzeros are
+sorted by v, not y: log1p is increasing, so the order is the same, and the expensive log1p is
+skipped. Equal v give equal y. Distinct v more than CLOSE_ULPS apart (relative gap > 2.3e-10)
+give distinct y (the relative gap shrinks by at most ~40x through log1p, far above rounding);
+only runs of v closer than that (distinct count ratios x/N that near do not occur in count data,
+but are handled) are re-sorted and split by y itself. So ranks and ties are exactly those of y.
+Fold changes need mean expm1(y): expm1(log1p(v)) = v up to ~1e-15 relative, so v is summed.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ RADIX_BITS = 11
 RADIX = 1 << RADIX_BITS
 RADIX_MASK = RADIX - 1
 SMALL = 32  # below this many values, insertion sort
+# v closer than this many units in the last place (relative gap < 2^21 * 2^-52 ~ 4.7e-10, and
+# more than 2^21 ulps means a relative gap > 2.3e-10) are decided by y itself
+CLOSE_ULPS = 1 << 21
 QUICK = 1500  # below this many values, quicksort (radix passes cost 6 x RADIX bucket sweeps)
 
 
@@ -39,33 +48,45 @@ def _insertion_sort(keys, payload, lo, hi):
 
 @numba.njit(nogil=True, cache=True)
 def _quicksort(keys, payload, lo, hi):
-    """Sort keys[lo:hi] carrying payload: quicksort, median of three, small runs by insertion;
-    recursion only into the smaller side (bounded stack)."""
-    while hi - lo > SMALL:
-        mid = (lo + hi) >> 1
-        a, b, c = keys[lo], keys[mid], keys[hi - 1]
-        if a < b:
-            pivot = b if b < c else (c if a < c else a)
-        else:
-            pivot = a if a < c else (c if b < c else b)
-        i, j = lo, hi - 1
-        while i <= j:
-            while keys[i] < pivot:
-                i += 1
-            while keys[j] > pivot:
-                j -= 1
-            if i <= j:
-                keys[i], keys[j] = keys[j], keys[i]
-                payload[i], payload[j] = payload[j], payload[i]
-                i += 1
-                j -= 1
-        if j + 1 - lo < hi - i:
-            _quicksort(keys, payload, lo, j + 1)
-            lo = i
-        else:
-            _quicksort(keys, payload, i, hi)
-            hi = j + 1
-    _insertion_sort(keys, payload, lo, hi)
+    """Sort keys[lo:hi] carrying payload: quicksort, median of three, small runs by insertion.
+    Iterative (an explicit stack; recursion does not survive Numba's cache across modules):
+    the larger side is pushed, the smaller one is taken next, so the stack stays < 64 deep."""
+    stack = np.empty(128, dtype=np.int64)
+    top = 0
+    while True:
+        while hi - lo > SMALL:
+            mid = (lo + hi) >> 1
+            a, b, c = keys[lo], keys[mid], keys[hi - 1]
+            if a < b:
+                pivot = b if b < c else (c if a < c else a)
+            else:
+                pivot = a if a < c else (c if b < c else b)
+            i, j = lo, hi - 1
+            while i <= j:
+                while keys[i] < pivot:
+                    i += 1
+                while keys[j] > pivot:
+                    j -= 1
+                if i <= j:
+                    keys[i], keys[j] = keys[j], keys[i]
+                    payload[i], payload[j] = payload[j], payload[i]
+                    i += 1
+                    j -= 1
+            if j + 1 - lo < hi - i:
+                stack[top] = i
+                stack[top + 1] = hi
+                hi = j + 1
+            else:
+                stack[top] = lo
+                stack[top + 1] = j + 1
+                lo = i
+            top += 2
+        _insertion_sort(keys, payload, lo, hi)
+        if top == 0:
+            return
+        top -= 2
+        lo = stack[top]
+        hi = stack[top + 1]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -117,14 +138,32 @@ def sort_pairs(keys, payload, lo, hi, tmp_keys, tmp_payload, count):
 
 
 @numba.njit(nogil=True, cache=True)
+def _resolve_close(kk, ll, lo, hi, yy):
+    """kk[lo:hi] (bits of v) are pairwise close: order them by y = log1p(v) (insertion sort),
+    store y (as bits) in kk so that ties are equal keys."""
+    for q in range(lo, hi):
+        yy[q - lo] = math.log1p(np.uint64(kk[q]).view(np.float64))
+    for q in range(lo + 1, hi):
+        y = yy[q - lo]
+        lab = ll[q]
+        p = q - 1
+        while p >= lo and yy[p - lo] > y:
+            yy[p + 1 - lo] = yy[p - lo]
+            ll[p + 1] = ll[p]
+            p -= 1
+        yy[p + 1 - lo] = y
+        ll[p + 1] = lab
+    for q in range(lo, hi):
+        kk[q] = np.float64(yy[q - lo]).view(np.uint64)
+
+
+@numba.njit(nogil=True, cache=True)
 def rank_slab(data, indices, indptr, label_of_cell, stratum_of_label, n_labels, n_strata,
-              y1_of_cell, e1_of_cell, n_counts, scale):
+              n_counts, scale):
     """Per gene (column) of a CSC slab: for every label the sum of the ranks of its nonzeros
     within its stratum (ranks counted after the stratum's zeros), its nonzero count and its sum
     of expm1(y); per stratum the nonzero count and sum(t^3 - t) over tied runs of nonzeros.
 
-    y1_of_cell[c], e1_of_cell[c]: y and expm1(y) of a count of 1 in cell c (most counts are 1:
-    saves the transcendental functions).
     Returns rank_sum (G, L), nnz (G, L), sum_expm1 (G, L), tie (G, S), nnz_stratum (G, S).
     """
     n_genes = len(indptr) - 1
@@ -140,6 +179,7 @@ def rank_slab(data, indices, indptr, label_of_cell, stratum_of_label, n_labels, 
     labs = np.empty(max_len, dtype=np.int32)
     tmp_k = np.empty(max_len, dtype=np.uint64)
     tmp_l = np.empty(max_len, dtype=np.int32)
+    yy = np.empty(max_len, dtype=np.float64)
     # entries of a gene, bucketed by stratum
     b_keys = np.empty(max_len, dtype=np.uint64)
     b_labs = np.empty(max_len, dtype=np.int32)
@@ -156,19 +196,13 @@ def rank_slab(data, indices, indptr, label_of_cell, stratum_of_label, n_labels, 
             x = data[k]
             if lab < 0 or x <= 0:
                 continue
-            if x == 1:
-                y = y1_of_cell[c]
-                ey = e1_of_cell[c]
-            else:
-                y = math.log1p(x / n_counts[c] * scale)
-                ey = math.expm1(y)
-            # positive doubles order as their bit patterns
-            keys[m] = np.float64(y).view(np.uint64)
+            v = x / n_counts[c] * scale
+            keys[m] = np.float64(v).view(np.uint64)  # positive doubles order as their bits
             labs[m] = lab
             m += 1
             s_start[stratum_of_label[lab] + 1] += 1
             nnz[j, lab] += 1
-            sum_e[j, lab] += ey
+            sum_e[j, lab] += v
         if m == 0:
             continue
         if n_strata == 1:
@@ -193,6 +227,24 @@ def rank_slab(data, indices, indptr, label_of_cell, stratum_of_label, n_labels, 
                 continue
             nnz_s[j, s] = hi - lo
             sort_pairs(kk, ll, lo, hi, tmp_k, tmp_l, count)
+            # distinct but close v (never in count data, but exactness): decided by y
+            close = False
+            for q in range(lo + 1, hi):
+                d = kk[q] - kk[q - 1]
+                if d != 0 and d <= CLOSE_ULPS:
+                    close = True
+                    break
+            if close:
+                i = lo
+                while i < hi:
+                    e = i + 1
+                    mixed = False
+                    while e < hi and kk[e] - kk[e - 1] <= CLOSE_ULPS:
+                        mixed |= kk[e] != kk[e - 1]
+                        e += 1
+                    if mixed:
+                        _resolve_close(kk, ll, i, e, yy)
+                    i = e
             # tied runs: mid-rank within the stratum's nonzeros (1-based), zeros added later
             i = lo
             t_acc = 0.0
@@ -210,18 +262,3 @@ def rank_slab(data, indices, indptr, label_of_cell, stratum_of_label, n_labels, 
                 i = e
             tie[j, s] = t_acc
     return rank_sum, nnz, sum_e, tie, nnz_s
-
-
-@numba.njit(nogil=True, cache=True)
-def unit_values(n_counts, scale):
-    """y and expm1(y) of a count of 1 in every cell (the same log1p as rank_slab's)."""
-    y1 = np.empty(len(n_counts), dtype=np.float64)
-    e1 = np.empty(len(n_counts), dtype=np.float64)
-    for c in range(len(n_counts)):
-        if n_counts[c] > 0:
-            y1[c] = math.log1p(1.0 / n_counts[c] * scale)
-            e1[c] = math.expm1(y1[c])
-        else:
-            y1[c] = 0.0
-            e1[c] = 0.0
-    return y1, e1
