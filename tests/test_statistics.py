@@ -232,6 +232,19 @@ def test_unknown_target_gene_is_a_config_error(grouped):
         target_tests(grouped, cfg)
 
 
+def test_stage_refuses_unknown_gene_before_the_pass(study, tmp_path, monkeypatch):
+    import cellmill.engine.statistics as mod
+
+    def no_pass(*a, **k):
+        raise AssertionError("the pass ran")
+
+    monkeypatch.setattr(mod, "grouped_statistics", no_pass)
+    cfg = Config()
+    cfg.study.target_genes = ["Nope1"]
+    with pytest.raises(ConfigError, match="Nope1"):
+        run_statistics(Context(cfg=cfg, outdir=tmp_path, store=study, progress=False))
+
+
 def test_stage_writes_table_and_store(study, tmp_path):
     cfg = Config()
     cfg.compute.workers = 1

@@ -262,6 +262,11 @@ def run_statistics(ctx: Context) -> None:
     from cellmill.engine.stage_ingest import qc_passed, write_table
 
     store, cfg = ctx.store, ctx.cfg
+    genes = set(store.var().index)
+    unknown = [g for g in cfg.study.target_genes if g not in genes]
+    if unknown:  # before the pass, not after it
+        raise ConfigError(f"study.target_genes: gene {unknown[0]!r} is not in the store "
+                          f"({len(genes)} genes)")
     obs_cols = list(store.obs().columns)
     columns = _group_by(cfg, obs_cols)
     ds = grouped_statistics(store, columns, cfg.normalize.scale_factor, mask=qc_passed(store),
