@@ -34,9 +34,11 @@ SHARE_MIN_BYTES = 64 * 1024
 # A task may be on this many workers that died before it counts as the culprit.
 ALLOWED_FAILURES = 6
 CONNECT_TIMEOUT = "30s"
+WORKER_EXIT_TIMEOUT = 30.0
 
 _CLIENTS: dict[str, Any] = {}
 _LOCK = threading.Lock()
+_AT_EXIT = False
 
 
 def get_scheduler(ctx) -> Any:
@@ -68,10 +70,18 @@ def scheduler_for(name: str, workers: int = 2) -> Any:
     return client
 
 
+def _quiet_distributed() -> None:
+    """dask.distributed logs every worker start and stop at INFO; show them with -v only."""
+    if not log.isEnabledFor(logging.INFO):
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+
+
 def _local_cluster(workers: int):
     import dask
     from distributed import Client, LocalCluster
 
+    _quiet_distributed()
+    _close_at_exit()
     # The scheduler of a LocalCluster lives in this process, so its settings apply.
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
@@ -84,6 +94,8 @@ def _local_cluster(workers: int):
 def _connect(address: str):
     from distributed import Client
 
+    _quiet_distributed()
+    _close_at_exit()
     try:
         client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
     except OSError as e:
@@ -104,12 +116,35 @@ def close_clients() -> None:
         try:
             client.close()
             if cluster is not None:  # ours (a LocalCluster); a remote scheduler is left alone
-                cluster.close()
+                _close_local(cluster)
         except Exception:  # already gone (interpreter exit, dead scheduler)
             log.debug("closing a Dask client failed", exc_info=True)
 
 
-atexit.register(close_clients)
+def _close_local(cluster, timeout: float = WORKER_EXIT_TIMEOUT) -> None:
+    """Stop the worker processes, then the scheduler. A worker process that has loaded many
+    compiled kernels can take a few seconds to exit on a busy machine; the nannies get more
+    time than their default (4 s, then SIGKILL), so the processes end on their own."""
+    import asyncio
+
+    async def stop_workers():
+        await asyncio.gather(*(w.close(timeout=timeout) for w in list(cluster.workers.values())
+                               if hasattr(w, "close")), return_exceptions=True)
+
+    try:
+        cluster.sync(stop_workers)
+    finally:
+        cluster.close()
+
+
+def _close_at_exit() -> None:
+    """Register close_clients to run at exit before dask.distributed's own exit handlers (which
+    close clusters with short timeouts): handlers run last-registered first, so register after
+    distributed has been imported."""
+    global _AT_EXIT
+    if not _AT_EXIT:
+        atexit.register(close_clients)
+        _AT_EXIT = True
 
 
 def compute(tasks: list, scheduler=None, desc: str = "pass", progress: bool = True) -> list:
