@@ -19,7 +19,8 @@ Determinism: each block returns moments per (granule of 1024 cells, group) slot;
 folded with Chan's formula (over the nonzeros; the zeros join at the end, see
 kernels/grouped.py) strictly in (granule, group) order, so the result does not depend on block
 size, worker count or scheduler. Blocks are computed in windows (a few per worker) and
-folded as they arrive, so memory is a window of block partials plus the accumulators.
+folded as they arrive (`ordered_stream`), so memory is a window of block partials plus the
+accumulators.
 """
 
 from __future__ import annotations
@@ -109,16 +110,57 @@ def _plan_blocks(store: Store, codes: np.ndarray, n_groups: int, memory_bytes: i
     return GRANULE * max(1, min(16, granules))
 
 
+def ordered_stream(func, arg_tuples, scheduler, window: int):
+    """Yield func(*args) for each args in order, with at most `window` calls in flight: a
+    thread pool for ("threads", n), inline for ("sync", 1), futures of a dask.distributed
+    Client otherwise. Results are consumed (folded) as they arrive, in order, so memory is a
+    window of block results and no worker waits for a batch to finish."""
+    from collections import deque
+
+    if scheduler is None:
+        scheduler = ("threads", 2)
+    if isinstance(scheduler, tuple) and scheduler[0] == "sync":
+        for args in arg_tuples:
+            yield func(*args)
+        return
+    it = iter(arg_tuples)
+    if isinstance(scheduler, tuple):
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=max(1, scheduler[1]))
+        submit, close = pool.submit, pool.shutdown
+    else:  # a distributed Client
+        def submit(f, *a):
+            return scheduler.submit(f, *a, pure=False)
+
+        def close(cancel_futures=False):
+            pass
+    pending = deque()
+    try:
+        for args in it:
+            pending.append(submit(func, *args))
+            if len(pending) >= window:
+                break
+        while pending:
+            res = pending.popleft().result()
+            for args in it:
+                pending.append(submit(func, *args))
+                break
+            yield res
+    finally:
+        for f in pending:
+            f.cancel()
+        close(cancel_futures=True)
+
+
 def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1e4,
                        mask: np.ndarray | None = None, memory_bytes: int = 2 * 10**9,
                        scheduler=None, progress: bool = False,
                        block_cells: int | None = None):
     """Grouped moments of y = log1p(x / n_counts * scale_factor) for every group of `columns`
     (among the `mask`ed cells; default all) and every gene, as an xarray Dataset."""
-    import dask
     import xarray as xr
 
-    from cellmill.engine.cluster import compute
     from cellmill.engine.progress import bar
 
     obs = store.obs()
@@ -138,15 +180,12 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
     acc_n = np.zeros(n_groups, dtype=np.float64)
     acc = np.zeros((n_groups, n_genes, kern.N_VALS), dtype=np.float64)
     pbar = bar(total=len(ranges), desc="grouped statistics", enabled=progress)
+    args = ((store, a, b, codes[a:b], n_counts[a:b], scale_factor, n_groups) for a, b in ranges)
     try:
-        for w0 in range(0, len(ranges), window):
-            tasks = [dask.delayed(_stats_task, pure=False)(
-                store, a, b, codes[a:b], n_counts[a:b], scale_factor, n_groups)
-                for a, b in ranges[w0: w0 + window]]
-            for group_of_slot, n, ptr, genes, vals in compute(tasks, scheduler=scheduler,
-                                                              progress=False):
-                kern.fold_slots(acc_n, acc, n, ptr, genes, vals, group_of_slot.astype(np.int64))
-                pbar.update(1)
+        for group_of_slot, n, ptr, genes, vals in ordered_stream(_stats_task, args, scheduler,
+                                                                 window):
+            kern.fold_slots(acc_n, acc, n, ptr, genes, vals, group_of_slot.astype(np.int64))
+            pbar.update(1)
     finally:
         pbar.close()
 
