@@ -18,7 +18,7 @@ from . import design as ds
 from . import genes as gn
 from . import model as md
 from .kernels import simulate_chunk
-from .tenx import TenxWriter
+from .tenx import TenxWriter, feature_arrays
 
 CHUNK_CELLS = 1000  # cells per kernel call; fixed, so output does not depend on threads
 DIRECT_MIN_MEAN = 2.0  # genes above this mean at twice the median depth get one NB draw each
@@ -81,7 +81,8 @@ def _profile_tables(rel: np.ndarray):
 
 
 def _write_sample(path: Path, sample: ds.Sample, s: int, model: md.ExpressionModel,
-                  seq: np.random.SeedSequence, pool: ThreadPoolExecutor, truth_writer):
+                  seq: np.random.SeedSequence, pool: ThreadPoolExecutor, truth_writer,
+                  features: dict[str, np.ndarray]):
     plan_seq, chunk_seq = seq.spawn(2)
     rng = np.random.default_rng(plan_seq)
     barcodes = _barcodes(rng, sample.n_total)
@@ -98,8 +99,7 @@ def _write_sample(path: Path, sample: ds.Sample, s: int, model: md.ExpressionMod
                               plan["log_depth"][a:b], md.DEPTH_SD, plan["lo"][a:b],
                               plan["hi"][a:b], rel, phi, direct, n_direct, cum)
 
-    u = model.universe
-    writer = TenxWriter(path, u.ids, u.names, barcodes, library_id=sample.name)
+    writer = TenxWriter(path, features, barcodes, library_id=sample.name)
     try:
         window = 2 * max(1, pool._max_workers)  # bounded look-ahead keeps memory flat
         futures = {}
@@ -151,6 +151,7 @@ def simulate_study(out_dir, n_cells: int = 20_000, seed: int = 0, n_genes: int =
 
     n_threads = threads or os.cpu_count() or 1
     seqs = samples_seq.spawn(len(samples))
+    features = feature_arrays(universe.ids, universe.names)
     total_nnz = 0
     truth_path = out / "truth.csv"
     truth_tmp = out / "truth.csv.partial"
@@ -161,7 +162,7 @@ def simulate_study(out_dir, n_cells: int = 20_000, seed: int = 0, n_genes: int =
         for s, sample in enumerate(samples):
             ts = time.perf_counter()
             total_nnz += _write_sample(out / f"{sample.name}.h5", sample, s, model, seqs[s],
-                                       pool, tw)
+                                       pool, tw, features)
             if progress:
                 print(f"simulate: {sample.name}: {sample.n_total} cells "
                       f"({time.perf_counter() - ts:.1f} s)", file=sys.stderr, flush=True)
