@@ -81,8 +81,8 @@ def _profile_tables(rel: np.ndarray):
 
 
 def _write_sample(path: Path, sample: ds.Sample, s: int, model: md.ExpressionModel,
-                  seq: np.random.SeedSequence, pool: ThreadPoolExecutor, truth_writer,
-                  features: dict[str, np.ndarray]):
+                  seq: np.random.SeedSequence, pool: ThreadPoolExecutor, n_threads: int,
+                  truth_writer, features: dict[str, np.ndarray]):
     plan_seq, chunk_seq = seq.spawn(2)
     rng = np.random.default_rng(plan_seq)
     barcodes = _barcodes(rng, sample.n_total)
@@ -100,9 +100,9 @@ def _write_sample(path: Path, sample: ds.Sample, s: int, model: md.ExpressionMod
                               plan["hi"][a:b], rel, phi, direct, n_direct, cum)
 
     writer = TenxWriter(path, features, barcodes, library_id=sample.name)
+    window = 2 * n_threads  # chunks in flight: a bounded look-ahead keeps memory flat
+    futures = {}
     try:
-        window = 2 * max(1, pool._max_workers)  # bounded look-ahead keeps memory flat
-        futures = {}
         for c in range(len(starts)):
             for k in range(c, min(c + window, len(starts))):
                 if k not in futures:
@@ -133,6 +133,8 @@ def simulate_study(out_dir, n_cells: int = 20_000, seed: int = 0, n_genes: int =
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # planted.json is written last and marks a complete study: remove an old one first
+    (out / "planted.json").unlink(missing_ok=True)
     root = np.random.SeedSequence(seed)
     design_seq, model_seq, samples_seq = root.spawn(3)
     samples = ds.make_samples(n_cells, np.random.default_rng(design_seq))
@@ -162,23 +164,19 @@ def simulate_study(out_dir, n_cells: int = 20_000, seed: int = 0, n_genes: int =
         for s, sample in enumerate(samples):
             ts = time.perf_counter()
             total_nnz += _write_sample(out / f"{sample.name}.h5", sample, s, model, seqs[s],
-                                       pool, tw, features)
+                                       pool, n_threads, tw, features)
             if progress:
                 print(f"simulate: {sample.name}: {sample.n_total} cells "
                       f"({time.perf_counter() - ts:.1f} s)", file=sys.stderr, flush=True)
     os.replace(truth_tmp, truth_path)
 
     manifest = out / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["sample", "path", "condition", "timepoint", "sex"])
-        for sample in samples:
-            w.writerow([sample.name, f"{sample.name}.h5", sample.condition, sample.timepoint,
-                        sample.sex])
-
+    rows = [["sample", "path", "condition", "timepoint", "sex"]]
+    rows += [[x.name, f"{x.name}.h5", x.condition, x.timepoint, x.sex] for x in samples]
+    _write_atomic(manifest, "".join(",".join(r) + "\n" for r in rows))
     planted = out / "planted.json"
     doc = _planted_doc(model, samples, seed, n_cells, gmt, gmt_path)
-    planted.write_text(json.dumps(doc, indent=1) + "\n")
+    _write_atomic(planted, json.dumps(doc, indent=1) + "\n")
     return dict(
         out_dir=str(out), manifest=str(manifest), truth=str(truth_path), planted=str(planted),
         gmt=str(gmt_path if gmt_path is not None else gmt),
@@ -187,6 +185,12 @@ def simulate_study(out_dir, n_cells: int = 20_000, seed: int = 0, n_genes: int =
         n_samples=len(samples), n_cells=n_cells, n_cells_total=sum(x.n_total for x in samples),
         n_genes=n_genes, nnz=int(total_nnz), seconds=time.perf_counter() - t0,
     )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _planted_doc(model: md.ExpressionModel, samples, seed, n_cells, gmt, gmt_path) -> dict:
