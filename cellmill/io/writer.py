@@ -77,7 +77,7 @@ class StoreWriter:
             raise ValueError(f"block_cells must be a multiple of {GRANULE}")
         self.block_cells = block_cells
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        _remove_stale_tmp(self.path)
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
         self.root = zarr.open_group(self.tmp, mode="w", zarr_format=3)
         self.root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
@@ -212,3 +212,21 @@ class StoreWriter:
 
 def _grow(a: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a, np.zeros(n - len(a), dtype=a.dtype)]) if len(a) < n else a
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Delete temporary stores left by killed ingests (their process is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
