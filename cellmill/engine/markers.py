@@ -2,7 +2,8 @@
 
 Per gene, on the log-normalised values y = log1p(x / n_counts * scale_factor) of the cells in
 the test (QC-passed cells by default):
-  avg_log2FC = log2(mean_1(expm1(y)) + 1) - log2(mean_2(expm1(y)) + 1)      (CP10k scale)
+  avg_log2FC = log2(mean_1(expm1(y)) + 1) - log2(mean_2(expm1(y)) + 1)      (CP10k scale;
+               expm1(y) = x / n_counts * scale_factor up to ~1e-15 relative, which is summed)
   pct.k      = fraction of group k with y > 0, rounded to 3 decimals as R's round()
   tested     : max(pct.1, pct.2) >= min_pct and avg_log2FC >= logfc_threshold (only_pos) or
                |avg_log2FC| >= logfc_threshold; with only_pos, avg_log2FC > 0 after the test
@@ -124,8 +125,9 @@ def rank_pass(store: Store, label_of_cell: np.ndarray, stratum_of_label: np.ndar
               scale_factor: float = 1e4, memory_bytes: int = 2 * 10**9, scheduler=None,
               progress: bool = False) -> dict:
     """One pass over the gene-major copy: per gene x label rank sums (ranks within the
-    label's stratum, zeros included), nonzero counts, sums of expm1(y); per gene x stratum the
-    tie sums (zeros included). Labels: 0..L-1 per cell, -1 = not in any group."""
+    label's stratum, zeros included), nonzero counts, sums of expm1(y) (as x / n_counts *
+    scale, see kernels/wilcoxon.py); per gene x stratum the tie sums (zeros included).
+    Labels: 0..L-1 per cell, -1 = not in any group."""
     import dask
 
     from cellmill.engine.cluster import compute

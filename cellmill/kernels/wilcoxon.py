@@ -162,7 +162,8 @@ def rank_slab(data, indices, indptr, label_of_cell, stratum_of_label, n_labels, 
               n_counts, scale):
     """Per gene (column) of a CSC slab: for every label the sum of the ranks of its nonzeros
     within its stratum (ranks counted after the stratum's zeros), its nonzero count and its sum
-    of expm1(y); per stratum the nonzero count and sum(t^3 - t) over tied runs of nonzeros.
+    of expm1(y) (summed as v); per stratum the nonzero count and sum(t^3 - t) over tied runs of
+    nonzeros.
 
     Returns rank_sum (G, L), nnz (G, L), sum_expm1 (G, L), tie (G, S), nnz_stratum (G, S).
     """
