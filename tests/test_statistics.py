@@ -169,6 +169,10 @@ def test_contrast_matches_scipy(study, grouped, alternative):
         df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
         assert math.isclose(res["df"][j], df, rel_tol=1e-10)
         assert res["reason"][j] == ""
+        fc = np.log2(np.expm1(a).mean() + 1) - np.log2(np.expm1(b).mean() + 1)
+        assert abs(res["avg_log2FC"][j] - fc) < 1e-12
+        assert math.isclose(res["pct_case"][j], (a > 0).mean(), rel_tol=1e-15)
+        assert math.isclose(res["pct_control"][j], (b > 0).mean(), rel_tol=1e-15)
 
 
 def test_welch_edge_cases():

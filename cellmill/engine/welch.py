@@ -109,26 +109,38 @@ def contrast(ds, case: dict, control: dict, genes=None, alternative: str = "two.
              ) -> pd.DataFrame:
     """Welch test of case vs control cells for every gene (or `genes`), from a grouped-statistics
     Dataset (see engine/statistics.py). case / control: {obs column: value or list of values};
-    the matching groups are pooled (Chan's formula, in group order)."""
+    the matching groups are pooled (Chan's formula, in group order). Also gives Seurat's fold
+    change on the CP10k scale (avg_log2FC, from the sums of expm1(y)) and the fractions of
+    cells with y > 0 (pct_case, pct_control; not rounded)."""
     coords = group_coords(ds)
     sel = ds if genes is None else ds.sel(gene=list(genes))
     n = np.asarray(sel["n"].values, dtype=np.float64)
     sums = np.asarray(sel["sum"].values, dtype=np.float64)
     m2 = np.asarray(sel["m2"].values, dtype=np.float64)
+    sum_e = np.asarray(sel["sum_expm1"].values, dtype=np.float64)
+    nnz = np.asarray(sel["nnz"].values, dtype=np.float64)
     out = {}
     for side, where in (("case", case), ("control", control)):
         idx = select_groups(coords, **where)
         nn, s, q = pool_moments(n, sums, m2, idx)
+        e = np.zeros(sums.shape[1:])
+        z = np.zeros(sums.shape[1:])
+        for g in idx:  # in group order
+            e = e + sum_e[g]
+            z = z + nnz[g]
         with np.errstate(divide="ignore", invalid="ignore"):
-            out[side] = (nn, s / nn, q / (nn - 1))
-    (nx, mx, vx), (ny, my, vy) = out["case"], out["control"]
+            out[side] = (nn, s / nn, q / (nn - 1), e / nn, z / nn)
+    (nx, mx, vx, ex, px), (ny, my, vy, ey, py) = out["case"], out["control"]
     res = welch(nx, mx, vx, ny, my, vy, alternative)
     g = sel["gene"].values.astype(str)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fc = np.log2(ex + 1) - np.log2(ey + 1)
     return pd.DataFrame({"gene": g, "mean_case": np.broadcast_to(mx, g.shape),
                          "mean_control": np.broadcast_to(my, g.shape),
                          "n_case": int(nx), "n_control": int(ny), "t": res["t"],
                          "df": res["df"], "p_value": res["p_value"],
-                         "alternative": alternative, "reason": res["reason"]})
+                         "alternative": alternative, "reason": res["reason"],
+                         "avg_log2FC": fc, "pct_case": px, "pct_control": py})
 
 
 def group_coords(ds) -> pd.DataFrame:
