@@ -42,7 +42,7 @@ from numba import njit
 from cellmill.config import load_config, parse_bytes
 from cellmill.engine.cluster import close_clients, scheduler_for
 from cellmill.engine.markers import find_all_markers
-from cellmill.engine.monitor import PeakMemory
+from cellmill.engine.monitor import PeakMemory, current_rss
 from cellmill.engine.passes import map_blocks
 from cellmill.engine.stage_ingest import qc_mask
 from cellmill.engine.statistics import grouped_statistics
@@ -205,6 +205,7 @@ def main(argv=None) -> dict:
     del ds
 
     t_gm = c_gm = None
+    rss_gm = current_rss()
     if not store.has_gene_major():
         with PeakMemory() as mem_gm:
             t_gm, c_gm, _r = timed(build_gene_major, store, memory, workers=args.workers)
@@ -216,6 +217,7 @@ def main(argv=None) -> dict:
     find_all_markers(store, labels=warm, memory_bytes=memory, scheduler=("sync", 1))
 
     best_m = (np.inf, 0.0)
+    rss_m = current_rss()
     for _ in range(args.repeats):
         with PeakMemory() as mem:
             t, c, table = timed(find_all_markers, store, labels=labels, logfc_threshold=0.25,
@@ -238,9 +240,11 @@ def main(argv=None) -> dict:
                        "cpu_fraction_of_raw": round(best["raw"][1] / best["statistics"][1], 3)},
         "gene_major": None if t_gm is None else {
             "seconds": round(t_gm, 1), "cpu_seconds": round(c_gm, 1),
-            "peak_rss_mb": round(mem_gm.peak / 2**20, 1)},
+            "peak_rss_mb": round(mem_gm.peak / 2**20, 1),
+            "rss_before_mb": round(rss_gm / 2**20, 1)},
         "markers": {"seconds": round(best_m[0], 2), "cpu_seconds": round(best_m[1], 2),
-                    "rows": int(len(table)), "peak_rss_mb": round(mem.peak / 2**20, 1)},
+                    "rows": int(len(table)), "peak_rss_mb": round(mem.peak / 2**20, 1),
+                    "rss_before_mb": round(rss_m / 2**20, 1)},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_avg_1min": round(os.getloadavg()[0], 2)},
     }
@@ -299,10 +303,11 @@ def markdown(r: dict) -> str:
     if r["gene_major"]:
         g = r["gene_major"]
         lines.append(f"| gene-major copy (once) | {g['seconds']} | {g['cpu_seconds']} | "
-                     f"peak RSS {g['peak_rss_mb']} MB |")
+                     f"peak RSS {g['peak_rss_mb']} MB (process before: {g['rss_before_mb']} "
+                     f"MB) |")
     m = r["markers"]
     lines.append(f"| FindAllMarkers | {m['seconds']} | {m['cpu_seconds']} | {m['rows']} rows, "
-                 f"peak RSS {m['peak_rss_mb']} MB |")
+                 f"peak RSS {m['peak_rss_mb']} MB (process before: {m['rss_before_mb']} MB) |")
     if "scanpy" in r:
         s = r["scanpy"]
         for run in s["runs"]:
