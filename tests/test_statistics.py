@@ -236,6 +236,17 @@ def test_unknown_target_gene_is_a_config_error(grouped):
         target_tests(grouped, cfg)
 
 
+def test_grouping_follows_the_study_columns():
+    from cellmill.engine.statistics import _group_by
+
+    cfg = Config()
+    assert _group_by(cfg, ["cluster", "condition", "timepoint", "sample", "sex"]) == COLS
+    cfg.study.condition, cfg.study.timepoint = "surgery", "tp"  # GSE162807's manifest names
+    assert _group_by(cfg, ["cluster", "surgery", "tp", "sample"]) == [
+        "cluster", "surgery", "tp", "sample"]
+    assert _group_by(Config(), ["sample", "sex"]) == ["sample"]  # e.g. one 10x file
+
+
 def test_stage_refuses_unknown_gene_before_the_pass(study, tmp_path, monkeypatch):
     import cellmill.engine.statistics as mod
 

@@ -280,8 +280,16 @@ def target_tests(ds, cfg: Config) -> pd.DataFrame:
 
 
 def _group_by(cfg: Config, obs_columns) -> list[str]:
-    cols = [c for c in cfg.study.group_by if c in obs_columns]
-    dropped = [c for c in cfg.study.group_by if c not in obs_columns]
+    """study.group_by's columns present in obs; the study's condition and time-point columns
+    (named by study.condition / study.timepoint) join when present, so the target tests work
+    whatever the metadata columns are called."""
+    st = cfg.study
+    alias = {"condition": st.condition, "timepoint": st.timepoint}
+    wanted = list(dict.fromkeys(
+        [alias.get(c, c) if c not in obs_columns else c for c in st.group_by]
+        + ["cluster", st.condition, st.timepoint]))
+    cols = [c for c in wanted if c in obs_columns]
+    dropped = [c for c in st.group_by if c not in obs_columns and alias.get(c) not in obs_columns]
     if dropped:
         log.warning("statistics: grouping columns absent from the cells' metadata, left out: %s",
                     ", ".join(dropped))
