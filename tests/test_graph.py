@@ -16,6 +16,7 @@ from cellmill.engine.graph import (
     cluster_labels,
     exact_knn,
     group_singletons,
+    modularity_clusters,
     order_by_size,
     r_sample_seed1,
     recall,
@@ -27,6 +28,7 @@ from cellmill.engine.graph import (
 )
 from cellmill.engine.stages import Context
 from cellmill.io.ingest import ingest
+from cellmill.kernels.louvain import java_next_int, java_seed, random_permutation
 
 # ------------------------------------------------------------------ kNN
 
@@ -113,9 +115,21 @@ def test_snn_matches_dense_numpy():
 
 
 def test_order_by_size():
-    labels = np.array([5, 5, 2, 2, 2, 7, 9, 9, 9])
-    # sizes 3 (2), 3 (9), 2 (5), 1 (7); equal sizes in order of first appearance
-    np.testing.assert_array_equal(order_by_size(labels), [2, 2, 0, 0, 0, 3, 1, 1, 1])
+    labels = np.array([9, 9, 9, 2, 2, 2, 5, 7, 7])
+    # sizes 3 (2), 3 (9), 2 (7), 1 (5); equal sizes in raw label order (a stable sort)
+    np.testing.assert_array_equal(order_by_size(labels), [1, 1, 1, 0, 0, 0, 3, 2, 2])
+
+
+def test_java_random():
+    # jshell: new java.util.Random(seed), nextInt(bound) five times; and the shuffle of
+    # ModularityOptimizer's generateRandomPermutation(10) with Random(0)
+    expected = {(42, 100): [30, 63, 48, 84, 70], (0, 100): [60, 48, 29, 47, 15],
+                (7, 821): [72, 186, 348, 338, 89], (3, 1024): [748, 575, 72, 824, 68]}
+    for (seed, bound), values in expected.items():
+        st = java_seed(seed)
+        assert [java_next_int(st, bound) for _ in range(5)] == values
+    np.testing.assert_array_equal(random_permutation(10, java_seed(0)),
+                                  [0, 3, 9, 4, 1, 7, 8, 6, 2, 5])
 
 
 def test_r_sample_after_set_seed_1():
@@ -202,6 +216,18 @@ def test_clusters_agree_with_seurat(ref):
     if (ref / "clusters_leiden.csv").exists():  # Seurat's algorithm = 4 (leidenalg)
         seurat_leiden = read_ref(ref / "clusters_leiden.csv")["seurat_clusters"].to_numpy()
         assert adjusted_rand_score(seurat_leiden, leiden) >= 0.9
+    # leidenalg's RBConfigurationVertexPartition optimises the same objective
+    raw, q = modularity_clusters(ours, "leiden", 0.3, 0, leiden_backend="leidenalg")
+    assert adjusted_rand_score(seurat, raw) >= 0.9
+    assert q == pytest.approx(modularity_clusters(ours, "leiden", 0.3, 0)[1], rel=1e-3)
+
+
+def test_louvain_on_seurats_graph_gives_seurats_clusters(ref):
+    # Seurat's own algorithm and random numbers: the same clusters, label for label
+    nn = read_ref(ref / "nn_idx.csv.gz", index_col=0).to_numpy() - 1
+    seurat = read_ref(ref / "clusters.csv")["seurat_clusters"].to_numpy()
+    labels = cluster_labels(snn_graph(nn, 1 / 15), "louvain", 0.3, seed=0)
+    np.testing.assert_array_equal(labels, seurat)
 
 
 @pytest.fixture(scope="module")

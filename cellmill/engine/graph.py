@@ -1,15 +1,18 @@
 """Stages `neighbors`, `cluster` and `umap`: Seurat's FindNeighbors, FindClusters and RunUMAP.
 
 - neighbors: k nearest neighbours (self included, first) of the QC-passed cells on PCs
-  1..n_pcs: exact blocked brute force (kernels/knn.py) over Dask chunks of query cells, or
-  pynndescent; then Seurat's pruned Jaccard SNN graph (kernels/snn.py).
+  1..n_pcs: exact blocked brute force with bounding-box pruning (kernels/knn.py) over Dask
+  chunks of query cells, or pynndescent; then Seurat's pruned Jaccard SNN graph (kernels/snn.py).
   Stored: obsm/knn_index (absolute cell indices, -1 rows for QC-failed cells),
   obsm/knn_distance (Euclidean, NaN rows), obsp/snn (all cells; rows of failed cells empty).
-- cluster: modularity with resolution (leidenalg's RBConfigurationVertexPartition) on the SNN
-  graph without its diagonal. `leiden`: leidenalg's Leiden. `louvain`: leidenalg's optimiser
-  without the refinement step (Louvain: local moves + aggregation), 10 seeded starts (seed,
-  seed + 1, ...) keeping the best quality, as Seurat's n.start = 10. Labels are renumbered by
-  size (0 = largest; equal sizes by first appearance in cell order), then singletons join the
+- cluster: modularity with resolution (the objective of leidenalg's
+  RBConfigurationVertexPartition) on the SNN graph without its diagonal. `leiden`: igraph's
+  Leiden (same objective, same author as leidenalg, ~9x faster at 196k cells; leidenalg itself
+  via `modularity_clusters(leiden_backend="leidenalg")`). `louvain`: Seurat's Louvain itself
+  (its ModularityOptimizer re-implemented step for step with java.util.Random's numbers:
+  10 starts, n.iter 10, seed; on Seurat's graph it gives Seurat's clusters exactly).
+  Labels are renumbered by size (0 = largest; equal sizes in raw label order, a stable sort
+  as Seurat's), then singletons join the
   cluster with the highest mean SNN weight to them (Seurat's GroupSingletons, including its
   tie-break: R's sample() after set.seed(1)). Stored: obs/cluster (categorical "0".."K-1", NaN
   for failed cells) and tables/clusters.csv (cell, cluster) for QC-passed cells.
@@ -20,8 +23,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import random
 import warnings
 
 import numpy as np
@@ -33,18 +38,19 @@ from cellmill.engine.stages import Context, stage
 log = logging.getLogger("cellmill")
 
 N_STARTS = 10  # Seurat's FindClusters n.start
+SEURAT_N_ITER = 10  # Seurat's FindClusters n.iter
 NN_SEED = 42  # pynndescent's random state
 
 
 # ------------------------------------------------------------------ nearest neighbours
 
 
-def _knn_chunk(ref_t, q0, q1, k):
+def _knn_chunk(ref_t, orig, lo, hi, leaf, q0, q1, k):
     from cellmill.kernels.knn import knn_self
 
     idx = np.empty((q1 - q0, k), dtype=np.int64)
     dist = np.empty((q1 - q0, k))
-    knn_self(ref_t, q0, q1, k, idx, dist)
+    knn_self(ref_t, orig, lo, hi, leaf, q0, q1, k, idx, dist)
     return idx, dist
 
 
@@ -58,19 +64,27 @@ def exact_knn(points: np.ndarray, k: int, scheduler=None, chunk: int | None = No
     import dask
 
     from cellmill.engine.cluster import compute
+    from cellmill.kernels.knn import LEAF, block_boxes, tree_order
 
-    n = points.shape[0]
-    ref_t = np.ascontiguousarray(np.asarray(points, dtype=np.float64).T)
+    x = np.asarray(points, dtype=np.float64)
+    n = x.shape[0]
+    if n == 0:
+        return np.empty((0, k), dtype=np.int64), np.empty((0, k))
+    perm = tree_order(x, LEAF)
+    ref_t = np.ascontiguousarray(x[perm].T)
+    lo, hi = block_boxes(ref_t, LEAF)
     if chunk is None:
         workers = scheduler[1] if isinstance(scheduler, tuple) else 2
         chunk = min(8192, max(256, -(-n // (8 * max(1, workers)))))
-    d_ref = dask.delayed(ref_t, pure=True)
-    tasks = [dask.delayed(_knn_chunk, pure=True)(d_ref, a, min(a + chunk, n), k)
+    shared = [dask.delayed(a, pure=True) for a in (ref_t, perm, lo, hi)]
+    tasks = [dask.delayed(_knn_chunk, pure=True)(*shared, LEAF, a, min(a + chunk, n), k)
              for a in range(0, n, chunk)]
     parts = compute(tasks, scheduler=scheduler, desc="knn", progress=progress)
-    if not parts:
-        return np.empty((0, k), dtype=np.int64), np.empty((0, k))
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    idx = np.empty((n, k), dtype=np.int64)
+    dist = np.empty((n, k))
+    idx[perm] = np.concatenate([p[0] for p in parts])
+    dist[perm] = np.concatenate([p[1] for p in parts])
+    return idx, dist
 
 
 def self_first(idx: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -171,57 +185,66 @@ def _igraph(snn: sp.csr_matrix):
     return g
 
 
-def modularity_clusters(snn: sp.csr_matrix, algorithm: str = "leiden", resolution: float = 0.3,
-                        seed: int = 0, n_iterations: int = -1,
-                        n_starts: int = N_STARTS) -> tuple[np.ndarray, float]:
-    """Raw community membership (0..K-1) and its quality (RBConfiguration objective)."""
-    import leidenalg as la
+@contextlib.contextmanager
+def _igraph_seed(seed: int):
+    """igraph draws from a dedicated, seeded random.Random (not Python's global one)."""
+    import igraph as ig
 
+    ig.set_random_number_generator(random.Random(seed))
+    try:
+        yield
+    finally:
+        ig.set_random_number_generator(random)
+
+
+def modularity_clusters(snn: sp.csr_matrix, algorithm: str = "leiden", resolution: float = 0.3,
+                        seed: int = 0, n_iterations: int = -1, n_starts: int = N_STARTS,
+                        leiden_backend: str = "igraph") -> tuple[np.ndarray, float]:
+    """Raw community membership (0..K-1) and its modularity with resolution.
+
+    Leiden: igraph's C implementation with the modularity objective (by default) or
+    leidenalg's RBConfigurationVertexPartition (`leiden_backend="leidenalg"`): the same
+    objective (RBConfiguration = 2m x modularity with resolution); igraph's is ~9x faster and
+    smaller at 196k cells (measured: 9 s vs 80 s CPU). Louvain: Seurat's own algorithm
+    (kernels/louvain.py), `n_starts` starts from one java.util.Random(seed), each iterated up
+    to n_iterations times (Seurat's n.iter = 10 when n_iterations < 0).
+    """
+    if algorithm == "louvain":
+        from cellmill.kernels.louvain import seurat_louvain
+
+        m = sp.csr_matrix(snn, dtype=np.float64, copy=True)
+        m.setdiag(0.0)
+        m.eliminate_zeros()
+        m.sort_indices()
+        n_iter = int(n_iterations) if n_iterations > 0 else SEURAT_N_ITER
+        labels, q = seurat_louvain(m.indptr.astype(np.int64), m.indices.astype(np.int64),
+                                   m.data, float(resolution), int(n_starts), n_iter, int(seed))
+        return labels.astype(np.int64), float(q)  # Seurat's quality = modularity(resolution)
+    if algorithm != "leiden":
+        raise ValueError(f"unknown clustering algorithm {algorithm!r}")
     g = _igraph(snn)
-    if algorithm == "leiden":
+    if leiden_backend == "leidenalg":
+        import leidenalg as la
+
         part = la.find_partition(g, la.RBConfigurationVertexPartition, weights="weight",
                                  resolution_parameter=resolution, n_iterations=n_iterations,
                                  seed=seed)
-        return np.asarray(part.membership, dtype=np.int64), part.quality()
-    if algorithm != "louvain":
-        raise ValueError(f"unknown clustering algorithm {algorithm!r}")
-    best, best_q = None, -math.inf
-    for s in range(n_starts):
-        part = la.RBConfigurationVertexPartition(g, weights="weight",
-                                                 resolution_parameter=resolution)
-        opt = la.Optimiser()
-        opt.set_rng_seed(seed + s)
-        it = 0
-        while (n_iterations < 0 or it < n_iterations) and _louvain_pass(opt, part):
-            it += 1
-        q = part.quality()
-        if q > best_q:
-            best, best_q = np.asarray(part.membership, dtype=np.int64), q
-    return best, best_q
-
-
-def _louvain_pass(opt, part) -> bool:
-    """One Louvain run from the current clustering (Seurat's runLouvainAlgorithm): local
-    moves of the nodes, then of the aggregated communities, level by level. Built from
-    leidenalg's move_nodes / aggregate_partition (its Optimiser with refine_partition = False
-    crashes with leidenalg 0.12.0 + igraph 1.0). True when the quality improved."""
-    gain = opt.move_nodes(part)
-    agg = part.aggregate_partition()
-    while True:
-        d = opt.move_nodes(agg)
-        if d <= 0:
-            break
-        gain += d
-        part.from_coarse_partition(agg)
-        agg = agg.aggregate_partition()
-    return gain > 0
+        m = np.asarray(part.membership, dtype=np.int64)
+    elif leiden_backend == "igraph":
+        with _igraph_seed(seed):
+            c = g.community_leiden(objective_function="modularity", weights="weight",
+                                   resolution=resolution, n_iterations=n_iterations)
+        m = np.asarray(c.membership, dtype=np.int64)
+    else:
+        raise ValueError(f"unknown Leiden backend {leiden_backend!r}")
+    return m, g.modularity(list(m), weights="weight", resolution=resolution)
 
 
 def order_by_size(labels: np.ndarray) -> np.ndarray:
-    """Renumber labels 0..K-1 by size, descending; equal sizes by first appearance."""
-    _, first, inv, sizes = np.unique(labels, return_index=True, return_inverse=True,
-                                     return_counts=True)
-    rank = np.lexsort((first, -sizes))
+    """Renumber labels 0..K-1 by size, descending; equal sizes keep the order of the raw labels
+    (a stable sort, as Seurat's orderClustersByNNodes)."""
+    _, inv, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    rank = np.argsort(-sizes, kind="stable")
     new = np.empty(len(rank), dtype=np.int64)
     new[rank] = np.arange(len(rank))
     return new[inv.ravel()]

@@ -1,27 +1,71 @@
-"""Exact k-nearest neighbours by blocked brute force (Euclidean), self-join.
+"""Exact k-nearest neighbours (Euclidean, self-join) by blocked brute force with box pruning.
 
-`ref_t` holds the points dimension-major (d x n, C-contiguous) so the inner loop runs over
-contiguous reference points and vectorises. A tile of queries is compared with a chunk of
-references that stays in cache; every query keeps its k best as a sorted list ordered by
-(squared distance, index). References are scanned in increasing index order and a candidate
-enters only when strictly closer than the current k-th, so ties are broken by the smaller index
-whatever the tiling. The query itself is always neighbour 0 (distance 0), as in Seurat.
-Squared distances are sums of squared coordinate differences in float64 (no |a|^2 + |b|^2 - 2ab
-cancellation), computed in the same order for (i, j) and (j, i), so d(i, j) == d(j, i) exactly.
+The points come in a locality order (`tree_order`: median splits along the widest dimension
+down to blocks of LEAF points), dimension-major (`ref_t`, d x n, C-contiguous), so the inner loop
+runs over contiguous reference points and vectorises. Every block has a bounding box. A tile of
+TILE consecutive queries visits the blocks in increasing order of the box-to-box lower bound and
+stops when that bound exceeds the k-th distance of every query in the tile; within a visited
+block a query also skips it when its own point-to-box bound exceeds its k-th distance. Bounds
+get a relative margin, so pruning never drops a candidate (the search is exact).
+
+Each query keeps its k best sorted by (squared distance, original index): ties are broken by the
+smaller index whatever the visiting order, chunking or tiling. The query itself is always
+neighbour 0 (distance 0), as in Seurat. Squared distances are sums of squared coordinate
+differences in float64 in a fixed order (no |a|^2 + |b|^2 - 2ab cancellation), identical for
+(i, j) and (j, i).
 """
 
 import numba
 import numpy as np
 
 TILE = 16  # queries per tile
-CHUNK = 256  # references per chunk (d x CHUNK doubles stay in L1/L2)
+LEAF = 256  # points per block (d x LEAF doubles stay in L1/L2)
+MARGIN = 1e-9  # relative slack on the lower bounds (rounding is ~1e-15)
+
+
+def tree_order(points: np.ndarray, leaf: int = LEAF) -> np.ndarray:
+    """A permutation putting nearby points together: recursive median splits along the widest
+    dimension, at multiples of `leaf`, so every block of `leaf` consecutive points (the last
+    one may be smaller) is one leaf of the tree."""
+    n = points.shape[0]
+    perm = np.arange(n, dtype=np.int64)
+    stack = [(0, n)]
+    while stack:
+        a, b = stack.pop()
+        if b - a <= leaf:
+            continue
+        seg = points[perm[a:b]]
+        dim = int(np.argmax(seg.max(axis=0) - seg.min(axis=0)))
+        n_leaves = -(-(b - a) // leaf)
+        mid = leaf * ((n_leaves + 1) // 2)
+        part = np.argpartition(seg[:, dim], mid, kind="introselect")
+        perm[a:b] = perm[a:b][part]
+        stack.append((a, a + mid))
+        stack.append((a + mid, b))
+    return perm
+
+
+@numba.njit(nogil=True, cache=True)
+def block_boxes(ref_t, leaf):
+    """Per block of `leaf` consecutive points: lower and upper corner (d x n_blocks)."""
+    d, n = ref_t.shape
+    nb = (n + leaf - 1) // leaf
+    lo = np.empty((d, nb))
+    hi = np.empty((d, nb))
+    for b in range(nb):
+        a, e = b * leaf, min(n, (b + 1) * leaf)
+        for dd in range(d):
+            x = ref_t[dd, a:e]
+            lo[dd, b] = x.min()
+            hi[dd, b] = x.max()
+    return lo, hi
 
 
 @numba.njit(nogil=True, cache=True)
 def _insert(bd, bi, k, d, j):
-    """Insert (d, j) into the sorted top-k (bd, bi); caller checked d < bd[k - 1]."""
+    """Insert (d, j) into the sorted top-k (bd, bi) after position 0 (the query itself)."""
     p = k - 1
-    while p > 0 and bd[p - 1] > d:
+    while p > 1 and (bd[p - 1] > d or (bd[p - 1] == d and bi[p - 1] > j)):
         bd[p] = bd[p - 1]
         bi[p] = bi[p - 1]
         p -= 1
@@ -65,37 +109,76 @@ def _sq_dist(ref_t, me, c0, w, b):
 
 
 @numba.njit(nogil=True, cache=True)
-def knn_self(ref_t, q0, q1, k, out_idx, out_dist):
-    """k nearest neighbours (incl. self first) of points q0..q1 among all n points of ref_t.
+def _gap2(lo_a, hi_a, lo_b, hi_b):
+    """Squared distance between two boxes (0 when they overlap)."""
+    s = 0.0
+    for dd in range(lo_a.shape[0]):
+        g = max(lo_b[dd] - hi_a[dd], lo_a[dd] - hi_b[dd], 0.0)
+        s += g * g
+    return s
 
-    out_idx (q1 - q0, k) int64, out_dist (q1 - q0, k) float64 Euclidean distances. When
-    n < k the missing neighbours get index -1 and distance inf.
+
+@numba.njit(nogil=True, cache=True)
+def knn_self(ref_t, orig, lo, hi, leaf, q0, q1, k, out_idx, out_dist):
+    """k nearest neighbours (incl. self first) of points q0..q1 (positions in ref_t) among all
+    n points of ref_t.
+
+    ref_t: d x n points in tree order; orig[p]: original index of position p (the tie-break
+    and the returned indices); lo, hi = block_boxes(ref_t, leaf). out_idx (q1 - q0, k) int64
+    original indices, out_dist (q1 - q0, k) float64 Euclidean distances; when n < k the missing
+    neighbours get index -1 and distance inf.
     """
     d, n = ref_t.shape
-    buf = np.empty((TILE, CHUNK))
+    nb = lo.shape[1]
+    buf = np.empty(leaf)
     bd = np.empty((TILE, k))
     bi = np.empty((TILE, k), dtype=np.int64)
+    tlo = np.empty(d)
+    thi = np.empty(d)
+    qp = np.empty(d)
+    lb = np.empty(nb)
     for t0 in range(q0, q1, TILE):
         nt = min(TILE, q1 - t0)
+        for dd in range(d):
+            tlo[dd] = ref_t[dd, t0:t0 + nt].min()
+            thi[dd] = ref_t[dd, t0:t0 + nt].max()
+        for b in range(nb):
+            lb[b] = _gap2(tlo, thi, lo[:, b], hi[:, b])
+        visit = np.argsort(lb)
         for t in range(nt):
             bd[t, 0] = 0.0
-            bi[t, 0] = t0 + t
+            bi[t, 0] = orig[t0 + t]
             for p in range(1, k):
                 bd[t, p] = np.inf
                 bi[t, p] = -1
-        for c0 in range(0, n, CHUNK):
-            w = min(CHUNK, n - c0)
+        tile_thr = np.inf if k > 1 else 0.0
+        for v in range(nb):
+            b = visit[v]
+            if lb[b] > tile_thr * (1.0 + MARGIN):
+                break
+            c0 = b * leaf
+            w = min(leaf, n - c0)
             for t in range(nt):
-                _sq_dist(ref_t, t0 + t, c0, w, buf[t, :w])
-            for t in range(nt):
-                b = buf[t]
                 me = t0 + t
                 thr = bd[t, k - 1]
+                if k == 1:
+                    continue
+                for dd in range(d):
+                    qp[dd] = ref_t[dd, me]
+                if _gap2(qp, qp, lo[:, b], hi[:, b]) > thr * (1.0 + MARGIN):
+                    continue
+                _sq_dist(ref_t, me, c0, w, buf[:w])
+                last = bi[t, k - 1]
                 for j in range(w):
-                    if b[j] < thr:
+                    x = buf[j]
+                    if x < thr or (x == thr and orig[c0 + j] < last):
                         if c0 + j != me:
-                            _insert(bd[t], bi[t], k, b[j], c0 + j)
+                            _insert(bd[t], bi[t], k, x, orig[c0 + j])
                             thr = bd[t, k - 1]
+                            last = bi[t, k - 1]
+            tile_thr = 0.0
+            for t in range(nt):
+                tile_thr = max(tile_thr, bd[t, k - 1])
         for t in range(nt):
             r = t0 + t - q0
             for p in range(k):
