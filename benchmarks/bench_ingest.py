@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,24 @@ def write_sample(path: Path, n_cells: int, n_genes: int, per_cell: int, seed: in
         ft["feature_type"] = np.array(["Gene Expression"] * n_genes, dtype="S")
         ft["genome"] = np.array(["mm10"] * n_genes, dtype="S")
     return len(keys)
+
+
+def run_measured(cmd: list[str]) -> float:
+    """Run a command; return its peak RSS in MB, sampled every 20 ms. (The child's ru_maxrss
+    would count the pages it shared with this process between fork and exec.)"""
+    import psutil
+
+    proc = subprocess.Popen(cmd)
+    ps, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    if proc.returncode:
+        raise SystemExit(f"{cmd} failed with {proc.returncode}")
+    return peak / 2**20
 
 
 def raw_decode(store_path: Path) -> dict:
@@ -87,10 +104,9 @@ def main(argv=None):
         pd.DataFrame(rows).to_csv(tmp / "manifest.csv", index=False)
         gen_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cellmill.cli", "ingest", str(tmp / "manifest.csv"),
-                        "-o", str(tmp / "study.zarr")], check=True)
+        peak_mb = run_measured([sys.executable, "-m", "cellmill.cli", "ingest",
+                                str(tmp / "manifest.csv"), "-o", str(tmp / "study.zarr")])
         ingest_s = time.perf_counter() - t0
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         decode = raw_decode(tmp / "study.zarr")
         store_mb = sum(f.stat().st_size for f in (tmp / "study.zarr").rglob("*")
                        if f.is_file()) / 2**20
