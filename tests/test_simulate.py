@@ -362,3 +362,39 @@ def test_bad_arguments(tmp_path):
         simulate_study(tmp_path / "x", n_cells=5)
     with pytest.raises(ValueError):
         simulate_study(tmp_path / "y", n_cells=100, n_genes=50)
+
+
+def test_kernel_draws_negative_binomial_counts():
+    """Both sampling paths (direct inverse-CDF and thinned compound Poisson) give NB counts:
+    goodness of fit against scipy's negative binomial, gene by gene."""
+    from cellmill.simulate.kernels import simulate_chunk
+
+    depth = 1000.0
+    mu = np.array([5.0, 0.5, 0.05, 2.0, 30.0])
+    phi = np.array([0.3, 2.0, 5.0, 0.5, 0.2])
+    is_direct = np.array([True, False, False, False, False])  # gene 4: thinned, large mean
+    rel = (mu / depth)[None, :]
+    cum = np.cumsum(np.where(is_direct, 0.0, rel[0]))[None, :]
+    n_buckets = 64
+    step = cum[:, -1] / n_buckets
+    bucket = np.searchsorted(cum[0], np.arange(n_buckets) * step[0], side="right")[None, :]
+    n = 60_000
+    indptr, idx, cnt, _ = simulate_chunk(
+        np.uint64(12345), np.zeros(n, np.int64), np.full(n, -1, np.int64),
+        np.full(n, np.log(depth)), 0.0, np.zeros(n, np.int64), np.full(n, 5, np.int64),
+        rel, phi, np.array([[0]]), np.array([1]), cum, bucket.astype(np.int64), step)
+    X = sp.csc_matrix((cnt, idx, indptr), shape=(5, n)).toarray()
+    for g in range(5):
+        r = 1.0 / phi[g]
+        dist = stats.nbinom(r, r / (r + mu[g]))
+        top = int(dist.ppf(0.999))
+        observed = np.bincount(np.minimum(X[g], top), minlength=top + 1)
+        expected = np.r_[dist.pmf(np.arange(top)), dist.sf(top - 1)] * n
+        keep = expected >= 5
+        obs = np.r_[observed[keep], observed[~keep].sum()]
+        exp = np.r_[expected[keep], expected[~keep].sum()]
+        if exp[-1] < 5:
+            obs, exp = obs[:-1], exp[:-1]
+        exp *= obs.sum() / exp.sum()
+        assert stats.chisquare(obs, exp).pvalue > 1e-4, (g, mu[g], phi[g])
+        assert abs(X[g].mean() - mu[g]) < 5 * np.sqrt(dist.var() / n)

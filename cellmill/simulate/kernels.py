@@ -57,11 +57,13 @@ def _uniform(s):
 @numba.njit(nogil=True, cache=True)
 def _logseries(s, p):
     """Logarithmic(p) variate, P(k) = -p^k / (k log(1-p)); Kemp's LK algorithm."""
-    r = np.log1p(-p)
+    r = 0.0
     while True:
         v = _uniform(s)
         if v >= p:
-            return 1
+            return 1  # the usual case for small p: no logarithm needed
+        if r == 0.0:
+            r = np.log1p(-p)
         u = _uniform(s)
         q = -np.expm1(r * u)
         if v <= q * q:
@@ -95,56 +97,42 @@ def _nb_direct(s, mu, phi):
 
 
 @numba.njit(nogil=True, cache=True)
-def _exp_gap(s, depth):
-    """Gap to the next candidate of a unit-rate Poisson process, in units of rel (1 / depth)."""
-    return -np.log(1.0 - _uniform(s)) / depth
+def _exp_gap(s, inv_depth):
+    """Gap to the next candidate of a rate-depth Poisson process along the rel axis."""
+    return -np.log(1.0 - _uniform(s)) * inv_depth
 
 
 @numba.njit(nogil=True, cache=True)
-def _first_above(cum, value, start):
-    """First index g >= start with cum[g] > value (cum non-decreasing), len(cum) if none.
-    Galloping from start: the next candidate is usually a few dozen genes ahead."""
-    n = cum.shape[0]
-    if start >= n or cum[n - 1] <= value:
-        return n
-    if cum[start] > value:
-        return start
-    lo = start  # cum[lo] <= value
-    step = 1
-    hi = start + 1
-    while hi < n and cum[hi] <= value:
-        lo = hi
-        step *= 2
-        hi = lo + step
-    if hi > n - 1:
-        hi = n - 1  # cum[n-1] > value
-    while hi - lo > 1:  # cum[lo] <= value < cum[hi]
-        mid = (lo + hi) // 2
-        if cum[mid] <= value:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-@numba.njit(nogil=True, cache=True)
-def _draw_part(s, p, d, rel, phi, direct, n_direct, cum, out_idx, out_cnt):
+def _draw_part(s, p, d, rel, phi, direct, n_direct, cum, bucket, step, out_idx, out_cnt):
     """Counts of one cell (profile p, depth d) as sorted gene indices and counts; returns how many.
 
     Direct genes get an NB draw each. The others are covered by a Poisson process of candidates
     along the cumulative rel axis (cum[p]); candidates falling in gene g's interval are thinned to
     clusters with logarithmic sizes. Both streams come out in gene order and are merged.
+    The gene holding a candidate is found through equal-mass buckets of that axis: bucket b
+    starts at bucket[p, b], the first gene whose interval ends beyond b * step[p].
     """
     n_genes = rel.shape[1]
     cum_p = cum[p]
     total = cum_p[n_genes - 1]
-    nxt = _exp_gap(s, d)
+    inv_d = 1.0 / d
+    nxt = _exp_gap(s, inv_d)
     j = 0
     nd = n_direct[p]
+    n_buckets = bucket.shape[1]
+    step_p = step[p]
     n = 0
     g = 0
     while True:
-        gt = _first_above(cum_p, nxt, g) if nxt < total else n_genes
+        if nxt < total:
+            b = min(int(nxt / step_p), n_buckets - 1)
+            while b > 0 and b * step_p > nxt:  # guard against rounding in the division
+                b -= 1
+            gt = max(bucket[p, b], g)
+            while cum_p[gt] <= nxt:
+                gt += 1
+        else:
+            gt = n_genes
         while j < nd and direct[p, j] < gt:
             gd = direct[p, j]
             c = _nb_direct(s, d * rel[p, gd], phi[gd])
@@ -163,7 +151,7 @@ def _draw_part(s, p, d, rel, phi, direct, n_direct, cum, out_idx, out_cnt):
             # keep with probability log(1+x)/x (>= 1 - x/2, which usually saves the log)
             if u < 1.0 - 0.5 * x or u * x < np.log1p(x):
                 c += _logseries(s, x / (1.0 + x))
-            nxt += _exp_gap(s, d)
+            nxt += _exp_gap(s, inv_d)
         if c > 0:
             out_idx[n] = gt
             out_cnt[n] = c
@@ -197,7 +185,7 @@ def _merge(a_idx, a_cnt, na, b_idx, b_cnt, nb, out_idx, out_cnt):
 
 @numba.njit(nogil=True, cache=True)
 def simulate_chunk(seed, prof_a, prof_b, log_depth, depth_sd, lo, hi, rel, phi, direct, n_direct,
-                   cum):
+                   cum, bucket, step):
     """Counts for a chunk of cells, cell-major (CSC columns of the 10x matrix).
 
     Cell i uses profile prof_a[i] (plus prof_b[i] for a doublet, -1 otherwise) at a log-normal depth
@@ -228,12 +216,13 @@ def simulate_chunk(seed, prof_a, prof_b, log_depth, depth_sd, lo, hi, rel, phi, 
         tries = 0
         while True:
             d = np.exp(log_depth[i] + nudge + depth_sd * np.random.standard_normal())
-            nt = _draw_part(state, prof_a[i], d, rel, phi, direct, n_direct, cum, a_idx, a_cnt)
+            nt = _draw_part(state, prof_a[i], d, rel, phi, direct, n_direct, cum, bucket, step,
+                            a_idx, a_cnt)
             scratch_idx, scratch_cnt = a_idx, a_cnt
             if prof_b[i] >= 0:  # doublet: a second cell of another population
                 d = np.exp(log_depth[i] + nudge + depth_sd * np.random.standard_normal())
-                nb = _draw_part(state, prof_b[i], d, rel, phi, direct, n_direct, cum,
-                                b_idx, b_cnt)
+                nb = _draw_part(state, prof_b[i], d, rel, phi, direct, n_direct, cum, bucket,
+                                step, b_idx, b_cnt)
                 nt = _merge(a_idx, a_cnt, nt, b_idx, b_cnt, nb, m_idx, m_cnt)
                 scratch_idx, scratch_cnt = m_idx, m_cnt
             if lo[i] <= nt <= hi[i]:

@@ -24,6 +24,7 @@ CHUNK_CELLS = 1000  # cells per kernel call; fixed, so output does not depend on
 DIRECT_MIN_MEAN = 2.0  # genes above this mean at twice the median depth get one NB draw each
 DOUBLET = "doublet"
 LOW_QUALITY = "low_quality"
+N_BUCKETS = 8192  # lookup table of the cumulative-expression axis, per profile
 MIN_LOW_FEATURES = 100
 MAX_DOUBLET_FEATURES = 7000
 
@@ -77,7 +78,16 @@ def _profile_tables(rel: np.ndarray):
         d = np.flatnonzero(is_direct[p])
         direct[p, :d.size] = d
     cum = np.cumsum(np.where(is_direct, 0.0, rel), axis=1)
-    return direct, n_direct, cum
+    # equal-mass buckets of the cumulative axis: where to start looking for a candidate's gene
+    step = cum[:, -1] / N_BUCKETS
+    bucket = np.zeros((rel.shape[0], N_BUCKETS), dtype=np.int64)
+    for p in range(rel.shape[0]):
+        if step[p] > 0:
+            edges = np.arange(N_BUCKETS) * step[p]
+            bucket[p] = np.searchsorted(cum[p], edges, side="right")
+        else:
+            step[p] = 1.0
+    return direct, n_direct, cum, bucket, step
 
 
 def _write_sample(path: Path, sample: ds.Sample, s: int, model: md.ExpressionModel,
@@ -88,7 +98,7 @@ def _write_sample(path: Path, sample: ds.Sample, s: int, model: md.ExpressionMod
     barcodes = _barcodes(rng, sample.n_total)
     plan = _cell_plan(sample, s, model, rng)
     rel = md.sample_profiles(model, s, sample)
-    direct, n_direct, cum = _profile_tables(rel)
+    tables = _profile_tables(rel)
     phi = model.phi
     starts = list(range(0, sample.n_total, CHUNK_CELLS))
     seeds = chunk_seq.generate_state(max(1, len(starts)), dtype=np.uint64)
@@ -97,7 +107,7 @@ def _write_sample(path: Path, sample: ds.Sample, s: int, model: md.ExpressionMod
         a, b = starts[c], min(starts[c] + CHUNK_CELLS, sample.n_total)
         return simulate_chunk(seeds[c], plan["prof_a"][a:b], plan["prof_b"][a:b],
                               plan["log_depth"][a:b], md.DEPTH_SD, plan["lo"][a:b],
-                              plan["hi"][a:b], rel, phi, direct, n_direct, cum)
+                              plan["hi"][a:b], rel, phi, *tables)
 
     writer = TenxWriter(path, features, barcodes, library_id=sample.name)
     window = 2 * n_threads  # chunks in flight: a bounded look-ahead keeps memory flat
