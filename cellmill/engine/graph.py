@@ -306,9 +306,11 @@ def group_singletons(labels: np.ndarray, snn: sp.csr_matrix) -> np.ndarray:
 
 
 def cluster_labels(snn: sp.csr_matrix, algorithm: str = "leiden", resolution: float = 0.3,
-                   seed: int = 0, n_iterations: int = -1) -> np.ndarray:
+                   seed: int = 0, n_iterations: int = -1,
+                   leiden_backend: str = "igraph") -> np.ndarray:
     """Final labels 0..K-1 (0 = largest) of the cells of an SNN graph (with its diagonal)."""
-    raw, _ = modularity_clusters(snn, algorithm, resolution, seed, n_iterations)
+    raw, _ = modularity_clusters(snn, algorithm, resolution, seed, n_iterations,
+                                 leiden_backend=leiden_backend)
     return group_singletons(order_by_size(raw), snn)
 
 
@@ -388,7 +390,8 @@ def run_neighbors(ctx: Context) -> None:
 def _cluster_params(cfg):
     c = cfg.cluster
     return {"algorithm": c.algorithm, "resolution": c.resolution, "seed": c.seed,
-            "n_iterations": c.n_iterations, "n_starts": N_STARTS}
+            "n_iterations": c.n_iterations, "n_starts": N_STARTS,
+            "leiden_backend": c.leiden_backend}
 
 
 @stage("cluster", after=("neighbors",), params=_cluster_params)
@@ -398,7 +401,8 @@ def run_cluster(ctx: Context) -> None:
     cfg, store = ctx.cfg.cluster, ctx.store
     cells = np.flatnonzero(qc_passed(store))
     snn = store.read_sparse("obsp", "snn").tocsr()[cells][:, cells]
-    labels = cluster_labels(snn, cfg.algorithm, cfg.resolution, cfg.seed, cfg.n_iterations)
+    labels = cluster_labels(snn, cfg.algorithm, cfg.resolution, cfg.seed, cfg.n_iterations,
+                            cfg.leiden_backend)
     k = int(labels.max()) + 1
     cats = [str(i) for i in range(k)]
     codes = np.full(store.n_cells, -1, dtype=np.int64)
