@@ -257,6 +257,20 @@ def main(argv=None) -> dict:
     if not args.no_louvain:
         res["clusters"].update(louvain=int(lv.max() + 1),
                                ari_leiden_louvain=round(float(adjusted_rand_score(ld, lv)), 4))
+    truth = (Path(args.study).parent if args.study else out / "sim") / "truth.csv"
+    if truth.exists() and not args.synthetic:  # the simulator's planted populations
+        import pandas as pd
+
+        pop = pd.read_csv(truth, index_col="cell")["population"]
+        names = store.obs().index[cells]
+        if names.isin(pop.index).all():
+            planted = pop.loc[names].to_numpy()
+            res["clusters"]["planted_populations"] = int(len(set(planted)))
+            res["clusters"]["ari_leiden_planted"] = round(
+                float(adjusted_rand_score(planted, labels)), 4)
+            if not args.no_louvain:
+                res["clusters"]["ari_louvain_planted"] = round(
+                    float(adjusted_rand_score(planted, lv)), 4)
     del g
     if not args.no_pynndescent:
         with Step(res, "pynndescent"):

@@ -18,8 +18,8 @@ after the cellmill stages they correspond to:
 Every step records wall seconds, CPU seconds (this process) and the peak RSS sampled while it
 ran. First, untimed, the same steps run on 3,000 cells of the first sample, so that the timings
 do not include compiling scanpy's Numba functions (cellmill's are cached on disk and compiled by
-the bench's warm-up run). Exits with status 3 (and writes {"skipped": reason}) when scanpy is not installed: it is the
-optional extra `bench` (pip install 'cellmill[bench]').
+the bench's warm-up run). Exits with status 3 (and writes {"skipped": reason}) when scanpy is
+not installed: it is the optional extra `bench` (pip install 'cellmill[bench]').
 """
 
 from __future__ import annotations
@@ -74,12 +74,23 @@ def read_manifest(path: Path) -> list[dict]:
     return rows
 
 
+def _scipy_compat() -> None:
+    """scanpy 1.11's neighbors calls .getnnz(axis=1) on the csr_array its kNN transformer
+    returns; SciPy 1.17 dropped getnnz from the sparse *array* classes (kept _getnnz)."""
+    import scipy.sparse as sp
+
+    for cls in (sp.csr_array, sp.csc_array):
+        if not hasattr(cls, "getnnz") and hasattr(cls, "_getnnz"):
+            cls.getnnz = lambda self, axis=None: self._getnnz(axis=axis)
+
+
 def run(manifest: Path, until: str = "markers", min_genes: int = 500, max_genes: int = 4000,
         n_top: int = 2000, warmup: bool = True) -> dict:
     import numpy as np
     import scanpy as sc
 
     sc.settings.verbosity = 0
+    _scipy_compat()
     rows = read_manifest(manifest)
     if warmup:  # compile scanpy's Numba functions on a small slice first (not timed)
         small = sc.read_10x_h5(rows[0]["path"])[:3000].copy()

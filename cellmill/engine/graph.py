@@ -8,7 +8,7 @@
 - cluster: modularity with resolution (the objective of leidenalg's
   RBConfigurationVertexPartition) on the SNN graph without its diagonal. `leiden`: igraph's
   Leiden (same objective, same author as leidenalg, ~9x faster at 196k cells; leidenalg itself
-  via `modularity_clusters(leiden_backend="leidenalg")`). `louvain`: Seurat's Louvain itself
+  with `cluster.leiden_backend = "leidenalg"`). `louvain`: Seurat's Louvain itself
   (its ModularityOptimizer re-implemented step for step with java.util.Random's numbers:
   10 starts, n.iter 10, seed; on Seurat's graph it gives Seurat's clusters exactly).
   Labels are renumbered by size (0 = largest; equal sizes in raw label order, a stable sort
