@@ -183,3 +183,30 @@ def test_store_pickles_by_path(tmp_path):
     clone = pickle.loads(pickle.dumps(store))
     assert isinstance(clone, Store) and clone.shape == store.shape
     assert len(pickle.dumps(store)) < 500
+
+
+def test_obs_columns_read_and_written_one_by_one(tmp_path):
+    """obs_column / update_obs touch one column; anndata sees the same frame as a full rewrite."""
+    manifest, _ = _study(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store = ingest(manifest, tmp_path / "s.zarr")
+    full = store.obs()
+    assert store.obs_columns() == list(full.columns)
+    assert (store.obs_names() == full.index).all()
+    np.testing.assert_array_equal(store.obs_column("n_features"), full["n_features"].to_numpy())
+    assert (pd.Series(store.obs_column("sample")) == full["sample"].reset_index(drop=True)).all()
+    keep = full["n_features"].to_numpy() > 20
+    cl = pd.Categorical.from_codes(np.arange(len(full)) % 3, categories=["0", "1", "2"])
+    store.update_obs(qc_pass=keep, cluster=cl)
+    store.update_obs(qc_pass=~keep)  # replacing a column keeps its place
+    ad = anndata.read_zarr(store.path)
+    assert list(ad.obs.columns) == list(full.columns) + ["qc_pass", "cluster"]
+    np.testing.assert_array_equal(ad.obs["qc_pass"].to_numpy(), ~keep)
+    assert (ad.obs["cluster"].to_numpy() == np.asarray(cl)).all()
+    assert list(store.obs_column("cluster").categories) == ["0", "1", "2"]
+    with pytest.raises(ValueError, match="values for"):
+        store.update_obs(qc_pass=keep[:-1])
+    with pytest.raises(KeyError, match="no column"):
+        store.obs_column("nope")
+    assert not list(store.path.glob("obs/*.__new__"))

@@ -138,7 +138,7 @@ def rank_pass(store: Store, label_of_cell: np.ndarray, stratum_of_label: np.ndar
     label_of_cell = np.ascontiguousarray(label_of_cell, dtype=np.int32)
     stratum_of_label = np.ascontiguousarray(stratum_of_label, dtype=np.int32)
     n_labels, n_strata = len(stratum_of_label), int(stratum_of_label.max()) + 1
-    n_counts = store.obs()["n_counts"].to_numpy().astype(np.float64)
+    n_counts = np.asarray(store.obs_column("n_counts"), dtype=np.float64)
     indptr = store.gene_major_indptr()
     max_nnz = int(min(SLAB_NNZ_MAX, memory_bytes / 4 / max(workers, 1) / 16))
     # at least a few slabs per worker, for balance
@@ -262,10 +262,9 @@ def cluster_labels(store: Store, column: str = "cluster") -> tuple[np.ndarray, l
     """Codes of obs[column] for QC-passed cells (-1 elsewhere) and the level names."""
     from cellmill.engine.stage_ingest import qc_passed
 
-    obs = store.obs()
-    if column not in obs:
+    if column not in store.obs_columns():
         raise ValueError(f"no {column!r} column in the cells' metadata (run the cluster stage)")
-    s = obs[column]
+    s = pd.Series(store.obs_column(column))
     if not isinstance(s.dtype, pd.CategoricalDtype):
         s = s.astype("category")
     codes = s.cat.codes.to_numpy().astype(np.int32)

@@ -217,7 +217,7 @@ def compute_pca(store: Store, n_components: int = 50, clip: float = 10.0,
         mask = qc_passed(store)
     mask = np.asarray(mask, dtype=bool)
     genes, sc = scaling_inputs(store, clip, scale_factor)
-    n_counts = store.obs()["n_counts"].to_numpy(np.float64)
+    n_counts = np.asarray(store.obs_column("n_counts"), dtype=np.float64)
     n = int(mask.sum())
     leaf = _leaf_granules(store, block_cells, memory_bytes, workers)
     nc = min(n_components, len(genes), n)

@@ -87,7 +87,7 @@ def run_normalize(ctx: Context) -> None:
         log.warning("normalize.scale_factor %s truncated to %s as Seurat does",
                     ctx.cfg.normalize.scale_factor, sf)
     mask = qc_passed(store)
-    n_counts = store.obs()["n_counts"].to_numpy()
+    n_counts = np.asarray(store.obs_column("n_counts"))
     bad = np.flatnonzero(mask & (n_counts <= 0))
     if len(bad):
         raise InputError(store.path, f"{len(bad)} QC-passed cell(s) have no counts; "

@@ -72,14 +72,16 @@ def qc_mask(n_features: np.ndarray, cfg: Config) -> np.ndarray:
 @stage("qc", after=("ingest",), params=lambda cfg: {
     "min": cfg.qc.min_features, "max": cfg.qc.max_features, "inclusive": cfg.qc.inclusive})
 def run_qc(ctx: Context) -> None:
-    obs = ctx.store.obs()
-    keep = qc_mask(obs["n_features"].to_numpy(), ctx.cfg)
+    store = ctx.store
+    n_features = np.asarray(store.obs_column("n_features"))
+    keep = qc_mask(n_features, ctx.cfg)
     if not keep.any():
         raise InputError(ctx.store_path, "no cell passes QC with these thresholds")
-    ctx.store.update_obs(qc_pass=keep)
-    table = pd.DataFrame({"cell": obs.index, "sample": obs["sample"].astype(str).to_numpy(),
-                          "n_counts": obs["n_counts"].to_numpy(),
-                          "n_features": obs["n_features"].to_numpy(), "pass": keep})
+    store.update_obs(qc_pass=keep)
+    table = pd.DataFrame({"cell": store.obs_names(),
+                          "sample": np.asarray(store.obs_column("sample")).astype(str),
+                          "n_counts": np.asarray(store.obs_column("n_counts")),
+                          "n_features": n_features, "pass": keep})
     write_table(table, ctx.tables / "qc.csv")
 
 
@@ -92,7 +94,6 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
 
 def qc_passed(store) -> np.ndarray:
     """The QC mask stored by the qc stage (all cells if qc has not run)."""
-    obs = store.obs()
-    if "qc_pass" in obs:
-        return obs["qc_pass"].to_numpy().astype(bool)
-    return np.ones(len(obs), dtype=bool)
+    if "qc_pass" in store.obs_columns():
+        return np.asarray(store.obs_column("qc_pass")).astype(bool)
+    return np.ones(store.n_cells, dtype=bool)

@@ -314,7 +314,7 @@ def run_statistics(ctx: Context) -> None:
     if unknown:  # before the pass, not after it
         raise ConfigError(f"study.target_genes: gene {unknown[0]!r} is not in the store "
                           f"({len(genes)} genes)")
-    obs_cols = list(store.obs().columns)
+    obs_cols = store.obs_columns()
     columns = _group_by(cfg, obs_cols)
     ds = grouped_statistics(store, columns, cfg.normalize.scale_factor, mask=qc_passed(store),
                             memory_bytes=cfg.compute.memory_bytes, scheduler=ctx.scheduler(),

@@ -191,11 +191,50 @@ class Store:
         _swap_dir(self.path / new, self.path / key)
         self._root = None
 
+    def obs_column(self, name: str):
+        """One obs column (numpy array or pandas Categorical) without reading the others:
+        the whole obs holds every cell name as a Python string (~150 MB at 400k cells)."""
+        from anndata.io import read_elem
+
+        if name not in self._obs_attrs().get("column-order", []):
+            raise KeyError(f"{self.path}: obs has no column {name!r}")
+        return read_elem(zarr.open_group(self.path, mode="r", zarr_format=3)["obs"][name])
+
+    def obs_names(self) -> pd.Index:
+        from anndata.io import read_elem
+
+        obs = zarr.open_group(self.path / "obs", mode="r", zarr_format=3)
+        return pd.Index(read_elem(obs[self._obs_attrs()["_index"]]).astype(object))
+
+    def obs_columns(self) -> list[str]:
+        return list(self._obs_attrs().get("column-order", []))
+
+    def _obs_attrs(self) -> dict:
+        return json.loads(_attrs_path(self.path / "obs").read_text())["attributes"]
+
     def update_obs(self, **columns) -> None:
-        df = self.obs()
+        """Add or replace obs columns one by one (each swapped in atomically, then listed in
+        the column order), leaving the other columns and the cell names untouched."""
+        from anndata.io import write_elem
+
+        obs = self.root["obs"]
         for k, v in columns.items():
-            df[k] = v
-        self.write_df("obs", df)
+            if len(v) != self.n_cells:
+                raise ValueError(f"obs column {k!r} has {len(v)} values for "
+                                 f"{self.n_cells} cells")
+            if k == self._obs_attrs()["_index"] or "/" in k or k.startswith("__"):
+                raise ValueError(f"bad obs column name {k!r}")
+            new = self.path / "obs" / (k + ".__new__")
+            shutil.rmtree(new, ignore_errors=True)
+            write_elem(obs, k + ".__new__", v)
+            _swap_dir(new, self.path / "obs" / k)
+            meta_path = _attrs_path(self.path / "obs")
+            meta = json.loads(meta_path.read_text())
+            order = meta["attributes"].setdefault("column-order", [])
+            if k not in order:
+                order.append(k)
+                write_json_atomic(meta_path, meta)
+        self._root = None
 
     def update_var(self, **columns) -> None:
         df = self.var()
