@@ -133,6 +133,10 @@ def test_pca_stage_writes_store(sim, tmp_path):
     np.testing.assert_allclose(stdev, d[:10] / np.sqrt(qc.sum() - 1), rtol=1e-10)
     # embeddings = scaled matrix x loadings
     np.testing.assert_allclose(x[qc], z @ pcs[hvg], atol=1e-9 * d[0])
+    # streamed block by block into the store: the same bits as the in-memory embeddings
+    mem = compute_pca(store, n_components=10, block_cells=2048, scheduler=("threads", 2))
+    np.testing.assert_array_equal(x[qc], mem.embeddings)
+    assert not list(store.path.glob("obsm/*.__new__"))
 
 
 # ------------------------------------------------------------------ Seurat 4.3.0 on pbmc_1k

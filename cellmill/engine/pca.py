@@ -7,7 +7,8 @@ not re-centred), never held for all cells. Two streaming passes:
    paired as aligned power-of-two ranges of granules, inside a Dask task for the granules of one
    task and by Dask tasks above it. The tree does not depend on the task size or scheduler, so
    the Gram matrix (and everything after it) is bit-identical for any of them;
-2. after `eigh` (A^T A = V diag(d^2) V^T), the embeddings A V = U d, granule by granule.
+2. after `eigh` (A^T A = V diag(d^2) V^T), the embeddings A V = U d, granule by granule, each
+   block written straight into obsm/X_pca (so the n x 50 embeddings are never all in memory).
 Output as Seurat: embeddings U d, loadings V, stdev d / sqrt(N - 1). Signs: the loading of the
 largest magnitude of every component is made positive (Seurat's signs are arbitrary).
 Stored: obsm/X_pca (NaN rows for QC-failed cells), varm/PCs (zero rows for other genes),
@@ -202,20 +203,12 @@ def orient(v: np.ndarray) -> np.ndarray:
     return v * signs
 
 
-def compute_pca(store: Store, n_components: int = 50, clip: float = 10.0,
-                scale_factor: float = 1e4, mask: np.ndarray | None = None,
-                block_cells: int | None = None, memory_bytes: int = 2 << 30, workers: int = 2,
-                scheduler=None, progress: bool = False) -> PCAResult:
-    """Exact PCA of the scaled variable genes of the masked (default: QC-passed) cells."""
+def _fit(store: Store, n_components: int, clip: float, scale_factor: float, mask,
+         block_cells: int | None, memory_bytes: int, workers: int, scheduler, progress: bool):
+    """Gram pass and eigendecomposition: (loadings v, singular values d, scaling, leaf)."""
     import scipy.linalg
     from threadpoolctl import threadpool_limits
 
-    from cellmill.engine.passes import map_blocks
-    from cellmill.engine.stage_ingest import qc_passed
-
-    if mask is None:
-        mask = qc_passed(store)
-    mask = np.asarray(mask, dtype=bool)
     genes, sc = scaling_inputs(store, clip, scale_factor)
     n_counts = np.asarray(store.obs_column("n_counts"), dtype=np.float64)
     n = int(mask.sum())
@@ -228,15 +221,75 @@ def compute_pca(store: Store, n_components: int = 50, clip: float = 10.0,
         p = g.shape[0]
         # only the top nc eigenpairs (MRRR); eigenvalues ascending
         lam, vec = scipy.linalg.eigh(g, subset_by_index=(p - nc, p - 1), driver="evr")
-        lam, vec = lam[::-1], vec[:, ::-1]
-        d = np.sqrt(np.clip(lam, 0.0, None))
-        v = orient(vec)
+    lam, vec = lam[::-1], vec[:, ::-1]
+    d = np.sqrt(np.clip(lam, 0.0, None))
+    return orient(vec), d, genes, sc, n_counts, leaf
+
+
+def _mask(store: Store, mask) -> np.ndarray:
+    from cellmill.engine.stage_ingest import qc_passed
+
+    return np.asarray(qc_passed(store) if mask is None else mask, dtype=bool)
+
+
+def compute_pca(store: Store, n_components: int = 50, clip: float = 10.0,
+                scale_factor: float = 1e4, mask: np.ndarray | None = None,
+                block_cells: int | None = None, memory_bytes: int = 2 << 30, workers: int = 2,
+                scheduler=None, progress: bool = False) -> PCAResult:
+    """Exact PCA of the scaled variable genes of the masked (default: QC-passed) cells, with
+    the embeddings in memory (the pca stage streams them into the store instead)."""
+    from threadpoolctl import threadpool_limits
+
+    from cellmill.engine.passes import map_blocks
+
+    mask = _mask(store, mask)
+    v, d, genes, sc, n_counts, leaf = _fit(store, n_components, clip, scale_factor, mask,
+                                           block_cells, memory_bytes, workers, scheduler,
+                                           progress)
+    with threadpool_limits(1, user_api="blas"):
         parts = map_blocks(store, _project_block, n_counts, sc, v, mask=mask,
                            block_cells=leaf * GRANULE, scheduler=scheduler, desc="pca embed",
                            progress=progress)
-    emb = np.concatenate(parts, axis=0) if parts else np.empty((0, nc))
-    stdev = d / np.sqrt(max(1, n - 1))
-    return PCAResult(emb, v, stdev, genes, np.flatnonzero(mask))
+    emb = np.concatenate(parts, axis=0) if parts else np.empty((0, v.shape[1]))
+    n = int(mask.sum())
+    return PCAResult(emb, v, d / np.sqrt(max(1, n - 1)), genes, np.flatnonzero(mask))
+
+
+def _project_to_array(start, stop, m, cells, n_counts, sc: _Scaling, v: np.ndarray, path):
+    """Write one block's embeddings (NaN for cells outside the mask) into rows start:stop of
+    the zarr array at `path`; blocks are chunk-aligned, so writers never share a chunk."""
+    import zarr
+
+    out = np.full((stop - start, v.shape[1]), np.nan)
+    out[cells - start] = _project_block(start, stop, m, cells, n_counts, sc, v)
+    zarr.open_array(path, mode="r+")[start:stop] = out
+    return len(cells)
+
+
+def pca_to_store(store: Store, n_components: int = 50, clip: float = 10.0,
+                 scale_factor: float = 1e4, mask: np.ndarray | None = None,
+                 block_cells: int | None = None, memory_bytes: int = 2 << 30, workers: int = 2,
+                 scheduler=None, progress: bool = False) -> PCAResult:
+    """compute_pca whose embeddings go block by block into obsm/X_pca (all cells, NaN outside
+    the mask) and are never all in memory; the result's `embeddings` is empty."""
+    from threadpoolctl import threadpool_limits
+
+    from cellmill.engine.passes import map_blocks
+
+    mask = _mask(store, mask)
+    v, d, genes, sc, n_counts, leaf = _fit(store, n_components, clip, scale_factor, mask,
+                                           block_cells, memory_bytes, workers, scheduler,
+                                           progress)
+    rows = leaf * GRANULE
+    path = store.begin_array("obsm", "X_pca", (store.n_cells, v.shape[1]), np.float64, rows,
+                             fill_value=np.nan)
+    with threadpool_limits(1, user_api="blas"):
+        map_blocks(store, _project_to_array, n_counts, sc, v, str(path), mask=mask,
+                   block_cells=rows, scheduler=scheduler, desc="pca embed", progress=progress)
+    store.commit_array("obsm", "X_pca")
+    n = int(mask.sum())
+    return PCAResult(np.empty((0, v.shape[1])), v, d / np.sqrt(max(1, n - 1)), genes,
+                     np.flatnonzero(mask))
 
 
 def _params(cfg):
@@ -251,20 +304,17 @@ def run_pca(ctx: Context) -> None:
     sf = ctx.cfg.normalize.scale_factor
     if store.has("uns", SCALE_FACTOR_KEY):  # the one the normalize stage really used
         sf = float(store.read_array("uns", SCALE_FACTOR_KEY)[0])
-    res = compute_pca(store, ctx.cfg.pca.n_components, ctx.cfg.pca.clip, sf,
-                      memory_bytes=c.memory_bytes,
-                      workers=c.workers, scheduler=ctx.scheduler(), progress=ctx.progress)
-    nc = res.embeddings.shape[1]
-    x = np.full((store.n_cells, nc), np.nan)
-    x[res.cells] = res.embeddings
+    res = pca_to_store(store, ctx.cfg.pca.n_components, ctx.cfg.pca.clip, sf,
+                       memory_bytes=c.memory_bytes,
+                       workers=c.workers, scheduler=ctx.scheduler(), progress=ctx.progress)
+    nc = res.loadings.shape[1]
     pcs = np.zeros((store.n_genes, nc))
     pcs[res.genes] = res.loadings
-    store.write_array("obsm", "X_pca", x)
     store.write_array("varm", "PCs", pcs)
     store.write_array("uns", "pca_stdev", res.stdev)
     log.info("pca: %d components of %d genes x %d cells; stdev %s", nc, len(res.genes),
              len(res.cells), np.array2string(res.stdev[:5], precision=3))
     from cellmill.engine.graph import release_memory
 
-    del res, x, pcs
+    del res, pcs
     release_memory()

@@ -251,6 +251,24 @@ class Store:
         _swap_dir(self.path / slot / (name + ".__new__"), self.path / slot / name)
         self._root = None
 
+    def begin_array(self, slot: str, name: str, shape: tuple, dtype, chunk_rows: int,
+                    fill_value=0) -> Path:
+        """Create slot/name under a temporary name for writers that fill it in row chunks
+        (workers open the returned path with zarr.open_array); `commit_array` swaps it in."""
+        parent = _empty_dict_group(self.root, slot)
+        tmp = name + ".__new__"
+        shutil.rmtree(self.path / slot / tmp, ignore_errors=True)
+        a = parent.create_array(tmp, shape=shape, dtype=dtype,
+                                chunks=(max(1, min(int(chunk_rows), shape[0])),) + shape[1:],
+                                compressors=codec(), fill_value=fill_value, overwrite=True)
+        a.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        self._root = None
+        return self.path / slot / tmp
+
+    def commit_array(self, slot: str, name: str) -> None:
+        _swap_dir(self.path / slot / (name + ".__new__"), self.path / slot / name)
+        self._root = None
+
     def read_array(self, slot: str, name: str) -> np.ndarray:
         return self.root[slot][name][...]
 
