@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib import patheffects
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from cellmill.config import Config
@@ -54,11 +55,16 @@ class ReportInputs:
             raise Missing("no store (ingest has not run)")
         return self.store
 
-    @property
-    def obs(self) -> pd.DataFrame:
-        if "obs" not in self._cache:
-            self._cache["obs"] = self._need_store().obs()
-        return self._cache["obs"]
+    def column(self, name: str) -> pd.Series:
+        """One obs column over all cells, read on its own (the whole obs holds every cell
+        name as a Python string) and cached."""
+        key = ("obs", name)
+        if key not in self._cache:
+            store = self._need_store()
+            if name not in store.obs_columns():
+                raise Missing(f"obs has no column {name!r}")
+            self._cache[key] = pd.Series(store.obs_column(name))
+        return self._cache[key]
 
     @property
     def var_names(self) -> pd.Index:
@@ -68,17 +74,18 @@ class ReportInputs:
 
     @property
     def qc(self) -> np.ndarray:
-        obs = self.obs
-        if "qc_pass" in obs:
-            return obs["qc_pass"].to_numpy().astype(bool)
-        return np.ones(len(obs), dtype=bool)
+        if "qc" not in self._cache:
+            store = self._need_store()
+            self._cache["qc"] = (self.column("qc_pass").to_numpy().astype(bool)
+                                 if "qc_pass" in store.obs_columns()
+                                 else np.ones(store.n_cells, dtype=bool))
+        return self._cache["qc"]
 
     def clusters(self) -> pd.Series:
         """Cluster labels (str) of the QC-passed cells, in cell order."""
-        obs = self.obs
-        if "cluster" not in obs:
+        if "cluster" not in self._need_store().obs_columns():
             raise Missing("obs has no 'cluster' column (cluster stage not run)")
-        lab = obs["cluster"][self.qc]
+        lab = self.column("cluster")[self.qc]
         if lab.isna().any():
             raise Missing("some QC-passed cells have no cluster label")
         return lab.astype(str)
@@ -88,10 +95,7 @@ class ReportInputs:
 
     def meta(self, column: str) -> pd.Series:
         """An obs column (str) over the QC-passed cells."""
-        obs = self.obs
-        if column not in obs:
-            raise Missing(f"obs has no column {column!r}")
-        return obs[column][self.qc].astype(str)
+        return self.column(column)[self.qc].astype(str)
 
     def timepoints(self) -> list[str]:
         present = set(self.meta(self.cfg.study.timepoint).unique())
@@ -125,7 +129,7 @@ class ReportInputs:
                 parts = map_blocks(store, _dense_block, mask=qc, genes=idx,
                                    scheduler=self.scheduler, desc="report", progress=False)
                 counts = np.vstack(parts).astype(np.float64)
-            n_counts = self.obs["n_counts"].to_numpy()[qc].astype(np.float64)
+            n_counts = self.column("n_counts").to_numpy()[qc].astype(np.float64)
             scale = self.cfg.normalize.scale_factor
             with np.errstate(divide="ignore", invalid="ignore"):
                 y = np.log1p(counts / n_counts[:, None] * scale)
@@ -295,8 +299,10 @@ def fig_umap(inp: ReportInputs, out: Path) -> FigureResult:
     ax = fig.add_subplot()
     size = float(np.clip(30000 / max(n, 1), 0.3, 12))
     perm = np.random.default_rng(0).permutation(n)  # no cluster painted wholly on top
-    ax.scatter(emb[perm, 0], emb[perm, 1], s=size, c=[colors[x] for x in lab[perm]], lw=0,
-               rasterized=True)
+    # one RGBA row per cell from a per-cluster table (a list of colour names costs ~100 B a cell)
+    codes = pd.Categorical(lab, categories=order).codes
+    rgba = np.array([to_rgba(colors[c]) for c in order])[codes[perm]]
+    ax.scatter(emb[perm, 0], emb[perm, 1], s=size, c=rgba, lw=0, rasterized=True)
     for c in order:
         sel = lab == c
         x, y = np.median(emb[sel, 0]), np.median(emb[sel, 1])

@@ -222,7 +222,7 @@ def build_report(ctx: Context, partial: str | None = None):
         qc = inp.qc
         rows += [("cells in the store", f"{store.n_cells:,}"),
                  ("cells passing QC", f"{int(qc.sum()):,}"), ("genes", f"{store.n_genes:,}"),
-                 ("samples", f"{inp.obs['sample'].nunique():,}")]
+                 ("samples", f"{inp.column('sample').nunique():,}")]
         try:
             rows.append(("clusters", f"{len(inp.cluster_order())}"))
         except Missing:
