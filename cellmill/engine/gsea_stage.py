@@ -79,8 +79,12 @@ def run_gsea(ctx: Context) -> None:
 
     cfg, store = ctx.cfg, ctx.store
     pathways = read_gmt(_gmt_path(cfg))
-    obs = store.obs()
+    have = store.obs_columns()  # only the columns the contrasts need, not every cell name
+    obs = pd.DataFrame({c: store.obs_column(c) for c in
+                        dict.fromkeys(("cluster", cfg.study.condition, cfg.study.timepoint))
+                        if c in have}, index=range(store.n_cells))
     pairs = list(contrasts(obs, qc_passed(store), cfg, cfg.markers.min_cells_group))
+    del obs
     columns = ["pathway", "pval", "padj", "log2err", "ES", "NES", "size", "leadingEdge",
                "cluster", "timepoint"]
     ranks_dir = ctx.tables / "gsea_ranks"

@@ -96,7 +96,7 @@ def _cell_index(store: Store, cells, obs_names=None) -> np.ndarray:
         if len(idx) and (idx[0] < 0 or idx[-1] >= store.n_cells):
             raise ValueError("cell index out of range")
         return idx
-    names = pd.Index(obs_names if obs_names is not None else store.obs().index)
+    names = pd.Index(obs_names if obs_names is not None else store.obs_names())
     pos = names.get_indexer(arr.astype(str))
     if (pos < 0).any():
         raise ValueError(f"unknown cell {arr.astype(str)[np.argmax(pos < 0)]!r}")
@@ -197,7 +197,9 @@ def find_markers_many(store: Store, contrasts: list, logfc_threshold: float = 0.
                       scheduler=None, progress: bool = False) -> list[pd.DataFrame]:
     """FindMarkers for many (cells_1, cells_2) pairs. Pairs whose cells do not overlap share one
     pass over the gene-major copy (each pair is its own ranking)."""
-    names = store.obs().index
+    names = None  # cell names are read only when a selection is given by name
+    if any(np.asarray(c).dtype.kind not in "biu" for pair in contrasts for c in pair):
+        names = store.obs_names()
     sets = []
     for c1, c2 in contrasts:
         i1 = _cell_index(store, c1, names)

@@ -163,14 +163,16 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
 
     from cellmill.engine.progress import bar
 
-    obs = store.obs()
-    missing = [c for c in columns if c not in obs]
+    have = store.obs_columns()
+    missing = [c for c in columns if c not in have]
     if missing:
         raise ConfigError(f"study.group_by: column(s) {', '.join(missing)} not in the cells' "
-                          f"metadata (have: {', '.join(map(str, obs.columns))})")
+                          f"metadata (have: {', '.join(map(str, have))})")
+    obs = pd.DataFrame({c: store.obs_column(c) for c in columns}, index=range(store.n_cells))
     codes, coords = group_codes(obs, list(columns), mask)
+    del obs
     n_groups, n_genes = len(coords), store.n_genes
-    n_counts = obs["n_counts"].to_numpy().astype(np.float64)
+    n_counts = np.asarray(store.obs_column("n_counts"), dtype=np.float64)
     workers = scheduler[1] if isinstance(scheduler, tuple) else 2
     window = 2 * max(1, workers)
     if block_cells is None:
