@@ -1,4 +1,8 @@
-"""Samples (a manifest, one file or folder) -> a new store."""
+"""Samples (a manifest, one file or folder) -> a new store.
+
+Each sample is streamed (``cellmill.io.sample.open_sample``): 10x HDF5 counts go from the file to
+the store slice by slice, so peak memory does not grow with the cells of a sample.
+"""
 
 from __future__ import annotations
 
@@ -56,7 +60,6 @@ def ingest(source: str | Path, out: str | Path, overwrite: bool = False,
            block_cells: int = DEFAULT_BLOCK_CELLS, progress: bool = False) -> Store:
     """Ingest a manifest CSV, or a single .h5 / .h5ad / Matrix Market folder, into a store."""
     from cellmill.engine.progress import bar
-    from cellmill.io.sample import read_sample
 
     source = Path(source)
     if not source.exists():
@@ -71,15 +74,21 @@ def ingest(source: str | Path, out: str | Path, overwrite: bool = False,
     writer = StoreWriter(out, overwrite=overwrite, block_cells=block_cells)
     try:
         for s in bar(specs, desc="ingest", unit="sample", enabled=progress):
-            sample = read_sample(s.path, feature_types=feature_types)
-            if sample.counts.shape[0] == 0 or sample.counts.shape[1] == 0:
-                raise InputError(s.path, f"sample {s.name!r} is empty")
-            writer.add_sample(s.name, sample, s.metadata, prefix_cells=prefix)
-            del sample
+            _add(writer, s, feature_types, prefix)
         return writer.finish()
     except BaseException:
         writer.abort()
         raise
+
+
+def _add(writer: StoreWriter, spec: SampleSpec, feature_types, prefix: bool) -> None:
+    """Stream one sample into the writer (its barcodes and genes are freed on return)."""
+    from cellmill.io.sample import open_sample
+
+    with open_sample(spec.path, feature_types=feature_types) as sample:
+        if sample.n_cells == 0 or sample.n_genes == 0:
+            raise InputError(spec.path, f"sample {spec.name!r} is empty")
+        writer.add_sample(spec.name, sample, spec.metadata, prefix_cells=prefix)
 
 
 def _sample_name(path: Path) -> str:

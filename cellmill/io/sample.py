@@ -10,12 +10,19 @@ Supported inputs (``read_sample`` picks the reader by what the path is):
 Every reader returns a :class:`Sample` whose counts are validated (non-negative integers), whose
 gene names follow Seurat (see ``cellmill.io.names``) and whose features are restricted to the
 requested feature types (default "Gene Expression"; ``feature_types=None`` keeps all).
+
+Streaming (``open_sample``, used by ingest): a :class:`SampleStream` gives the barcodes and genes
+at once and the counts as CSR slices of consecutive cells, so memory does not grow with the
+cells of a sample. 10x HDF5 files are read slice by slice (except v2 files whose several genome
+groups are concatenated); Matrix Market folders and ``.h5ad`` files are read whole and given as
+one slice.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,23 +83,80 @@ def read_sample(
     from cellmill.io.tenx import read_10x_h5
 
     p = Path(path)
+    kind = sample_kind(p, layer)
+    if kind == "mex":
+        return read_mex(p, feature_types=feature_types, genome=genome)
+    if kind == "h5ad":
+        return read_h5ad(p, layer=layer, feature_types=feature_types, genome=genome)
+    return read_10x_h5(p, feature_types=feature_types, genome=genome)
+
+
+@dataclass
+class SampleStream:
+    """A sample whose counts come as CSR slices of consecutive cells (see the module docstring).
+
+    barcodes, var, source: as in :class:`Sample`.
+    slices: iterable of CSR matrices (cells x genes), validated and canonical like
+        ``Sample.counts``; together they hold every cell in order. Iterate it once; a bad value
+        in any slice raises InputError while iterating.
+    """
+
+    barcodes: np.ndarray
+    var: pd.DataFrame
+    source: str
+    slices: Iterable[sp.csr_matrix]
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.barcodes)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.var)
+
+    @classmethod
+    def whole(cls, sample: Sample) -> SampleStream:
+        return cls(sample.barcodes, sample.var, sample.source, (sample.counts,))
+
+
+@contextmanager
+def open_sample(
+    path: str | os.PathLike,
+    feature_types: Iterable[str] | str | None = (GENE_EXPRESSION,),
+    layer: str | None = None,
+    genome: str | None = None,
+) -> Iterator[SampleStream]:
+    """Like :func:`read_sample`, as a context manager giving a :class:`SampleStream`; the file
+    stays open until the block ends."""
+    from cellmill.io.tenx import open_10x_h5
+
+    p = Path(path)
+    if sample_kind(p, layer) != "10x":
+        yield SampleStream.whole(read_sample(p, feature_types, layer, genome))
+        return
+    with open_10x_h5(p, feature_types=feature_types, genome=genome) as stream:
+        yield stream
+
+
+def sample_kind(p: Path, layer: str | None) -> str:
+    """"mex", "h5ad" or "10x": which reader a path needs (InputError if none fits)."""
     if not p.exists():
         raise InputError(p, "no such file or folder")
     name = p.name.lower()
     if p.is_dir() or name.endswith((".mtx", ".mtx.gz")):
         if layer is not None:
             raise InputError(p, f"layer={layer!r} applies to .h5ad files only")
-        return read_mex(p, feature_types=feature_types, genome=genome)
+        return "mex"
     if not is_hdf5(p):
         raise InputError(
             p, "not a 10x HDF5 file, an .h5ad file or a Matrix Market folder "
             "(no HDF5 signature: corrupt, truncated or another format)"
         )
     if name.endswith(".h5ad") or looks_like_h5ad(p):
-        return read_h5ad(p, layer=layer, feature_types=feature_types, genome=genome)
+        return "h5ad"
     if layer is not None:
         raise InputError(p, f"layer={layer!r} applies to .h5ad files only")
-    return read_10x_h5(p, feature_types=feature_types, genome=genome)
+    return "10x"
 
 
 # ---------------------------------------------------------------- helpers shared by the readers
@@ -185,21 +249,34 @@ def counts_csr(
     The arrays are used as they are (a 10x CSC of genes x barcodes is the CSR of barcodes x genes),
     after checks that catch corrupt files: pointer lengths and order, index bounds, counts.
     """
-    n_rows, n_cols = int(shape[0]), int(shape[1])
     indptr = np.asarray(indptr)
     indices = np.asarray(indices)
+    check_indptr(path, indptr, int(shape[0]), indices.size, np.size(data))
+    return slice_csr(path, data, indices, indptr, int(shape[1]))
+
+
+def check_indptr(path: Path, indptr: np.ndarray, n_rows: int, n_indices: int,
+                 n_values: int) -> None:
+    """The checks of a whole matrix's row pointers (and its stored lengths) against corruption."""
     if indptr.ndim != 1 or indptr.size != n_rows + 1:
         raise InputError(path, f"indptr has {indptr.size} entries, expected {n_rows + 1}")
-    if indptr.size and (indptr[0] != 0 or indptr[-1] != indices.size):
+    if indptr.size and (indptr[0] != 0 or indptr[-1] != n_indices):
         raise InputError(path, "indptr does not span the stored entries (corrupt matrix)")
-    if indices.size != np.size(data):
-        raise InputError(path, f"{indices.size} indices but {np.size(data)} values")
+    if n_indices != n_values:
+        raise InputError(path, f"{n_indices} indices but {n_values} values")
     if indptr.size > 1 and (np.diff(indptr) < 0).any():
         raise InputError(path, "indptr is not non-decreasing (corrupt matrix)")
+
+
+def slice_csr(path: Path, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
+              n_cols: int) -> sp.csr_matrix:
+    """A canonical CSR of some rows, after the checks of their values; `indptr` (starting at 0)
+    must have passed :func:`check_indptr`."""
+    indices = np.asarray(indices)
     if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
         raise InputError(path, f"indices out of range for {n_cols} features (corrupt matrix)")
     values = integer_counts(path, data)
-    m = sp.csr_matrix((values, indices, indptr), shape=(n_rows, n_cols))
+    m = sp.csr_matrix((values, indices, indptr), shape=(len(indptr) - 1, n_cols))
     return canonical(m)
 
 

@@ -1,10 +1,14 @@
-"""Build a store sample by sample: memory is one sample plus one chunk buffer."""
+"""Build a store sample by sample, slice by slice: memory is one slice of a sample (see
+``cellmill.io.sample.SampleStream``) plus one chunk buffer, and O(cells) obs bookkeeping."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,7 @@ import scipy.sparse as sp
 import zarr
 
 from cellmill.errors import InputError
+from cellmill.io.sample import SampleStream
 from cellmill.io.store import (
     CHUNK_NNZ,
     DEFAULT_BLOCK_CELLS,
@@ -22,7 +27,7 @@ from cellmill.io.store import (
     codec,
     write_json_atomic,
 )
-from cellmill.kernels.ingest import remap_and_count
+from cellmill.kernels.ingest import remap_and_count, sort_rows
 
 
 class _Appender:
@@ -91,53 +96,70 @@ class StoreWriter:
         self.var_rows: list[dict] = []
         self.gene_cells = np.zeros(0, dtype=np.int64)
         self.gene_counts = np.zeros(0, dtype=np.int64)
-        self.obs_parts: list[pd.DataFrame] = []
+        self.obs_parts: list[_ObsPart] = []
         self.n_cells = 0
         self.sample_genes: list[tuple[str, set]] = []
 
     def add_sample(self, sample_name: str, sample, metadata: dict | None = None,
                    prefix_cells: bool = True) -> None:
-        counts = sample.counts
-        n, _ = counts.shape
-        names = list(sample.var.index)
-        cols = np.empty(len(names), dtype=np.int64)
+        """Append one sample: a ``Sample`` (counts in memory) or a ``SampleStream`` (counts
+        consumed slice by slice; an error while reading propagates, and the store is to be
+        aborted)."""
+        stream = sample if isinstance(sample, SampleStream) else SampleStream.whole(sample)
+        cols = self._gene_columns(sample_name, stream.var)
+        # this sample lists genes in another order than the study: re-sort each row
+        resort = len(cols) > 1 and bool(np.any(np.diff(cols) < 0))
+        n_counts, n_features = [], []
+        for counts in stream.slices:
+            c, f = self._add_counts(counts, cols, resort)
+            n_counts.append(c)
+            n_features.append(f)
+        n = sum(len(c) for c in n_counts)
+        if n != stream.n_cells:
+            raise InputError(stream.source, f"{n} cells in the matrix but "
+                             f"{stream.n_cells} barcodes")
+        self._add_obs(sample_name, stream.barcodes, metadata, prefix_cells,
+                      _concat(n_counts, np.int64), _concat(n_features, np.int32))
+        self.n_cells += n
+
+    def _gene_columns(self, sample_name: str, var: pd.DataFrame) -> np.ndarray:
+        """Study column of each gene of a sample (new genes are appended to the study's)."""
+        names = list(var.index)
+        cols = np.empty(len(names), dtype=np.int32)
         for j, name in enumerate(names):
             col = self.gene_index.get(name)
             if col is None:
                 col = len(self.gene_index)
                 self.gene_index[name] = col
                 row = {"gene": name}
-                row.update({c: sample.var.iloc[j][c] for c in sample.var.columns})
+                row.update({c: var.iloc[j][c] for c in var.columns})
                 self.var_rows.append(row)
             cols[j] = col
         self.sample_genes.append((sample_name, set(names)))
         n_union = len(self.gene_index)
         self.gene_cells = _grow(self.gene_cells, n_union)
         self.gene_counts = _grow(self.gene_counts, n_union)
+        return cols
+
+    def _add_counts(self, counts: sp.csr_matrix, cols: np.ndarray, resort: bool):
+        """Remap, count and append one slice of cells; returns its per-cell totals and genes."""
         indices, n_counts, n_features = remap_and_count(
-            counts.data, counts.indices, counts.indptr, cols.astype(np.int32),
-            self.gene_cells, self.gene_counts)
-        data = counts.data.astype(np.int32, copy=False)
+            counts.data, counts.indices, counts.indptr, cols, self.gene_cells, self.gene_counts)
+        # a copy when re-sorting: the caller's Sample must stay intact
+        data = counts.data.astype(np.int32, copy=resort)
         indptr = counts.indptr.astype(np.int64, copy=False)
-        if len(cols) > 1 and np.any(np.diff(cols) < 0):
-            # this sample lists genes in another order than the study: re-sort each row
-            m = sp.csr_matrix((data, indices, indptr), shape=(n, n_union))
-            m.sort_indices()
-            data, indices = m.data.astype(np.int32, copy=False), m.indices
-            del m
+        if resort:
+            sort_rows(data, indices, indptr)
         self.data.append(data)
-        self.indices.append(indices.astype(np.int32, copy=False))
+        self.indices.append(indices)
         self.indptr.append(indptr[1:] + self.nnz)
         self.nnz += len(data)
-        barcodes = np.asarray(sample.barcodes).astype(str)
-        cells = [f"{sample_name}_{b}" for b in barcodes] if prefix_cells else list(barcodes)
-        obs = pd.DataFrame({"barcode": barcodes, "sample": sample_name}, index=cells)
-        for k, v in (metadata or {}).items():
-            obs[k] = v
-        obs["n_counts"] = n_counts
-        obs["n_features"] = n_features
-        self.obs_parts.append(obs)
-        self.n_cells += n
+        return n_counts, n_features
+
+    def _add_obs(self, sample_name, barcodes, metadata, prefix_cells, n_counts, n_features):
+        self.obs_parts.append(_ObsPart(
+            sample_name, _compact(barcodes), dict(metadata or {}), prefix_cells,
+            n_counts, n_features))
 
     def finish(self) -> Store:
         try:
@@ -161,14 +183,11 @@ class StoreWriter:
         self.x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
                              "shape": [self.n_cells, n_genes]})
         self._warn_missing_genes()
-        obs = pd.concat(self.obs_parts)
+        _release_heap()  # the slices' freed buffers, before the O(cells) obs is built
+        obs = _obs_frame(self.obs_parts)
         if obs.index.has_duplicates:
             dup = obs.index[obs.index.duplicated()][0]
             raise InputError(self.path, f"duplicate cell name {dup!r}")
-        for c in obs.columns:
-            if c not in ("n_counts", "n_features", "barcode"):
-                obs[c] = pd.Categorical(obs[c].astype(str),
-                                        categories=list(dict.fromkeys(obs[c].astype(str))))
         var = pd.DataFrame(self.var_rows).set_index("gene")
         var.index.name = None
         var["n_cells"] = self.gene_cells
@@ -208,6 +227,95 @@ class StoreWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@dataclass
+class _ObsPart:
+    """The obs of one sample until finish(): barcodes as UTF-8 bytes (~20 B a cell instead of
+    two Python strings for barcode and cell name) and metadata once, not once per cell."""
+
+    sample: str
+    barcodes: np.ndarray
+    metadata: dict
+    prefix: bool
+    n_counts: np.ndarray
+    n_features: np.ndarray
+
+    def columns(self) -> list[str]:
+        return list(dict.fromkeys(["barcode", "sample", *self.metadata]))
+
+    def value(self, key: str):
+        """A column's value: one for the sample (a scalar) or one per cell."""
+        if key == "sample" and "sample" not in self.metadata:
+            return self.sample
+        if key == "barcode" and "barcode" not in self.metadata:
+            return self.barcode_strings()
+        return self.metadata.get(key, np.nan)  # a column other samples have: NaN, as concat
+
+    def barcode_strings(self) -> np.ndarray:
+        return np.char.decode(self.barcodes, "utf-8").astype(object)
+
+    def cell_names(self) -> list[str]:
+        barcodes = self.barcode_strings()
+        return [f"{self.sample}_{b}" for b in barcodes] if self.prefix else list(barcodes)
+
+
+def _compact(barcodes) -> np.ndarray:
+    return np.char.encode(np.asarray(barcodes).astype(str), "utf-8")
+
+
+def _obs_frame(parts: list[_ObsPart]) -> pd.DataFrame:
+    """One obs for all samples: barcode (str), sample and metadata (categorical, categories in
+    order of first appearance), n_counts, n_features; index = cell names."""
+    sizes = [len(p.n_counts) for p in parts]
+    cols = {}
+    for key in dict.fromkeys(k for p in parts for k in p.columns()):
+        values = [p.value(key) for p in parts]
+        if key == "barcode":
+            cols[key] = _per_cell_all(values, sizes)
+        else:
+            cols[key] = _categorical(values, sizes)
+    cols["n_counts"] = np.concatenate([p.n_counts for p in parts])
+    cols["n_features"] = np.concatenate([p.n_features for p in parts])
+    index = pd.Index([c for p in parts for c in p.cell_names()], dtype=object)
+    return pd.DataFrame(cols, index=index)
+
+
+def _per_cell_all(values: list, sizes: list[int]) -> np.ndarray:
+    return np.concatenate([_per_cell(v, n) for v, n in zip(values, sizes, strict=True)])
+
+
+def _per_cell(value, n: int) -> np.ndarray:
+    if np.ndim(value) == 0:
+        return np.full(n, value, dtype=object)
+    return np.asarray(value, dtype=object)
+
+
+def _categorical(values: list, sizes: list[int]) -> pd.Categorical:
+    """Strings of the values as a categorical; a value per sample costs 1 byte a cell."""
+    if any(np.ndim(v) for v in values):  # per-cell values: build the strings
+        strings = pd.Series(_per_cell_all(values, sizes)).astype(str)
+        return pd.Categorical(strings, categories=list(dict.fromkeys(strings)))
+    kept = [(str(v), n) for v, n in zip(values, sizes, strict=True) if n]
+    categories = list(dict.fromkeys(v for v, _ in kept))
+    codes = np.repeat([categories.index(v) for v, _ in kept], [n for _, n in kept])
+    return pd.Categorical.from_codes(codes, categories=categories)
+
+
+def _release_heap() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise), so that the peak of what
+    follows is not on top of it."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    if not parts:
+        return np.zeros(0, dtype=dtype)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts).astype(dtype, copy=False)
 
 
 def _grow(a: np.ndarray, n: int) -> np.ndarray:

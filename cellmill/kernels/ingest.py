@@ -1,4 +1,5 @@
-"""Per-sample work during ingest: remap gene columns and count QC metrics in one sweep."""
+"""Ingest work on a slice of cells: remap gene columns and count QC metrics in one sweep;
+re-sort rows whose genes the remap put out of order."""
 
 from __future__ import annotations
 
@@ -26,3 +27,16 @@ def remap_and_count(data, indices, indptr, cols, gene_cells, gene_counts):
         n_counts[i] = total
         n_features[i] = indptr[i + 1] - indptr[i]
     return out, n_counts, n_features
+
+
+@numba.njit(nogil=True, cache=True)
+def sort_rows(data, indices, indptr):
+    """Sort the column indices of each CSR row in place, moving the values along (the
+    indices of a row are distinct, so the order is unique)."""
+    for i in range(len(indptr) - 1):
+        a, b = indptr[i], indptr[i + 1]
+        if b - a < 2:
+            continue
+        order = np.argsort(indices[a:b], kind="mergesort")
+        indices[a:b] = indices[a:b][order]
+        data[a:b] = data[a:b][order]
