@@ -13,11 +13,15 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score
 
 from cellmill.config import Config
 from cellmill.engine.graph import (
+    _igraph,
+    all_cells,
     cluster_labels,
     exact_knn,
     group_singletons,
     modularity_clusters,
+    obsm_rows,
     order_by_size,
+    passed_snn,
     r_sample_seed1,
     recall,
     run_cluster,
@@ -25,6 +29,7 @@ from cellmill.engine.graph import (
     run_umap,
     self_first,
     snn_graph,
+    upper_triangle,
 )
 from cellmill.engine.stages import Context
 from cellmill.io.ingest import ingest
@@ -111,6 +116,66 @@ def test_snn_matches_dense_numpy():
     np.testing.assert_array_equal(g0.toarray(), dense_snn(knn, 0.0))
 
 
+class _ArrayStore:
+    """Just what the graph stages' readers use of a Store: `root` and `read_sparse`."""
+
+    def __init__(self, snn=None, pcs=None):
+        import zarr
+
+        self.snn = snn
+        self.root = {"obsm": {"X_pca": zarr.array(pcs, chunks=(37, pcs.shape[1]))}
+                     if pcs is not None else {}}
+
+    def read_sparse(self, slot, name):
+        return self.snn.copy()
+
+
+def test_graph_among_all_cells_and_back():
+    # neighbors builds the graph of the passed cells straight among all cells, cluster takes
+    # it back out in place; both must be what scipy's indexing gives
+    rng = np.random.default_rng(2)
+    x = mixture(500, seed=5)
+    cells = np.sort(rng.choice(800, 500, replace=False))
+    knn, dist = exact_knn(x, 20)
+    big = snn_graph(knn, 1 / 15, chunk=61, cells=cells, n_cells=800)
+    ref = np.zeros((800, 800))
+    ref[np.ix_(cells, cells)] = dense_snn(knn, 1 / 15)
+    np.testing.assert_array_equal(big.toarray(), ref)
+    assert big.has_sorted_indices and big.indices.dtype == np.int32
+    back = passed_snn(_ArrayStore(snn=big), cells)
+    sliced = big[cells][:, cells]
+    for a in ("indices", "data"):
+        np.testing.assert_array_equal(getattr(back, a), getattr(sliced, a))
+    np.testing.assert_array_equal(back.indptr, sliced.indptr)
+    # a graph with entries of other cells is sliced as scipy does
+    other = big.tolil()
+    other[cells[0], 3 if 3 not in cells else 4] = 0.5
+    other = other.tocsr()
+    assert (passed_snn(_ArrayStore(snn=other), cells) != other[cells][:, cells]).nnz == 0
+    # the other rows: fill values; rows of the passed cells: their lists, mapped
+    full = all_cells(knn, cells, 800, -1, lookup=cells.astype(np.int64), block=33)
+    assert full.dtype == np.int64 and (full[np.setdiff1d(np.arange(800), cells)] == -1).all()
+    np.testing.assert_array_equal(full[cells], cells[knn])
+    np.testing.assert_array_equal(all_cells(dist, cells, 800, np.nan, block=33)[cells], dist)
+
+
+def test_obsm_rows_reads_the_passed_rows():
+    x = np.random.default_rng(3).normal(size=(300, 50))
+    cells = np.flatnonzero(np.random.default_rng(4).random(300) < 0.7)
+    np.testing.assert_array_equal(obsm_rows(_ArrayStore(pcs=x), "X_pca", cells, 15),
+                                  x[cells, :15])
+
+
+def test_igraph_edges_are_the_upper_triangle():
+    knn, _ = exact_knn(mixture(300, seed=6), 20)
+    g = snn_graph(knn)
+    edges, w = upper_triangle(g)
+    graph = _igraph(g.shape[0], edges)
+    up = sp.triu(g, k=1).tocoo()
+    assert graph.get_edgelist() == list(zip(up.row.tolist(), up.col.tolist(), strict=True))
+    np.testing.assert_array_equal(w, up.data)
+
+
 # ------------------------------------------------------------------ label conventions
 
 
@@ -170,7 +235,7 @@ def test_cluster_labels_deterministic_and_ordered():
     g = snn_graph(knn)
     for alg in ("leiden", "louvain"):
         a = cluster_labels(g, alg, 0.3, seed=0)
-        b = cluster_labels(g, alg, 0.3, seed=0)
+        b = cluster_labels(lambda: g.copy(), alg, 0.3, seed=0)  # as run_cluster passes it
         np.testing.assert_array_equal(a, b)
         sizes = np.bincount(a)
         assert (np.diff(sizes) <= 0).all() and sizes.min() > 1

@@ -19,6 +19,12 @@
 - umap: umap-learn on our own exact 30-nearest-neighbour graph in cosine distance (uwot's
   metric in Seurat's RunUMAP) on the same PCs; spectral init, min_dist 0.3, 200 epochs when
   N > 10,000 else 500, seeded. Stored: obsm/X_umap (NaN rows for failed cells).
+
+Memory: the stages hold the O(cells x k) arrays and the graph, not copies of them: PCs read
+chunk by chunk (only the passed rows and the used columns), int32 neighbour indices, results
+of parallel tasks copied wave by wave into preallocated arrays, the SNN graph filled straight
+into its all-cells CSR, full-size outputs made and written one at a time, the graph handed to
+igraph as one int64 edge array after the CSR is freed, freed heap trimmed between steps.
 """
 
 from __future__ import annotations
@@ -40,15 +46,43 @@ log = logging.getLogger("cellmill")
 N_STARTS = 10  # Seurat's FindClusters n.start
 SEURAT_N_ITER = 10  # Seurat's FindClusters n.iter
 NN_SEED = 42  # pynndescent's random state
+WAVE_PER_WORKER = 8  # tasks per worker computed at once when results are copied into one array
 
 
 # ------------------------------------------------------------------ nearest neighbours
 
 
+def _workers(scheduler) -> int:
+    """Number of workers of a scheduler (threads tuple or distributed client)."""
+    if isinstance(scheduler, tuple):
+        return max(1, scheduler[1])
+    try:
+        return max(1, sum(scheduler.nthreads().values()))
+    except AttributeError:  # no scheduler: compute's default
+        return 2
+
+
+def _in_waves(tasks: list, scheduler, desc: str, progress: bool):
+    """The results of `tasks` in order, computed a few per worker at a time: callers copy each
+    into a preallocated array, so only one wave of results is alive beside it (computing all
+    tasks at once would hold a second copy of the whole output)."""
+    from cellmill.engine.cluster import compute
+
+    step = WAVE_PER_WORKER * _workers(scheduler)
+    for w0 in range(0, len(tasks), step):
+        yield from compute(tasks[w0:w0 + step], scheduler=scheduler, desc=desc,
+                           progress=progress)
+
+
+def index_dtype(n: int):
+    """int32 indices when they fit (half the memory of int64)."""
+    return np.int32 if n < 2**31 else np.int64
+
+
 def _knn_chunk(ref_t, orig, lo, hi, leaf, q0, q1, k):
     from cellmill.kernels.knn import knn_self
 
-    idx = np.empty((q1 - q0, k), dtype=np.int64)
+    idx = np.empty((q1 - q0, k), dtype=index_dtype(ref_t.shape[1]))
     dist = np.empty((q1 - q0, k))
     knn_self(ref_t, orig, lo, hi, leaf, q0, q1, k, idx, dist)
     return idx, dist
@@ -59,31 +93,34 @@ def exact_knn(points: np.ndarray, k: int, scheduler=None, chunk: int | None = No
     """Exact k nearest neighbours of every row of `points` among all rows (self first).
 
     Ties are broken by the smaller index; the result does not depend on `chunk` or the
-    scheduler. Returns (indices int64, Euclidean distances float64), n x k.
+    scheduler. Returns (indices, int32 when n < 2^31 else int64; Euclidean distances float64),
+    n x k.
     """
     import dask
 
-    from cellmill.engine.cluster import compute
     from cellmill.kernels.knn import LEAF, block_boxes, tree_order
 
     x = np.asarray(points, dtype=np.float64)
     n = x.shape[0]
     if n == 0:
-        return np.empty((0, k), dtype=np.int64), np.empty((0, k))
+        return np.empty((0, k), dtype=index_dtype(0)), np.empty((0, k))
     perm = tree_order(x, LEAF)
-    ref_t = np.ascontiguousarray(x[perm].T)
+    ref_t = np.empty((x.shape[1], n))
+    np.take(x.T, perm, axis=1, out=ref_t)  # points in tree order, dimension-major, one copy
     lo, hi = block_boxes(ref_t, LEAF)
     if chunk is None:
-        workers = scheduler[1] if isinstance(scheduler, tuple) else 2
-        chunk = min(8192, max(256, -(-n // (8 * max(1, workers)))))
+        chunk = min(8192, max(256, -(-n // (8 * _workers(scheduler)))))
     shared = [dask.delayed(a, pure=True) for a in (ref_t, perm, lo, hi)]
+    starts = range(0, n, chunk)
     tasks = [dask.delayed(_knn_chunk, pure=True)(*shared, LEAF, a, min(a + chunk, n), k)
-             for a in range(0, n, chunk)]
-    parts = compute(tasks, scheduler=scheduler, desc="knn", progress=progress)
-    idx = np.empty((n, k), dtype=np.int64)
+             for a in starts]
+    idx = np.empty((n, k), dtype=index_dtype(n))
     dist = np.empty((n, k))
-    idx[perm] = np.concatenate([p[0] for p in parts])
-    dist[perm] = np.concatenate([p[1] for p in parts])
+    for a, (p_idx, p_dist) in zip(starts, _in_waves(tasks, scheduler, "knn", progress),
+                                  strict=True):
+        rows = perm[a:a + len(p_idx)]
+        idx[rows] = p_idx
+        dist[rows] = p_dist
     return idx, dist
 
 
@@ -127,61 +164,88 @@ def recall(approx: np.ndarray, exact: np.ndarray) -> float:
 # ------------------------------------------------------------------ SNN graph
 
 
-def _snn_piece(knn, ptr, idx, r0, r1, prune):
-    from cellmill.kernels.snn import snn_rows
+def _snn_counts(knn, ptr, idx, r0, r1, prune):
+    from cellmill.kernels.snn import snn_row_counts
 
-    return snn_rows(knn, ptr, idx, r0, r1, prune)
+    return snn_row_counts(knn, ptr, idx, r0, r1, prune)
 
 
-def snn_graph(knn: np.ndarray, prune: float = 1.0 / 15.0, scheduler=None,
-              chunk: int = 16384, progress: bool = False) -> sp.csr_matrix:
-    """Seurat's SNN graph (n x n CSR, float64, diagonal 1) from n x k neighbour lists
-    (indices into the same n points)."""
+def _snn_fill(knn, ptr, idx, r0, r1, prune, counts, col):
+    from cellmill.kernels.snn import snn_fill_rows
+
+    return snn_fill_rows(knn, ptr, idx, r0, r1, prune, counts, col)
+
+
+def snn_graph(knn: np.ndarray, prune: float = 1.0 / 15.0, scheduler=None, chunk: int = 4096,
+              progress: bool = False, cells: np.ndarray | None = None,
+              n_cells: int | None = None) -> sp.csr_matrix:
+    """Seurat's SNN graph (n x n CSR, float64, int32 indices, diagonal 1) from n x k neighbour
+    lists (indices into the same n points).
+
+    With `cells` (ascending indices of the n points among n_cells) the graph is returned as
+    n_cells x n_cells, the other rows empty, without building the n x n one first. The rows are
+    counted first, then filled straight into the final arrays (no second copy of the graph).
+    """
     import dask
 
     from cellmill.engine.cluster import compute
     from cellmill.kernels.snn import reverse_lists
 
-    knn = np.ascontiguousarray(knn, dtype=np.int64)
+    knn = np.ascontiguousarray(knn)
+    if knn.dtype not in (np.int32, np.int64):
+        knn = knn.astype(np.int64)
     n = knn.shape[0]
+    n_out = n if cells is None else int(n_cells)
+    if n_out >= 2**31:
+        raise ValueError("SNN graph: more than 2^31 cells")
+    col = np.arange(n, dtype=np.int32) if cells is None else np.asarray(cells, dtype=np.int32)
     ptr, idx = reverse_lists(knn, n)
-    d_knn, d_ptr, d_idx = (dask.delayed(x, pure=True) for x in (knn, ptr, idx))
-    tasks = [dask.delayed(_snn_piece, pure=True)(d_knn, d_ptr, d_idx, a, min(a + chunk, n),
-                                                 float(prune))
-             for a in range(0, n, chunk)]
-    parts = compute(tasks, scheduler=scheduler, desc="snn", progress=progress)
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    off, pos = 0, 0
-    for p_ptr, _, _ in parts:
-        m = len(p_ptr) - 1
-        indptr[pos + 1: pos + m + 1] = p_ptr[1:] + off
-        off += int(p_ptr[-1])
-        pos += m
-    indices = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
-    data = np.concatenate([p[2] for p in parts]) if parts else np.empty(0)
-    return sp.csr_matrix((data, indices.astype(np.int32), indptr), shape=(n, n))
-
-
-def expand_rows(m: sp.csr_matrix, cells: np.ndarray, n_cells: int) -> sp.csr_matrix:
-    """A graph over `cells` (ascending) as an n_cells x n_cells CSR (other rows empty)."""
-    counts = np.zeros(n_cells, dtype=np.int64)
-    counts[cells] = np.diff(m.indptr)
-    indptr = np.concatenate([[0], np.cumsum(counts)])
-    indices = cells[m.indices].astype(np.int32 if n_cells < 2**31 else np.int64)
-    return sp.csr_matrix((m.data, indices, indptr), shape=(n_cells, n_cells))
+    shared = [dask.delayed(a, pure=True) for a in (knn, ptr, idx)]
+    starts = range(0, n, chunk)
+    counts = compute([dask.delayed(_snn_counts, pure=True)(*shared, a, min(a + chunk, n),
+                                                           float(prune)) for a in starts],
+                     scheduler=scheduler, desc="snn count", progress=progress)
+    counts = np.concatenate(counts) if counts else np.empty(0, np.int64)
+    indptr = np.zeros(n_out + 1, dtype=np.int64)
+    if cells is None:
+        np.cumsum(counts, out=indptr[1:])
+    else:
+        indptr[np.asarray(cells) + 1] = counts
+        np.cumsum(indptr, out=indptr)
+    indices = np.empty(indptr[-1], dtype=np.int32)
+    data = np.empty(indptr[-1])
+    d_col = dask.delayed(col, pure=True)
+    tasks = [dask.delayed(_snn_fill, pure=True)(*shared, a, min(a + chunk, n), float(prune),
+                                                counts[a:a + chunk], d_col)
+             for a in starts]
+    pos = 0
+    for p_idx, p_data in _in_waves(tasks, scheduler, "snn", progress):
+        indices[pos:pos + len(p_idx)] = p_idx
+        data[pos:pos + len(p_idx)] = p_data
+        pos += len(p_idx)
+    return sp.csr_matrix((data, indices, indptr), shape=(n_out, n_out))
 
 
 # ------------------------------------------------------------------ clustering
 
 
-def _igraph(snn: sp.csr_matrix):
-    """Undirected weighted igraph of the SNN graph without its diagonal."""
+def upper_triangle(snn: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """The edges of the SNN graph without its diagonal (E x 2 int64, the entries above it in
+    storage order, as sp.triu(snn, 1) lists them) and their weights, in one kernel pass."""
+    from cellmill.kernels.snn import upper_edges
+
+    snn = sp.csr_matrix(snn)
+    return upper_edges(snn.indptr, snn.indices, snn.data)
+
+
+def _igraph(n: int, edges: np.ndarray):
+    """Undirected igraph on n vertices. The weights stay a numpy array beside it (as an edge
+    attribute they would be a Python list of floats, ~4x the memory)."""
     import igraph as ig
 
-    up = sp.triu(snn, k=1).tocoo()
-    edges = np.column_stack([up.row, up.col]).astype(np.int64)
-    g = ig.Graph(n=snn.shape[0], edges=edges, directed=False)
-    g.es["weight"] = up.data
+    g = ig.Graph(n=n, directed=False)
+    # the same graph as Graph(n, edges): at 4M edges 3 s and +100 MB instead of 10 s, +550 MB
+    g.add_edges(edges)
     return g
 
 
@@ -213,6 +277,7 @@ def modularity_clusters(snn: sp.csr_matrix, algorithm: str = "leiden", resolutio
         from cellmill.kernels.louvain import seurat_louvain
 
         m = sp.csr_matrix(snn, dtype=np.float64, copy=True)
+        del snn  # when the caller passed its last reference, one copy less
         m.setdiag(0.0)
         m.eliminate_zeros()
         m.sort_indices()
@@ -222,22 +287,27 @@ def modularity_clusters(snn: sp.csr_matrix, algorithm: str = "leiden", resolutio
         return labels.astype(np.int64), float(q)  # Seurat's quality = modularity(resolution)
     if algorithm != "leiden":
         raise ValueError(f"unknown clustering algorithm {algorithm!r}")
-    g = _igraph(snn)
+    n = snn.shape[0]
+    edges, weights = upper_triangle(snn)
+    del snn  # the caller's may be the last reference: freed before igraph copies the edges
+    g = _igraph(n, edges)
+    del edges
+    release_memory()
     if leiden_backend == "leidenalg":
         import leidenalg as la
 
-        part = la.find_partition(g, la.RBConfigurationVertexPartition, weights="weight",
+        part = la.find_partition(g, la.RBConfigurationVertexPartition, weights=weights,
                                  resolution_parameter=resolution, n_iterations=n_iterations,
                                  seed=seed)
         m = np.asarray(part.membership, dtype=np.int64)
     elif leiden_backend == "igraph":
         with _igraph_seed(seed):
-            c = g.community_leiden(objective_function="modularity", weights="weight",
+            c = g.community_leiden(objective_function="modularity", weights=weights,
                                    resolution=resolution, n_iterations=n_iterations)
         m = np.asarray(c.membership, dtype=np.int64)
     else:
         raise ValueError(f"unknown Leiden backend {leiden_backend!r}")
-    return m, g.modularity(list(m), weights="weight", resolution=resolution)
+    return m, g.modularity(list(m), weights=weights, resolution=resolution)
 
 
 def order_by_size(labels: np.ndarray) -> np.ndarray:
@@ -279,10 +349,11 @@ def r_sample_seed1(n: int) -> int:
             return v
 
 
-def group_singletons(labels: np.ndarray, snn: sp.csr_matrix) -> np.ndarray:
+def group_singletons(labels: np.ndarray, snn) -> np.ndarray:
     """Seurat's GroupSingletons: each cluster of one cell joins the (non-singleton) cluster
     with the highest mean SNN weight to it; the labels are then made contiguous (singleton
-    labels are the largest numbers after order_by_size, so the others keep theirs)."""
+    labels are the largest numbers after order_by_size, so the others keep theirs).
+    `snn`: the graph, or a function returning it (called only when there are singletons)."""
     labels = np.asarray(labels, dtype=np.int64).copy()
     uniq, first, sizes = np.unique(labels, return_index=True, return_counts=True)
     in_order = uniq[np.argsort(first, kind="stable")]  # R's unique(ids)
@@ -290,7 +361,7 @@ def group_singletons(labels: np.ndarray, snn: sp.csr_matrix) -> np.ndarray:
     if not single or len(single) == len(uniq):
         return labels
     names = np.array([c for c in in_order if c not in single])
-    snn = sp.csr_matrix(snn)
+    snn = sp.csr_matrix(snn() if callable(snn) else snn)
     for c in [c for c in in_order if c in single]:
         i = int(np.flatnonzero(labels == c)[0])
         row = snn.indices[snn.indptr[i]: snn.indptr[i + 1]]
@@ -305,13 +376,17 @@ def group_singletons(labels: np.ndarray, snn: sp.csr_matrix) -> np.ndarray:
     return inv.ravel().astype(np.int64)
 
 
-def cluster_labels(snn: sp.csr_matrix, algorithm: str = "leiden", resolution: float = 0.3,
+def cluster_labels(snn, algorithm: str = "leiden", resolution: float = 0.3,
                    seed: int = 0, n_iterations: int = -1,
                    leiden_backend: str = "igraph") -> np.ndarray:
-    """Final labels 0..K-1 (0 = largest) of the cells of an SNN graph (with its diagonal)."""
-    raw, _ = modularity_clusters(snn, algorithm, resolution, seed, n_iterations,
+    """Final labels 0..K-1 (0 = largest) of the cells of an SNN graph (with its diagonal).
+
+    `snn` may be a function returning the graph: then no copy of it is kept while the
+    algorithm runs on its own (igraph's) copy, and it is read again only for singletons."""
+    load = snn if callable(snn) else lambda: snn
+    raw, _ = modularity_clusters(load(), algorithm, resolution, seed, n_iterations,
                                  leiden_backend=leiden_backend)
-    return group_singletons(order_by_size(raw), snn)
+    return group_singletons(order_by_size(raw), load)
 
 
 # ------------------------------------------------------------------ UMAP
@@ -326,8 +401,12 @@ def cosine_knn(points: np.ndarray, k: int, scheduler=None, progress: bool = Fals
     x = np.asarray(points, dtype=np.float64)
     norm = np.sqrt((x * x).sum(axis=1))
     unit = x / np.where(norm > 0, norm, 1.0)[:, None]
+    del norm
     idx, dist = exact_knn(unit, k, scheduler=scheduler, progress=progress)
-    return idx, dist * dist / 2.0
+    del unit
+    dist *= dist  # in place: (d * d) / 2 without two n x k temporaries
+    dist /= 2.0
+    return idx, dist
 
 
 def spectral_init(graph: sp.coo_matrix, x: np.ndarray, dim: int,
@@ -375,20 +454,25 @@ def umap_embedding(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 
     k = min(n_neighbors, n)
     if knn is None:
         knn = cosine_knn(points, k, scheduler=scheduler, progress=progress)
+    knn_idx, knn_dist = knn[0], knn[1].astype(np.float32)
+    del knn  # the float64 distances (when the caller keeps no reference)
+    release_memory()
     x = np.asarray(points, dtype=np.float32)
     rs = np.random.RandomState(seed)
     epochs = umap_epochs(n, n_epochs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph, _, _ = fuzzy_simplicial_set(x, k, rs, "cosine", knn_indices=knn[0],
-                                           knn_dists=knn[1].astype(np.float32))
-        del knn
+        graph, _, _ = fuzzy_simplicial_set(x, k, rs, "cosine", knn_indices=knn_idx,
+                                           knn_dists=knn_dist)
+        del knn_idx, knn_dist
         # the edges umap-learn drops before embedding (weight < max / epochs)
         graph = graph.tocoo()
         graph.sum_duplicates()
         graph.data[graph.data < graph.data.max() / float(epochs)] = 0.0
         graph.eliminate_zeros()
+        release_memory()  # scipy's temporaries of the fuzzy union
         init = spectral_init(graph, x, 2, rs)
+        release_memory()
         a, b = find_ab_params(1.0, min_dist)
         emb, _ = simplicial_set_embedding(x, graph, 2, 1.0, a, b, 1.0, 5, epochs, init, rs,
                                           "cosine", {}, False, {}, False, parallel=False)
@@ -399,8 +483,9 @@ def umap_embedding(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 
 
 
 def release_memory() -> None:
-    """Return freed heap to the OS at the end of a stage (glibc keeps it otherwise), so the
-    next stage of the same `cellmill run` process starts from a lower RSS."""
+    """Return freed heap to the OS (glibc keeps it otherwise): between the big steps of a
+    stage, so the next step starts from a lower RSS, and at the end of a stage, so the next
+    stage of the same `cellmill run` process does."""
     import ctypes
     import gc
 
@@ -411,13 +496,37 @@ def release_memory() -> None:
         pass
 
 
+def obsm_rows(store, name: str, cells: np.ndarray, n_cols: int) -> np.ndarray:
+    """Rows `cells` (ascending) and the first n_cols columns of obsm/name, read one storage
+    chunk at a time: the whole n_cells x 50 float64 X_pca is never in memory."""
+    arr = store.root["obsm"][name]
+    n, n_cols = arr.shape[0], min(n_cols, arr.shape[1])
+    out = np.empty((len(cells), n_cols), dtype=arr.dtype)
+    step = arr.chunks[0]
+    for r0 in range(0, n, step):
+        a, b = np.searchsorted(cells, [r0, r0 + step])
+        if b > a:
+            out[a:b] = arr[r0:min(r0 + step, n), :n_cols][cells[a:b] - r0]
+    return out
+
+
 def _passed_pcs(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     from cellmill.engine.stage_ingest import qc_passed
 
     cells = np.flatnonzero(qc_passed(ctx.store))
-    x = ctx.store.read_array("obsm", "X_pca")
-    n_pcs = min(ctx.cfg.neighbors.n_pcs, x.shape[1])
-    return cells, np.ascontiguousarray(x[cells, :n_pcs])
+    return cells, obsm_rows(ctx.store, "X_pca", cells, ctx.cfg.neighbors.n_pcs)
+
+
+def all_cells(rows: np.ndarray, cells: np.ndarray, n_cells: int, fill,
+              lookup: np.ndarray | None = None, block: int = 65536) -> np.ndarray:
+    """An n_cells x ... array with `rows` (mapped through `lookup` when given) at `cells` and
+    `fill` elsewhere, copied in blocks (no full-size temporary)."""
+    dtype = rows.dtype if lookup is None else lookup.dtype
+    out = np.full((n_cells,) + rows.shape[1:], fill, dtype=dtype)
+    for a in range(0, len(cells), block):
+        part = rows[a:a + block]
+        out[cells[a:a + block]] = part if lookup is None else lookup[part]
+    return out
 
 
 def _neighbors_params(cfg):
@@ -429,22 +538,26 @@ def _neighbors_params(cfg):
 def run_neighbors(ctx: Context) -> None:
     cfg, store = ctx.cfg.neighbors, ctx.store
     cells, pcs = _passed_pcs(ctx)
-    k = min(cfg.k, len(cells))
+    k, n_pcs = min(cfg.k, len(cells)), pcs.shape[1]
     if cfg.method == "pynndescent":
         idx, dist = nndescent_knn(pcs, k, workers=ctx.cfg.compute.workers)
     else:
         idx, dist = exact_knn(pcs, k, scheduler=ctx.scheduler(), progress=ctx.progress)
-    snn = snn_graph(idx, cfg.prune, scheduler=ctx.scheduler(), progress=ctx.progress)
-    full_idx = np.full((store.n_cells, k), -1, dtype=np.int64)
-    full_idx[cells] = cells[idx]
-    full_dist = np.full((store.n_cells, k), np.nan)
-    full_dist[cells] = dist
-    store.write_array("obsm", "knn_index", full_idx)
-    store.write_array("obsm", "knn_distance", full_dist)
-    store.write_sparse("obsp", "snn", expand_rows(snn, cells, store.n_cells))
+    # one full-size array at a time: each is written and freed before the next is made
+    del pcs
+    release_memory()
+    store.write_array("obsm", "knn_distance", all_cells(dist, cells, store.n_cells, np.nan))
+    del dist
+    store.write_array("obsm", "knn_index", all_cells(idx, cells, store.n_cells, -1,
+                                                     lookup=cells.astype(np.int64)))
+    snn = snn_graph(idx, cfg.prune, scheduler=ctx.scheduler(), progress=ctx.progress,
+                    cells=cells, n_cells=store.n_cells)
+    del idx
+    release_memory()
+    store.write_sparse("obsp", "snn", snn)
     log.info("neighbors: %s k=%d on %d PCs, %d cells; SNN %d entries", cfg.method, k,
-             pcs.shape[1], len(cells), snn.nnz)
-    del snn, idx, dist, full_idx, full_dist
+             n_pcs, len(cells), snn.nnz)
+    del snn
     release_memory()
 
 
@@ -455,15 +568,33 @@ def _cluster_params(cfg):
             "leiden_backend": c.leiden_backend}
 
 
+def passed_snn(store, cells: np.ndarray) -> sp.csr_matrix:
+    """obsp/snn among the QC-passed `cells` (ascending): what snn[cells][:, cells] gives, made
+    in place. The neighbors stage leaves the rows of the other cells empty and never points
+    to them, so the rows are the cells' and the columns are only renumbered."""
+    snn = store.read_sparse("obsp", "snn").tocsr()
+    if len(cells) == snn.shape[0]:
+        return snn
+    indptr = snn.indptr
+    rank = np.full(snn.shape[0], -1, dtype=snn.indices.dtype)
+    rank[cells] = np.arange(len(cells))
+    if (indptr[cells + 1] - indptr[cells]).sum() == snn.nnz:
+        np.take(rank, snn.indices, out=snn.indices)
+        if snn.nnz == 0 or snn.indices.min() >= 0:
+            return sp.csr_matrix((snn.data, snn.indices, np.append(indptr[cells], snn.nnz)),
+                                 shape=(len(cells), len(cells)))
+    # a graph with entries of other cells (not written by this stage): slice a fresh copy
+    return store.read_sparse("obsp", "snn").tocsr()[cells][:, cells]
+
+
 @stage("cluster", after=("neighbors",), params=_cluster_params)
 def run_cluster(ctx: Context) -> None:
     from cellmill.engine.stage_ingest import qc_passed, write_table
 
     cfg, store = ctx.cfg.cluster, ctx.store
     cells = np.flatnonzero(qc_passed(store))
-    snn = store.read_sparse("obsp", "snn").tocsr()[cells][:, cells]
-    labels = cluster_labels(snn, cfg.algorithm, cfg.resolution, cfg.seed, cfg.n_iterations,
-                            cfg.leiden_backend)
+    labels = cluster_labels(lambda: passed_snn(store, cells), cfg.algorithm, cfg.resolution,
+                            cfg.seed, cfg.n_iterations, cfg.leiden_backend)
     k = int(labels.max()) + 1
     cats = [str(i) for i in range(k)]
     codes = np.full(store.n_cells, -1, dtype=np.int64)
@@ -475,7 +606,6 @@ def run_cluster(ctx: Context) -> None:
                 ctx.tables / "clusters.csv")
     log.info("cluster: %s resolution %g: %d clusters, sizes %s", cfg.algorithm,
              cfg.resolution, k, np.bincount(labels).tolist())
-    del snn
     release_memory()
 
 
@@ -491,7 +621,5 @@ def run_umap(ctx: Context) -> None:
     cells, pcs = _passed_pcs(ctx)
     emb = umap_embedding(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
                          scheduler=ctx.scheduler(), progress=ctx.progress)
-    x = np.full((store.n_cells, 2), np.nan)
-    x[cells] = emb
-    store.write_array("obsm", "X_umap", x)
+    store.write_array("obsm", "X_umap", all_cells(emb, cells, store.n_cells, np.nan))
     release_memory()

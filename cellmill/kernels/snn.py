@@ -4,7 +4,8 @@ S = A A^T for the binary kNN matrix A (A[i, m] = 1 when m is among i's k neighbo
 S[i, j] = |nn(i) & nn(j)| for every pair sharing a neighbour; weight J = S / (k + (k - S)) (the
 Jaccard index of the two k-sets, computed as Seurat's ComputeSNN does); entries with J < prune
 are dropped. Rows are built one at a time through the reverse lists (who has m as neighbour),
-never as a dense matrix. Neighbour index -1 means "no neighbour" and is skipped.
+never as a dense matrix, in two sweeps (count, then fill), so the caller can allocate the whole
+graph once and copy the rows in. Neighbour index -1 means "no neighbour" and is skipped.
 """
 
 import numba
@@ -24,7 +25,7 @@ def reverse_lists(knn, n):
     for m in range(n):
         ptr[m + 1] += ptr[m]
     fill = ptr[:-1].copy()
-    idx = np.empty(ptr[n], dtype=np.int64)
+    idx = np.empty(ptr[n], dtype=knn.dtype)  # int32 lists give int32 reverse lists
     for i in range(rows):
         for p in range(k):
             m = knn[i, p]
@@ -52,39 +53,80 @@ def _row(knn, ptr, idx, i, cnt, touched):
 
 
 @numba.njit(nogil=True, cache=True)
-def snn_rows(knn, ptr, idx, r0, r1, prune):
-    """Rows r0..r1 of the pruned Jaccard SNN graph as CSR pieces (indptr from 0, indices
-    sorted, float64 data). Two sweeps: count the kept entries, then fill them."""
+def _weight(s, kf):
+    """Jaccard index of two k-sets sharing s points (Seurat's ComputeSNN arithmetic)."""
+    return s / (kf + (kf - s))
+
+
+@numba.njit(nogil=True, cache=True)
+def snn_row_counts(knn, ptr, idx, r0, r1, prune):
+    """Number of kept SNN entries in each of the rows r0..r1 (the first of two sweeps: the
+    caller sizes the whole graph before filling it)."""
     n, k = knn.shape
     kf = float(k)
     cnt = np.zeros(n, dtype=np.int32)
     touched = np.empty(n, dtype=np.int64)
-    indptr = np.zeros(r1 - r0 + 1, dtype=np.int64)
+    counts = np.zeros(r1 - r0, dtype=np.int64)
     for i in range(r0, r1):
         nt = _row(knn, ptr, idx, i, cnt, touched)
         kept = 0
         for t in range(nt):
-            s = float(cnt[touched[t]])
-            if not (s / (kf + (kf - s)) < prune):
+            if not (_weight(float(cnt[touched[t]]), kf) < prune):
                 kept += 1
             cnt[touched[t]] = 0
-        indptr[i - r0 + 1] = indptr[i - r0] + kept
-    indices = np.empty(indptr[r1 - r0], dtype=np.int64)
-    data = np.empty(indptr[r1 - r0], dtype=np.float64)
+        counts[i - r0] = kept
+    return counts
+
+
+@numba.njit(nogil=True, cache=True)
+def snn_fill_rows(knn, ptr, idx, r0, r1, prune, counts, col):
+    """Rows r0..r1 of the pruned Jaccard SNN graph, `counts` (snn_row_counts) entries each:
+    column indices col[j] (int32, ascending: `col` is increasing) and float64 weights, the
+    rows one after the other."""
+    n, k = knn.shape
+    kf = float(k)
+    cnt = np.zeros(n, dtype=np.int32)
+    touched = np.empty(n, dtype=np.int64)
+    indices = np.empty(counts.sum(), dtype=np.int32)
+    data = np.empty(counts.sum(), dtype=np.float64)
+    a = 0
     for i in range(r0, r1):
         nt = _row(knn, ptr, idx, i, cnt, touched)
-        o = indptr[i - r0]
+        o = a
         for t in range(nt):
             j = touched[t]
-            s = float(cnt[j])
-            w = s / (kf + (kf - s))
+            w = _weight(float(cnt[j]), kf)
             if not (w < prune):
-                indices[o] = j
+                indices[o] = col[j]
                 data[o] = w
                 o += 1
             cnt[j] = 0
-        a, b = indptr[i - r0], indptr[i - r0 + 1]
+        b = a + counts[i - r0]
         order = np.argsort(indices[a:b])
         indices[a:b] = indices[a:b][order]
         data[a:b] = data[a:b][order]
-    return indptr, indices, data
+        a = b
+    return indices, data
+
+
+@numba.njit(nogil=True, cache=True)
+def upper_edges(indptr, indices, data):
+    """The entries above the diagonal of a symmetric CSR graph (sorted indices) as an edge list
+    (E x 2 int64, row-major order, as igraph takes it) and their weights."""
+    n = indptr.shape[0] - 1
+    m = 0
+    for i in range(n):
+        for p in range(indptr[i], indptr[i + 1]):
+            if indices[p] > i:
+                m += 1
+    edges = np.empty((m, 2), dtype=np.int64)
+    weights = np.empty(m, dtype=np.float64)
+    e = 0
+    for i in range(n):
+        for p in range(indptr[i], indptr[i + 1]):
+            if indices[p] > i:
+                edges[e, 0] = i
+                edges[e, 1] = indices[p]
+                weights[e] = data[p]
+                e += 1
+    return edges, weights
