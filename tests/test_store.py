@@ -210,3 +210,25 @@ def test_obs_columns_read_and_written_one_by_one(tmp_path):
     with pytest.raises(KeyError, match="no column"):
         store.obs_column("nope")
     assert not list(store.path.glob("obs/*.__new__"))
+
+
+def test_peak_memory_sees_peaks_the_sampler_misses():
+    """A 300 MB allocation freed within one sampling interval still counts (kernel mark), and
+    a nested monitor's peak reaches the outer one."""
+    import sys
+
+    from cellmill.engine.monitor import PeakMemory, current_rss
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the kernel high-water mark is read from /proc")
+    with PeakMemory(interval=3600) as outer:
+        base = current_rss()
+        with PeakMemory(interval=3600) as inner:
+            a = np.ones(300 * 2**20 // 8)
+            del a
+        after = PeakMemory(interval=3600)
+        with after:
+            pass
+    assert inner.peak >= base + 250 * 2**20
+    assert outer.peak >= inner.peak
+    assert after.peak < base + 150 * 2**20
