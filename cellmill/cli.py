@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from cellmill.errors import InputError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser: `cellmill bench --sizes 100k` as documented
+        from cellmill.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "ingest" and args.feature_type is None:
         args.feature_type = ["Gene Expression"]

@@ -110,3 +110,12 @@ def test_cli_errors_are_one_line(tmp_path):
     r = _cli("run", str(bad))
     assert r.returncode == 2 and "unknown key qc.foo" in r.stderr
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_bench_takes_its_own_options(capsys):
+    from cellmill import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--sizes", "25k", "--help"])
+    assert e.value.code == 0
+    assert "--sizes" in capsys.readouterr().out
