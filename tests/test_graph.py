@@ -33,6 +33,7 @@ from cellmill.engine.graph import (
 )
 from cellmill.engine.stages import Context
 from cellmill.io.ingest import ingest
+from cellmill.io.store import Store
 from cellmill.kernels.louvain import java_next_int, java_seed, random_permutation
 
 # ------------------------------------------------------------------ kNN
@@ -348,3 +349,28 @@ def test_graph_stages_on_pbmc(pbmc_store, ref):
     # UMAP is not reproducible across implementations: judge the separation of Seurat's
     # clusters in it
     assert silhouette_score(u[qc], seurat["seurat_clusters"]) > 0.3
+
+
+def test_snn_written_as_made_equals_the_graph(tmp_path, monkeypatch):
+    """The neighbors stage streams the graph into the store (tiny chunks here, so rows cross
+    chunk boundaries): what is read back is snn_graph's matrix, bit for bit."""
+    from make_10x import barcodes, random_counts, write_10x_v3
+
+    import cellmill.io.store as store_mod
+    from cellmill.engine.graph import write_snn_graph
+
+    write_10x_v3(tmp_path / "a.h5", random_counts(800, 30, seed=1), barcodes(800, seed=1),
+                 [f"G{i}" for i in range(30)])
+    store = ingest(tmp_path / "a.h5", tmp_path / "s.zarr")
+    cells = np.sort(np.random.default_rng(3).choice(800, 500, replace=False))
+    knn, _ = exact_knn(mixture(500, seed=5), 20)
+    ref = snn_graph(knn, 1 / 15, chunk=61, cells=cells, n_cells=800)
+    monkeypatch.setattr(store_mod, "CHUNK_NNZ", 101)
+    nnz = write_snn_graph(store, "obsp", "snn", knn, 1 / 15, chunk=61, cells=cells,
+                          n_cells=800)
+    got = Store(store.path).read_sparse("obsp", "snn")
+    assert nnz == ref.nnz and got.shape == ref.shape
+    for a in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(got, a), getattr(ref, a))
+    assert store.root["obsp"]["snn"]["data"].chunks == (101,)
+    assert not list(store.path.glob("obsp/*.__new__"))

@@ -176,16 +176,10 @@ def _snn_fill(knn, ptr, idx, r0, r1, prune, counts, col):
     return snn_fill_rows(knn, ptr, idx, r0, r1, prune, counts, col)
 
 
-def snn_graph(knn: np.ndarray, prune: float = 1.0 / 15.0, scheduler=None, chunk: int = 4096,
-              progress: bool = False, cells: np.ndarray | None = None,
-              n_cells: int | None = None) -> sp.csr_matrix:
-    """Seurat's SNN graph (n x n CSR, float64, int32 indices, diagonal 1) from n x k neighbour
-    lists (indices into the same n points).
-
-    With `cells` (ascending indices of the n points among n_cells) the graph is returned as
-    n_cells x n_cells, the other rows empty, without building the n x n one first. The rows are
-    counted first, then filled straight into the final arrays (no second copy of the graph).
-    """
+def _snn_plan(knn: np.ndarray, prune: float, scheduler, chunk: int, progress: bool,
+              cells: np.ndarray | None, n_cells: int | None):
+    """The SNN graph's shape, indptr (first sweep: kept entries per row) and the fill tasks of
+    the second sweep, one per `chunk` rows, whose results come in row order."""
     import dask
 
     from cellmill.engine.cluster import compute
@@ -212,18 +206,45 @@ def snn_graph(knn: np.ndarray, prune: float = 1.0 / 15.0, scheduler=None, chunk:
     else:
         indptr[np.asarray(cells) + 1] = counts
         np.cumsum(indptr, out=indptr)
-    indices = np.empty(indptr[-1], dtype=np.int32)
-    data = np.empty(indptr[-1])
     d_col = dask.delayed(col, pure=True)
     tasks = [dask.delayed(_snn_fill, pure=True)(*shared, a, min(a + chunk, n), float(prune),
                                                 counts[a:a + chunk], d_col)
              for a in starts]
+    return n_out, indptr, tasks
+
+
+def snn_graph(knn: np.ndarray, prune: float = 1.0 / 15.0, scheduler=None, chunk: int = 4096,
+              progress: bool = False, cells: np.ndarray | None = None,
+              n_cells: int | None = None) -> sp.csr_matrix:
+    """Seurat's SNN graph (n x n CSR, float64, int32 indices, diagonal 1) from n x k neighbour
+    lists (indices into the same n points).
+
+    With `cells` (ascending indices of the n points among n_cells) the graph is returned as
+    n_cells x n_cells, the other rows empty, without building the n x n one first. The rows are
+    counted first, then filled straight into the final arrays (no second copy of the graph).
+    """
+    n_out, indptr, tasks = _snn_plan(knn, prune, scheduler, chunk, progress, cells, n_cells)
+    indices = np.empty(indptr[-1], dtype=np.int32)
+    data = np.empty(indptr[-1])
     pos = 0
     for p_idx, p_data in _in_waves(tasks, scheduler, "snn", progress):
         indices[pos:pos + len(p_idx)] = p_idx
         data[pos:pos + len(p_idx)] = p_data
         pos += len(p_idx)
     return sp.csr_matrix((data, indices, indptr), shape=(n_out, n_out))
+
+
+def write_snn_graph(store, slot: str, name: str, knn: np.ndarray, prune: float = 1.0 / 15.0,
+                    scheduler=None, chunk: int = 4096, progress: bool = False,
+                    cells: np.ndarray | None = None, n_cells: int | None = None) -> int:
+    """snn_graph written into the store as it is made (rows in order, a wave of row blocks
+    at a time): the graph, O(cells x k) entries, is never whole in memory. Returns its nnz."""
+    n_out, indptr, tasks = _snn_plan(knn, prune, scheduler, chunk, progress, cells, n_cells)
+    out = store.sparse_writer(slot, name, (n_out, n_out))
+    for p_idx, p_data in _in_waves(tasks, scheduler, "snn", progress):
+        out.append(p_idx, p_data)
+    out.commit(indptr)
+    return int(indptr[-1])
 
 
 # ------------------------------------------------------------------ clustering
@@ -550,14 +571,11 @@ def run_neighbors(ctx: Context) -> None:
     del dist
     store.write_array("obsm", "knn_index", all_cells(idx, cells, store.n_cells, -1,
                                                      lookup=cells.astype(np.int64)))
-    snn = snn_graph(idx, cfg.prune, scheduler=ctx.scheduler(), progress=ctx.progress,
-                    cells=cells, n_cells=store.n_cells)
-    del idx
-    release_memory()
-    store.write_sparse("obsp", "snn", snn)
+    nnz = write_snn_graph(store, "obsp", "snn", idx, cfg.prune, scheduler=ctx.scheduler(),
+                          progress=ctx.progress, cells=cells, n_cells=store.n_cells)
     log.info("neighbors: %s k=%d on %d PCs, %d cells; SNN %d entries", cfg.method, k,
-             n_pcs, len(cells), snn.nnz)
-    del snn
+             n_pcs, len(cells), nnz)
+    del idx
     release_memory()
 
 

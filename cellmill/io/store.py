@@ -269,6 +269,11 @@ class Store:
         _swap_dir(self.path / slot / (name + ".__new__"), self.path / slot / name)
         self._root = None
 
+    def sparse_writer(self, slot: str, name: str, shape: tuple[int, int],
+                      dtype=np.float64) -> SparseRowWriter:
+        """Write a CSR matrix into slot/name a block of rows at a time (see SparseRowWriter)."""
+        return SparseRowWriter(self, slot, name, shape, dtype)
+
     def read_array(self, slot: str, name: str) -> np.ndarray:
         return self.root[slot][name][...]
 
@@ -409,6 +414,39 @@ class Store:
 
     def gene_major_indptr(self) -> np.ndarray:
         return self.root["layers"][GENE_MAJOR]["indptr"][:]
+
+
+class SparseRowWriter:
+    """A CSR matrix written under slot/name.__new__ row block by row block: `append` the
+    indices and values of consecutive rows (whole chunks go to disk as they fill), `commit`
+    with the full indptr writes it and swaps the matrix in. Only one chunk is buffered."""
+
+    def __init__(self, store: Store, slot: str, name: str, shape: tuple[int, int], dtype):
+        from cellmill.io.writer import _Appender
+
+        self.store, self.slot, self.name, self.shape = store, slot, name, tuple(shape)
+        parent = _empty_dict_group(store.root, slot)
+        shutil.rmtree(store.path / slot / (name + ".__new__"), ignore_errors=True)
+        self.group = parent.create_group(name + ".__new__", overwrite=True)
+        self.data = _Appender(self.group, "data", dtype, CHUNK_NNZ)
+        self.indices = _Appender(self.group, "indices", np.int32, CHUNK_NNZ)
+
+    def append(self, indices: np.ndarray, data: np.ndarray) -> None:
+        self.indices.append(indices)
+        self.data.append(data)
+
+    def commit(self, indptr: np.ndarray) -> None:
+        self.data.close()
+        self.indices.close()
+        if self.indices.written != int(indptr[-1]):
+            raise ValueError(f"{self.slot}/{self.name}: {self.indices.written} entries "
+                             f"written, indptr says {int(indptr[-1])}")
+        ip = self.group.create_array("indptr", shape=indptr.shape, dtype=np.int64,
+                                     chunks=(min(len(indptr), 1 << 20),), compressors=codec())
+        ip[:] = indptr
+        self.group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                                 "shape": list(self.shape)})
+        self.store.commit_array(self.slot, self.name)
 
 
 def _read_block(store: Store, start: int, stop: int, genes, sub_mask):
