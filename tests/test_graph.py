@@ -374,3 +374,10 @@ def test_snn_written_as_made_equals_the_graph(tmp_path, monkeypatch):
         np.testing.assert_array_equal(getattr(got, a), getattr(ref, a))
     assert store.root["obsp"]["snn"]["data"].chunks == (101,)
     assert not list(store.path.glob("obsp/*.__new__"))
+    # the kNN lists among all cells, written a block of cells at a time
+    from cellmill.engine.graph import write_all_cells
+
+    write_all_cells(store, "obsm", "knn_index", knn, cells, -1, lookup=cells.astype(np.int64),
+                    block=33)
+    np.testing.assert_array_equal(Store(store.path).read_array("obsm", "knn_index"),
+                                  all_cells(knn, cells, 800, -1, lookup=cells.astype(np.int64)))

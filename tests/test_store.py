@@ -232,3 +232,29 @@ def test_peak_memory_sees_peaks_the_sampler_misses():
     assert inner.peak >= base + 250 * 2**20
     assert outer.peak >= inner.peak
     assert after.peak < base + 150 * 2**20
+
+
+def test_qc_table_written_in_pieces(tmp_path, monkeypatch):
+    """tables/qc.csv, written a few cells at a time, is the table of the whole obs."""
+    import cellmill.engine.stage_ingest as si
+    from cellmill.config import Config
+    from cellmill.engine.stages import Context
+
+    manifest, _ = _study(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store = ingest(manifest, tmp_path / "s.zarr")
+    monkeypatch.setattr(si, "QC_ROWS", 7)
+    cfg = Config()
+    cfg.qc.min_features, cfg.qc.max_features = 10, 40
+    ctx = Context(cfg=cfg, outdir=tmp_path / "out", store=store, progress=False)
+    si.run_qc(ctx)
+    got = pd.read_csv(ctx.tables / "qc.csv")
+    obs = store.obs()
+    nf = obs["n_features"].to_numpy()
+    want = pd.DataFrame({"cell": obs.index.to_numpy(), "sample": obs["sample"].astype(str),
+                         "n_counts": obs["n_counts"].to_numpy(), "n_features": nf,
+                         "pass": (nf > 10) & (nf < 40)}).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, want, check_dtype=False)
+    np.testing.assert_array_equal(store.obs_column("qc_pass"), want["pass"].to_numpy())
+    assert list(store.obs_names(3, 9)) == list(obs.index[3:9])

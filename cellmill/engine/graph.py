@@ -550,6 +550,26 @@ def all_cells(rows: np.ndarray, cells: np.ndarray, n_cells: int, fill,
     return out
 
 
+def write_all_cells(store, slot: str, name: str, rows: np.ndarray, cells: np.ndarray, fill,
+                    lookup: np.ndarray | None = None, block: int = 65536) -> None:
+    """all_cells(...) written into slot/name a block of cells at a time: the n_cells x ...
+    array is never whole in memory."""
+    import zarr
+
+    n_cells = store.n_cells
+    dtype = rows.dtype if lookup is None else lookup.dtype
+    path = store.begin_array(slot, name, (n_cells,) + rows.shape[1:], dtype, block,
+                             fill_value=fill)
+    arr = zarr.open_array(path, mode="r+")
+    for r0 in range(0, n_cells, block):
+        r1 = min(r0 + block, n_cells)
+        a, b = np.searchsorted(cells, [r0, r1])
+        out = np.full((r1 - r0,) + rows.shape[1:], fill, dtype=dtype)
+        out[cells[a:b] - r0] = rows[a:b] if lookup is None else lookup[rows[a:b]]
+        arr[r0:r1] = out
+    store.commit_array(slot, name)
+
+
 def _neighbors_params(cfg):
     n = cfg.neighbors
     return {"n_pcs": n.n_pcs, "k": n.k, "prune": n.prune, "method": n.method}
@@ -567,10 +587,10 @@ def run_neighbors(ctx: Context) -> None:
     # one full-size array at a time: each is written and freed before the next is made
     del pcs
     release_memory()
-    store.write_array("obsm", "knn_distance", all_cells(dist, cells, store.n_cells, np.nan))
+    write_all_cells(store, "obsm", "knn_distance", dist, cells, np.nan)
     del dist
-    store.write_array("obsm", "knn_index", all_cells(idx, cells, store.n_cells, -1,
-                                                     lookup=cells.astype(np.int64)))
+    write_all_cells(store, "obsm", "knn_index", idx, cells, -1,
+                    lookup=cells.astype(np.int64))
     nnz = write_snn_graph(store, "obsp", "snn", idx, cfg.prune, scheduler=ctx.scheduler(),
                           progress=ctx.progress, cells=cells, n_cells=store.n_cells)
     log.info("neighbors: %s k=%d on %d PCs, %d cells; SNN %d entries", cfg.method, k,
@@ -639,5 +659,5 @@ def run_umap(ctx: Context) -> None:
     cells, pcs = _passed_pcs(ctx)
     emb = umap_embedding(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
                          scheduler=ctx.scheduler(), progress=ctx.progress)
-    store.write_array("obsm", "X_umap", all_cells(emb, cells, store.n_cells, np.nan))
+    write_all_cells(store, "obsm", "X_umap", emb, cells, np.nan)
     release_memory()

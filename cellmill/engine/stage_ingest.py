@@ -62,6 +62,9 @@ def run_ingest(ctx: Context) -> None:
                        progress=ctx.progress)
 
 
+QC_ROWS = 65536  # cells per piece of tables/qc.csv
+
+
 def qc_mask(n_features: np.ndarray, cfg: Config) -> np.ndarray:
     lo, hi = cfg.qc.min_features, cfg.qc.max_features
     if cfg.qc.inclusive:
@@ -78,11 +81,18 @@ def run_qc(ctx: Context) -> None:
     if not keep.any():
         raise InputError(ctx.store_path, "no cell passes QC with these thresholds")
     store.update_obs(qc_pass=keep)
-    table = pd.DataFrame({"cell": store.obs_names(),
-                          "sample": np.asarray(store.obs_column("sample")).astype(str),
-                          "n_counts": np.asarray(store.obs_column("n_counts")),
-                          "n_features": n_features, "pass": keep})
-    write_table(table, ctx.tables / "qc.csv")
+    sample = store.obs_column("sample")
+    n_counts = np.asarray(store.obs_column("n_counts"))
+    path = ctx.tables / "qc.csv"
+    tmp = path.with_name(path.name + ".tmp")
+    # in pieces of QC_ROWS cells: the cell names of the whole study are never all in memory
+    for a in range(0, store.n_cells, QC_ROWS):
+        b = min(a + QC_ROWS, store.n_cells)
+        pd.DataFrame({"cell": store.obs_names(a, b), "sample": np.asarray(sample[a:b]).astype(str),
+                      "n_counts": n_counts[a:b], "n_features": n_features[a:b],
+                      "pass": keep[a:b]}).to_csv(tmp, index=False, header=a == 0,
+                                                 mode="w" if a == 0 else "a")
+    tmp.replace(path)
 
 
 def write_table(df: pd.DataFrame, path: Path) -> None:

@@ -200,11 +200,12 @@ class Store:
             raise KeyError(f"{self.path}: obs has no column {name!r}")
         return read_elem(zarr.open_group(self.path, mode="r", zarr_format=3)["obs"][name])
 
-    def obs_names(self) -> pd.Index:
-        from anndata.io import read_elem
-
+    def obs_names(self, start: int = 0, stop: int | None = None) -> pd.Index:
+        """Cell names (all, or cells start:stop: a table can be written in pieces)."""
         obs = zarr.open_group(self.path / "obs", mode="r", zarr_format=3)
-        return pd.Index(read_elem(obs[self._obs_attrs()["_index"]]).astype(object))
+        arr = obs[self._obs_attrs()["_index"]]
+        stop = arr.shape[0] if stop is None else min(int(stop), arr.shape[0])
+        return pd.Index(np.asarray(arr[int(start):stop]).astype(object))
 
     def obs_columns(self) -> list[str]:
         return list(self._obs_attrs().get("column-order", []))
