@@ -146,7 +146,10 @@ def stream_blocks(store: Store, func, *args, mask: np.ndarray, block_cells: int 
             res = map_blocks(store, func, *args, mask=mask, scheduler=scheduler,
                              progress=False, ranges=part)
             pbar.update(len(part))
-            yield from zip(part, res, strict=True)
+            for j, rng in enumerate(part):  # drop each result once handed over, so one
+                r, res[j] = res[j], None    # window is alive while the next is computed
+                yield rng, r
+            del res, r
     finally:
         pbar.close()
 
