@@ -144,10 +144,15 @@ class ReportInputs:
             path = self.tables_dir / name
             if not path.is_file():
                 raise Missing(f"tables/{name} not found")
-            df = pd.read_csv(path, keep_default_na=True)
-            for col in ("cluster", "timepoint", "gene", "pathway", "contrast", "sample", "cell"):
+            # per-cell tables (qc.csv): the report never uses the cell names, which would be
+            # the largest part of the table in memory; samples as categories
+            df = pd.read_csv(path, keep_default_na=True, usecols=lambda c: c != "cell",
+                             dtype={"sample": "category"})
+            for col in ("cluster", "timepoint", "gene", "pathway", "contrast"):
                 if col in df:
                     df[col] = df[col].astype(str)
+            if "sample" in df:
+                df["sample"] = df["sample"].cat.rename_categories(str)
             self._cache[name] = df
         df = self._cache[name]
         lacking = [c for c in required if c not in df.columns]
