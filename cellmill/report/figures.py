@@ -95,7 +95,10 @@ class ReportInputs:
 
     def meta(self, column: str) -> pd.Series:
         """An obs column (str) over the QC-passed cells."""
-        return self.column(column)[self.qc].astype(str)
+        key = ("meta", column)
+        if key not in self._cache:
+            self._cache[key] = self.column(column)[self.qc].astype(str)
+        return self._cache[key]
 
     def timepoints(self) -> list[str]:
         present = set(self.meta(self.cfg.study.timepoint).unique())
@@ -120,22 +123,23 @@ class ReportInputs:
         if todo:
             idx = np.array([names.get_loc(g) for g in todo], dtype=np.int64)
             qc = self.qc
-            if store.has_gene_major():
-                cols = [store.read_genes(int(i), int(i) + 1).toarray().ravel()[qc] for i in idx]
-                counts = np.column_stack(cols).astype(np.float64)
+            n_counts = self.column("n_counts").to_numpy()[qc].astype(np.float64)
+            scale = self.cfg.normalize.scale_factor
+            if store.has_gene_major():  # one gene at a time: a few n-cell vectors alive
+                cols = (store.read_genes(int(i), int(i) + 1).toarray().ravel()[qc] for i in idx)
             else:  # one streaming pass reading only these columns of each block
                 from cellmill.engine.passes import map_blocks
 
                 parts = map_blocks(store, _dense_block, mask=qc, genes=idx,
                                    scheduler=self.scheduler, desc="report", progress=False)
-                counts = np.vstack(parts).astype(np.float64)
-            n_counts = self.column("n_counts").to_numpy()[qc].astype(np.float64)
-            scale = self.cfg.normalize.scale_factor
-            with np.errstate(divide="ignore", invalid="ignore"):
-                y = np.log1p(counts / n_counts[:, None] * scale)
-            y[~np.isfinite(y)] = 0.0
-            for j, g in enumerate(todo):
-                self._expr[g] = y[:, j]
+                counts = np.vstack(parts)
+                del parts
+                cols = (counts[:, j] for j in range(len(idx)))
+            for g, x in zip(todo, cols, strict=True):
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    y = np.log1p(x / n_counts * scale)
+                y[~np.isfinite(y)] = 0.0
+                self._expr[g] = y
         return {g: self._expr[g] for g in genes}
 
     # -- tables
