@@ -96,18 +96,36 @@ def exact_knn(points: np.ndarray, k: int, scheduler=None, chunk: int | None = No
     scheduler. Returns (indices, int32 when n < 2^31 else int64; Euclidean distances float64),
     n x k.
     """
-    import dask
+    return knn_search(knn_index(points), k, scheduler, chunk, progress)
 
+
+def knn_index(points: np.ndarray):
+    """The search structure of exact_knn: (tree permutation, points in tree order dimension-
+    major, leaf boxes). It holds its own copy, so the caller may free `points` before the
+    search (the neighbors stage does: one copy of the PCs instead of two)."""
     from cellmill.kernels.knn import LEAF, block_boxes, tree_order
 
     x = np.asarray(points, dtype=np.float64)
-    n = x.shape[0]
+    perm = tree_order(x, LEAF)
+    ref_t = np.empty((x.shape[1], x.shape[0]))
+    # points in tree order, dimension-major; mode="clip" (perm is in range anyway) because
+    # numpy buffers `out` in a temporary of the same size under the default mode="raise"
+    np.take(x.T, perm, axis=1, out=ref_t, mode="clip")
+    lo, hi = block_boxes(ref_t, LEAF)
+    return perm, ref_t, lo, hi
+
+
+def knn_search(index, k: int, scheduler=None, chunk: int | None = None,
+               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """exact_knn on a knn_index."""
+    import dask
+
+    from cellmill.kernels.knn import LEAF
+
+    perm, ref_t, lo, hi = index
+    n = ref_t.shape[1]
     if n == 0:
         return np.empty((0, k), dtype=index_dtype(0)), np.empty((0, k))
-    perm = tree_order(x, LEAF)
-    ref_t = np.empty((x.shape[1], n))
-    np.take(x.T, perm, axis=1, out=ref_t)  # points in tree order, dimension-major, one copy
-    lo, hi = block_boxes(ref_t, LEAF)
     if chunk is None:
         chunk = min(8192, max(256, -(-n // (8 * _workers(scheduler)))))
     shared = [dask.delayed(a, pure=True) for a in (ref_t, perm, lo, hi)]
@@ -582,10 +600,13 @@ def run_neighbors(ctx: Context) -> None:
     k, n_pcs = min(cfg.k, len(cells)), pcs.shape[1]
     if cfg.method == "pynndescent":
         idx, dist = nndescent_knn(pcs, k, workers=ctx.cfg.compute.workers)
+        del pcs
     else:
-        idx, dist = exact_knn(pcs, k, scheduler=ctx.scheduler(), progress=ctx.progress)
+        index = knn_index(pcs)
+        del pcs  # the index holds its own copy
+        idx, dist = knn_search(index, k, scheduler=ctx.scheduler(), progress=ctx.progress)
+        del index
     # one full-size array at a time: each is written and freed before the next is made
-    del pcs
     release_memory()
     write_all_cells(store, "obsm", "knn_distance", dist, cells, np.nan)
     del dist

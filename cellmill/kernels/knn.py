@@ -34,11 +34,13 @@ def tree_order(points: np.ndarray, leaf: int = LEAF) -> np.ndarray:
         a, b = stack.pop()
         if b - a <= leaf:
             continue
-        seg = points[perm[a:b]]
-        dim = int(np.argmax(seg.max(axis=0) - seg.min(axis=0)))
+        rows = perm[a:b]
+        # one column at a time: a copy of the whole segment would double the points' memory
+        spread = [np.ptp(points[rows, j]) for j in range(points.shape[1])]
+        dim = int(np.argmax(spread))
         n_leaves = -(-(b - a) // leaf)
         mid = leaf * ((n_leaves + 1) // 2)
-        part = np.argpartition(seg[:, dim], mid, kind="introselect")
+        part = np.argpartition(points[rows, dim], mid, kind="introselect")
         perm[a:b] = perm[a:b][part]
         stack.append((a, a + mid))
         stack.append((a + mid, b))
