@@ -50,6 +50,19 @@ def get_scheduler(ctx) -> Any:
     return sched
 
 
+def n_workers(scheduler) -> int:
+    """Workers (threads) a scheduler runs tasks on: 2 when none is given (compute's default)."""
+    if scheduler is None:
+        return 2
+    if isinstance(scheduler, tuple):
+        return max(1, int(scheduler[1]))
+    try:  # a distributed Client
+        return max(1, sum(w.get("nthreads", 1)
+                          for w in scheduler.scheduler_info()["workers"].values()))
+    except (AttributeError, KeyError, TypeError):  # not a distributed Client: a modest window
+        return 8
+
+
 def is_distributed(scheduler) -> bool:
     return scheduler is not None and not isinstance(scheduler, tuple)
 

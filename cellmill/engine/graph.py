@@ -40,6 +40,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cellmill.engine.stages import Context, stage
+from cellmill.heap import release_heap
 
 log = logging.getLogger("cellmill")
 
@@ -52,23 +53,13 @@ WAVE_PER_WORKER = 8  # tasks per worker computed at once when results are copied
 # ------------------------------------------------------------------ nearest neighbours
 
 
-def _workers(scheduler) -> int:
-    """Number of workers of a scheduler (threads tuple or distributed client)."""
-    if isinstance(scheduler, tuple):
-        return max(1, scheduler[1])
-    try:
-        return max(1, sum(scheduler.nthreads().values()))
-    except AttributeError:  # no scheduler: compute's default
-        return 2
-
-
 def _in_waves(tasks: list, scheduler, desc: str, progress: bool):
     """The results of `tasks` in order, computed a few per worker at a time: callers copy each
     into a preallocated array, so only one wave of results is alive beside it (computing all
     tasks at once would hold a second copy of the whole output)."""
-    from cellmill.engine.cluster import compute
+    from cellmill.engine.cluster import compute, n_workers
 
-    step = WAVE_PER_WORKER * _workers(scheduler)
+    step = WAVE_PER_WORKER * n_workers(scheduler)
     for w0 in range(0, len(tasks), step):
         yield from compute(tasks[w0:w0 + step], scheduler=scheduler, desc=desc,
                            progress=progress)
@@ -120,6 +111,7 @@ def knn_search(index, k: int, scheduler=None, chunk: int | None = None,
     """exact_knn on a knn_index."""
     import dask
 
+    from cellmill.engine.cluster import n_workers
     from cellmill.kernels.knn import LEAF
 
     perm, ref_t, lo, hi = index
@@ -127,7 +119,7 @@ def knn_search(index, k: int, scheduler=None, chunk: int | None = None,
     if n == 0:
         return np.empty((0, k), dtype=index_dtype(0)), np.empty((0, k))
     if chunk is None:
-        chunk = min(8192, max(256, -(-n // (8 * _workers(scheduler)))))
+        chunk = min(8192, max(256, -(-n // (8 * n_workers(scheduler)))))
     shared = [dask.delayed(a, pure=True) for a in (ref_t, perm, lo, hi)]
     starts = range(0, n, chunk)
     tasks = [dask.delayed(_knn_chunk, pure=True)(*shared, LEAF, a, min(a + chunk, n), k)
@@ -331,7 +323,7 @@ def modularity_clusters(snn: sp.csr_matrix, algorithm: str = "leiden", resolutio
     del snn  # the caller's may be the last reference: freed before igraph copies the edges
     g = _igraph(n, edges)
     del edges
-    release_memory()
+    release_heap()
     if leiden_backend == "leidenalg":
         import leidenalg as la
 
@@ -495,7 +487,7 @@ def umap_embedding(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 
         knn = cosine_knn(points, k, scheduler=scheduler, progress=progress)
     knn_idx, knn_dist = knn[0], knn[1].astype(np.float32)
     del knn  # the float64 distances (when the caller keeps no reference)
-    release_memory()
+    release_heap()
     x = np.asarray(points, dtype=np.float32)
     rs = np.random.RandomState(seed)
     epochs = umap_epochs(n, n_epochs)
@@ -509,9 +501,9 @@ def umap_embedding(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 
         graph.sum_duplicates()
         graph.data[graph.data < graph.data.max() / float(epochs)] = 0.0
         graph.eliminate_zeros()
-        release_memory()  # scipy's temporaries of the fuzzy union
+        release_heap()  # scipy's temporaries of the fuzzy union
         init = spectral_init(graph, x, 2, rs)
-        release_memory()
+        release_heap()
         a, b = find_ab_params(1.0, min_dist)
         emb, _ = simplicial_set_embedding(x, graph, 2, 1.0, a, b, 1.0, 5, epochs, init, rs,
                                           "cosine", {}, False, {}, False, parallel=False)
@@ -519,20 +511,6 @@ def umap_embedding(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 
 
 
 # ------------------------------------------------------------------ stages
-
-
-def release_memory() -> None:
-    """Return freed heap to the OS (glibc keeps it otherwise): between the big steps of a
-    stage, so the next step starts from a lower RSS, and at the end of a stage, so the next
-    stage of the same `cellmill run` process does."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def obsm_rows(store, name: str, cells: np.ndarray, n_cols: int) -> np.ndarray:
@@ -575,16 +553,14 @@ def write_all_cells(store, slot: str, name: str, rows: np.ndarray, cells: np.nda
     import zarr
 
     n_cells = store.n_cells
-    dtype = rows.dtype if lookup is None else lookup.dtype
+    dtype = rows.dtype if lookup is None else lookup.dtype  # as all_cells makes it
     path = store.begin_array(slot, name, (n_cells,) + rows.shape[1:], dtype, block,
                              fill_value=fill)
     arr = zarr.open_array(path, mode="r+")
     for r0 in range(0, n_cells, block):
         r1 = min(r0 + block, n_cells)
         a, b = np.searchsorted(cells, [r0, r1])
-        out = np.full((r1 - r0,) + rows.shape[1:], fill, dtype=dtype)
-        out[cells[a:b] - r0] = rows[a:b] if lookup is None else lookup[rows[a:b]]
-        arr[r0:r1] = out
+        arr[r0:r1] = all_cells(rows[a:b], cells[a:b] - r0, r1 - r0, fill, lookup)
     store.commit_array(slot, name)
 
 
@@ -607,7 +583,7 @@ def run_neighbors(ctx: Context) -> None:
         idx, dist = knn_search(index, k, scheduler=ctx.scheduler(), progress=ctx.progress)
         del index
     # one full-size array at a time: each is written and freed before the next is made
-    release_memory()
+    release_heap()
     write_all_cells(store, "obsm", "knn_distance", dist, cells, np.nan)
     del dist
     write_all_cells(store, "obsm", "knn_index", idx, cells, -1,
@@ -617,7 +593,7 @@ def run_neighbors(ctx: Context) -> None:
     log.info("neighbors: %s k=%d on %d PCs, %d cells; SNN %d entries", cfg.method, k,
              n_pcs, len(cells), nnz)
     del idx
-    release_memory()
+    release_heap()
 
 
 def _cluster_params(cfg):
@@ -665,7 +641,7 @@ def run_cluster(ctx: Context) -> None:
                 ctx.tables / "clusters.csv")
     log.info("cluster: %s resolution %g: %d clusters, sizes %s", cfg.algorithm,
              cfg.resolution, k, np.bincount(labels).tolist())
-    release_memory()
+    release_heap()
 
 
 def _umap_params(cfg):
@@ -681,4 +657,4 @@ def run_umap(ctx: Context) -> None:
     emb = umap_embedding(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
                          scheduler=ctx.scheduler(), progress=ctx.progress)
     write_all_cells(store, "obsm", "X_umap", emb, cells, np.nan)
-    release_memory()
+    release_heap()

@@ -314,7 +314,7 @@ def run_pca(ctx: Context) -> None:
     store.write_array("uns", "pca_stdev", res.stdev)
     log.info("pca: %d components of %d genes x %d cells; stdev %s", nc, len(res.genes),
              len(res.cells), np.array2string(res.stdev[:5], precision=3))
-    from cellmill.engine.graph import release_memory
+    from cellmill.heap import release_heap
 
     del res, pcs
-    release_memory()
+    release_heap()

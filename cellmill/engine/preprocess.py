@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cellmill.config import Config, ConfigError
+from cellmill.engine.cluster import n_workers
 from cellmill.engine.passes import block_cells_for_budget, granules, map_blocks
 from cellmill.engine.stages import Context, stage
 from cellmill.errors import InputError
@@ -118,18 +119,6 @@ def _second_block(start, stop, m, cells, mu, sd, vmax):
 RESULT_BUDGET = 128 * 2**20
 
 
-def _n_workers(scheduler) -> int:
-    if scheduler is None:
-        return 2
-    if isinstance(scheduler, tuple):
-        return int(scheduler[1])
-    try:  # a distributed Client
-        return max(1, sum(w.get("nthreads", 1)
-                          for w in scheduler.scheduler_info()["workers"].values()))
-    except (AttributeError, KeyError, TypeError):  # not a distributed Client: a modest window
-        return 8
-
-
 def stream_blocks(store: Store, func, *args, mask: np.ndarray, block_cells: int | None,
                   scheduler, desc: str, progress: bool, result_bytes: int):
     """map_blocks window by window: yields ((start, stop), result) in block order, holding
@@ -138,7 +127,7 @@ def stream_blocks(store: Store, func, *args, mask: np.ndarray, block_cells: int 
     from cellmill.engine.progress import bar
 
     ranges = store.block_ranges(block_cells)
-    window = max(8 * _n_workers(scheduler), RESULT_BUDGET // max(result_bytes, 1))
+    window = max(8 * n_workers(scheduler), RESULT_BUDGET // max(result_bytes, 1))
     pbar = bar(total=len(ranges), desc=desc, enabled=progress)
     try:
         for i in range(0, len(ranges), window):

@@ -318,6 +318,14 @@ def genome_mask(path: Path, genomes: np.ndarray | None, genome: str | None) -> n
     return mask
 
 
+def check_not_empty(path: Path, n_cells: int, n_genes: int) -> None:
+    """A sample needs cells and genes (checked by streaming readers before any counts)."""
+    if n_cells == 0:
+        raise InputError(path, "empty sample: no cells")
+    if n_genes == 0:
+        raise InputError(path, "empty sample: no genes")
+
+
 def make_sample(
     path: Path,
     counts: sp.csr_matrix,
@@ -325,10 +333,7 @@ def make_sample(
     var: pd.DataFrame,
 ) -> Sample:
     """Final checks shared by every reader."""
-    if counts.shape[0] == 0:
-        raise InputError(path, "empty sample: no cells")
-    if counts.shape[1] == 0:
-        raise InputError(path, "empty sample: no genes")
+    check_not_empty(path, counts.shape[0], counts.shape[1])
     if len(barcodes) != counts.shape[0] or len(var) != counts.shape[1]:
         raise InputError(path, "matrix dimensions disagree with the barcodes or features")
     return Sample(counts=counts, barcodes=barcodes, var=var, source=os.fspath(path))

@@ -42,6 +42,7 @@ from cellmill.io.sample import (
     SampleStream,
     build_var,
     check_indptr,
+    check_not_empty,
     decode_strings,
     genome_mask,
     keep_mask,
@@ -136,7 +137,7 @@ def _open_v3(path: Path, f: h5py.File, feature_types, genome, slice_nnz: int) ->
         unique, ids, types = unique[mask], ids[mask], types[mask]
         genomes = genomes[mask] if genomes is not None else None
     var = build_var(seurat_clean(unique), ids, types, genomes)
-    check_sizes(path, len(barcodes), len(var))
+    check_not_empty(path, len(barcodes), len(var))
     slices = _slices(path, g, indptr, n, slice_nnz, mask)
     return SampleStream(barcodes, var, os.fspath(path), slices)
 
@@ -181,20 +182,12 @@ def _open_v2(path: Path, f: h5py.File, feature_types, genome, slice_nnz: int) ->
     types = np.full(ids.size, GENE_EXPRESSION, dtype=object)
     keep_mask(path, types, feature_types)  # v2 has only Gene Expression: error if not wanted
     var = build_var(seurat_clean(names), ids, types, genomes)
-    check_sizes(path, len(barcodes), len(var))
+    check_not_empty(path, len(barcodes), len(var))
     if len(parts) == 1:
         slices = _slices(path, *parts[0], slice_nnz)
     else:  # genome groups side by side: read whole (rare; Seurat reads one genome at a time)
         slices = _hstack_groups(path, parts)
     return SampleStream(barcodes, var, os.fspath(path), slices)
-
-
-def check_sizes(path: Path, n_cells: int, n_genes: int) -> None:
-    """make_sample's emptiness checks, before any counts are read."""
-    if n_cells == 0:
-        raise InputError(path, "empty sample: no cells")
-    if n_genes == 0:
-        raise InputError(path, "empty sample: no genes")
 
 
 def _header(path: Path, g: h5py.Group, n_features: int, prefix: str = ""):

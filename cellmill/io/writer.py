@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import os
 import shutil
 import warnings
@@ -17,6 +15,7 @@ import scipy.sparse as sp
 import zarr
 
 from cellmill.errors import InputError
+from cellmill.heap import release_heap
 from cellmill.io.sample import SampleStream
 from cellmill.io.store import (
     CHUNK_NNZ,
@@ -183,7 +182,7 @@ class StoreWriter:
         self.x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
                              "shape": [self.n_cells, n_genes]})
         self._warn_missing_genes()
-        _release_heap()  # the slices' freed buffers, before the O(cells) obs is built
+        release_heap()  # the slices' freed buffers, before the O(cells) obs is built
         obs = _obs_frame(self.obs_parts)
         if obs.index.has_duplicates:
             dup = obs.index[obs.index.duplicated()][0]
@@ -300,16 +299,6 @@ def _categorical(values: list, sizes: list[int]) -> pd.Categorical:
     categories = list(dict.fromkeys(v for v, _ in kept))
     codes = np.repeat([categories.index(v) for v, _ in kept], [n for _, n in kept])
     return pd.Categorical.from_codes(codes, categories=categories)
-
-
-def _release_heap() -> None:
-    """Hand freed heap back to the OS (glibc keeps it otherwise), so that the peak of what
-    follows is not on top of it."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
