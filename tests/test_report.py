@@ -313,3 +313,48 @@ def test_renders_in_headless_chromium(report, tmp_path):
     # rendered content, not a blank page: many distinct colours (figures drawn)
     rgb = (px[..., :3] * 255).astype(np.uint32).reshape(-1, 3)
     assert len(np.unique(rgb[:, 0] << 16 | rgb[:, 1] << 8 | rgb[:, 2])) > 50
+
+
+def test_dot_image_matches_brute_force():
+    from cellmill.report.raster import dot_image
+
+    rng = np.random.default_rng(7)
+    n, h, w = 300, 23, 31
+    xy = rng.uniform(-2, 5, size=(n, 2))
+    codes = rng.integers(0, 4, n)
+    palette = rng.integers(1, 256, size=(4, 4))
+    order = rng.permutation(n)
+    limits = (-2.5, 5.5, -2.2, 5.1)
+    for diameter in (0.4, 2.0, 3.3):
+        img = dot_image(xy, codes, palette, order, (h, w), diameter, limits)
+        want = np.zeros((h, w, 4), np.uint8)
+        r2 = max(diameter / 2, 0.5) ** 2
+        cx = np.floor((xy[:, 0] - limits[0]) / (limits[1] - limits[0]) * w)
+        cy = np.floor((limits[3] - xy[:, 1]) / (limits[3] - limits[2]) * h)
+        for y in range(h):
+            for x in range(w):
+                hit = [c for c in order if (y - cy[c]) ** 2 + (x - cx[c]) ** 2 <= r2]
+                if hit:  # the last cell painted wins
+                    want[y, x] = palette[codes[hit[-1]]]
+        np.testing.assert_array_equal(img, want)
+
+
+def test_cell_counts_match_a_crosstab(study):
+    from cellmill.report.figures import ReportInputs
+    from cellmill.report.stage import cell_counts
+
+    ctx, *_ = study
+    inp = ReportInputs(ctx.cfg, ctx.store, ctx.outdir / "tables")
+    obs = ctx.store.obs()
+    obs = obs[obs["qc_pass"].astype(bool)]
+    want = pd.crosstab(obs["cluster"].astype(str),
+                       [obs["condition"].astype(str), obs["timepoint"].astype(str)])
+    got = cell_counts(inp).set_index("cluster")
+    assert got["total"].sum() == len(obs)
+    for (c, t) in want.columns:
+        np.testing.assert_array_equal(got[f"{c} {t}"].to_numpy(),
+                                      want[(c, t)].reindex(got.index).to_numpy())
+    # conditions: control first, then case; time points in the study's order
+    s = ctx.cfg.study
+    assert [col.split()[0] for col in got.columns[:3]] == [s.control] * 3
+    assert [col.split()[1] for col in got.columns[:3]] == ["3d", "14d", "5mo"]

@@ -18,6 +18,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from cellmill.config import Config
+from cellmill.report.raster import dot_image
 
 log = logging.getLogger("cellmill")
 
@@ -29,10 +30,37 @@ MAX_CURVES = 12
 MIN_GROUP_CELLS = 30  # cluster-of-interest candidates need this many cells in both groups
 MAX_GSEA_ROWS = 30
 N_FIG3_GENES = 6
+UMAP_RASTER = (1150, 1200)  # (rows, columns) of the image the UMAP dots are painted into
 
 
 class Missing(Exception):
     """The inputs of a figure or table are not there; the message says which."""
+
+
+@dataclass
+class Coded:
+    """A categorical column: codes[i] indexes levels (-1: missing)."""
+    codes: np.ndarray
+    levels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def is_(self, level: str) -> np.ndarray:
+        """Boolean mask of the cells at `level` (all False for an absent level)."""
+        if level not in self.levels:
+            return np.zeros(len(self.codes), dtype=bool)
+        return self.codes == self.levels.index(level)
+
+    def present(self) -> list[str]:
+        counts = np.bincount(self.codes[self.codes >= 0], minlength=len(self.levels))
+        return [lev for lev, c in zip(self.levels, counts, strict=True) if c]
+
+    def reorder(self, levels: list[str]) -> Coded:
+        """The same cells with `levels` as the level order (other levels become -1)."""
+        remap = np.array([levels.index(x) if x in levels else -1 for x in self.levels] + [-1],
+                         dtype=np.int32)
+        return Coded(remap[self.codes].astype(self.codes.dtype), list(levels))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -57,14 +85,11 @@ class ReportInputs:
 
     def column(self, name: str) -> pd.Series:
         """One obs column over all cells, read on its own (the whole obs holds every cell
-        name as a Python string) and cached."""
-        key = ("obs", name)
-        if key not in self._cache:
-            store = self._need_store()
-            if name not in store.obs_columns():
-                raise Missing(f"obs has no column {name!r}")
-            self._cache[key] = pd.Series(store.obs_column(name))
-        return self._cache[key]
+        name as a Python string); not cached (per-cell memory: see `coded`)."""
+        store = self._need_store()
+        if name not in store.obs_columns():
+            raise Missing(f"obs has no column {name!r}")
+        return pd.Series(store.obs_column(name))
 
     @property
     def var_names(self) -> pd.Index:
@@ -81,27 +106,52 @@ class ReportInputs:
                                  else np.ones(store.n_cells, dtype=bool))
         return self._cache["qc"]
 
-    def clusters(self) -> pd.Series:
-        """Cluster labels (str) of the QC-passed cells, in cell order."""
-        if "cluster" not in self._need_store().obs_columns():
-            raise Missing("obs has no 'cluster' column (cluster stage not run)")
-        lab = self.column("cluster")[self.qc]
-        if lab.isna().any():
-            raise Missing("some QC-passed cells have no cluster label")
-        return lab.astype(str)
-
-    def cluster_order(self) -> list[str]:
-        return sort_labels(self.clusters().unique())
-
-    def meta(self, column: str) -> pd.Series:
-        """An obs column (str) over the QC-passed cells."""
-        key = ("meta", column)
+    def coded(self, column: str) -> Coded:
+        """An obs column over the QC-passed cells as integer codes and their levels (str):
+        1-2 bytes a cell, where a column of Python strings costs ~60."""
+        key = ("coded", column)
         if key not in self._cache:
-            self._cache[key] = self.column(column)[self.qc].astype(str)
+            store = self._need_store()
+            if column not in store.obs_columns():
+                raise Missing(f"obs has no column {column!r}")
+            raw = store.obs_column(column)
+            if isinstance(raw, pd.Categorical):
+                codes, levels = raw.codes, [str(x) for x in raw.categories]
+            else:
+                codes, uniq = pd.factorize(np.asarray(raw), use_na_sentinel=True)
+                levels = [str(x) for x in uniq]
+            del raw
+            codes = codes[self.qc]
+            # merge levels that print the same (1 and "1"); -1 stays "missing"
+            names = sorted(set(levels), key=levels.index)
+            remap = np.array([names.index(x) for x in levels] + [-1], dtype=np.int32)
+            self._cache[key] = Coded(remap[codes].astype(np.int16 if len(names) < 32000
+                                                          else np.int32), names)
         return self._cache[key]
 
+    def clusters(self) -> Coded:
+        """Cluster labels of the QC-passed cells, levels in cluster order."""
+        if "cluster" not in self._need_store().obs_columns():
+            raise Missing("obs has no 'cluster' column (cluster stage not run)")
+        key = ("clusters",)
+        if key not in self._cache:
+            lab = self.coded("cluster")
+            if (lab.codes < 0).any():
+                raise Missing("some QC-passed cells have no cluster label")
+            present = np.flatnonzero(np.bincount(lab.codes, minlength=len(lab.levels)))
+            order = sort_labels([lab.levels[i] for i in present])
+            self._cache[key] = lab.reorder(order)
+        return self._cache[key]
+
+    def cluster_order(self) -> list[str]:
+        return self.clusters().levels
+
+    def meta(self, column: str) -> Coded:
+        """An obs column over the QC-passed cells (levels that occur, in first-seen order)."""
+        return self.coded(column)
+
     def timepoints(self) -> list[str]:
-        present = set(self.meta(self.cfg.study.timepoint).unique())
+        present = set(self.meta(self.cfg.study.timepoint).present())
         order = [t for t in self.cfg.study.timepoints if t in present]
         return order + sorted(present - set(order))
 
@@ -143,7 +193,8 @@ class ReportInputs:
         return {g: self._expr[g] for g in genes}
 
     # -- tables
-    def table(self, name: str, required: tuple[str, ...] = ()) -> pd.DataFrame:
+    def table(self, name: str, required: tuple[str, ...] = (), cache: bool = True
+              ) -> pd.DataFrame:
         if name not in self._cache:
             path = self.tables_dir / name
             if not path.is_file():
@@ -157,13 +208,10 @@ class ReportInputs:
                     df[col] = df[col].astype(str)
             if "sample" in df:
                 df["sample"] = df["sample"].cat.rename_categories(str)
+            if not cache:  # a per-cell table read for one figure
+                return _require(df, name, required)
             self._cache[name] = df
-        df = self._cache[name]
-        lacking = [c for c in required if c not in df.columns]
-        if lacking:
-            raise Missing(f"tables/{name} lacks column(s) {', '.join(lacking)}")
-        return df
-
+        return _require(self._cache[name], name, required)
     def condition_tests(self) -> pd.DataFrame:
         """target_tests.csv rows that compare case with control (not time points)."""
         tt = self.table("target_tests.csv", ("gene", "cluster", "timepoint", "contrast",
@@ -208,6 +256,13 @@ class ReportInputs:
                    f"vs {best['mean_control']:.3f})")
         self._cache["coi"] = out
         return out
+
+
+def _require(df: pd.DataFrame, name: str, required: tuple[str, ...]) -> pd.DataFrame:
+    lacking = [c for c in required if c not in df.columns]
+    if lacking:
+        raise Missing(f"tables/{name} lacks column(s) {', '.join(lacking)}")
+    return df
 
 
 def _dense_block(start, stop, csr, cells):
@@ -300,20 +355,25 @@ class FigureResult:
 
 def fig_umap(inp: ReportInputs, out: Path) -> FigureResult:
     emb = inp.array("obsm", "X_umap")[inp.qc]
-    lab = inp.clusters().to_numpy()
-    order = inp.cluster_order()
+    lab = inp.clusters()
+    order = lab.levels
     colors = cluster_colors(order)
     n = len(lab)
     fig = _figure((7.5, 6.2))
     ax = fig.add_subplot()
-    size = float(np.clip(30000 / max(n, 1), 0.3, 12))
+    size = float(np.clip(30000 / max(n, 1), 0.3, 12))  # dot area in points^2, as scatter's s
     perm = np.random.default_rng(0).permutation(n)  # no cluster painted wholly on top
-    # one RGBA row per cell from a per-cluster table (a list of colour names costs ~100 B a cell)
-    codes = pd.Categorical(lab, categories=order).codes
-    rgba = np.array([to_rgba(colors[c]) for c in order])[codes[perm]]
-    ax.scatter(emb[perm, 0], emb[perm, 1], s=size, c=rgba, lw=0, rasterized=True)
+    lo, hi = emb.min(axis=0), emb.max(axis=0)
+    pad = 0.05 * np.maximum(hi - lo, 1e-9)  # matplotlib's default margins
+    limits = (lo[0] - pad[0], hi[0] + pad[0], lo[1] - pad[1], hi[1] + pad[1])
+    palette = np.array([to_rgba(colors[c], 0.9) for c in order]) * 255
+    # drawn at twice the figure's resolution, then smoothed down by imshow
+    img = dot_image(emb, lab.codes, np.round(palette), perm, UMAP_RASTER,
+                    diameter_px=2 * np.sqrt(size) * DPI / 72, limits=limits)
+    ax.imshow(img, extent=limits, origin="upper", aspect="auto", interpolation="antialiased")
+    del img, perm
     for c in order:
-        sel = lab == c
+        sel = lab.is_(c)
         x, y = np.median(emb[sel, 0]), np.median(emb[sel, 1])
         ax.text(x, y, c, fontsize=10, weight="bold", ha="center", va="center",
                 path_effects=[patheffects.withStroke(linewidth=2.5, foreground="white")])
@@ -340,8 +400,8 @@ def _target_genes(inp: ReportInputs) -> list[str]:
 
 def fig_target_by_cluster(inp: ReportInputs, out: Path) -> FigureResult:
     genes = _target_genes(inp)
-    lab = inp.clusters().to_numpy()
-    order = inp.cluster_order()
+    lab = inp.clusters()
+    order = lab.levels
     colors = cluster_colors(order)
     expr = inp.expression(genes)
     fig = _figure((max(6, 0.6 * len(order) + 2), 3.2 * len(genes)))
@@ -349,7 +409,7 @@ def fig_target_by_cluster(inp: ReportInputs, out: Path) -> FigureResult:
     for i, g in enumerate(genes):
         ax = fig.add_subplot(len(genes), 1, i + 1)
         for j, c in enumerate(order):
-            violin(ax, j, expr[g][lab == c], color=colors[c], rng=rng)
+            violin(ax, j, expr[g][lab.is_(c)], color=colors[c], rng=rng)
         ax.set_xticks(range(len(order)), order)
         ax.set_xlim(-0.6, len(order) - 0.4)
         ax.set_ylabel(f"{g}\nlog-normalised")
@@ -364,9 +424,9 @@ def _split_violins(inp: ReportInputs, out: Path, column: str, levels: list[str],
                    palette: dict[str, str], key: str, title: str, fname: str,
                    pvals: dict | None = None) -> FigureResult:
     genes = _target_genes(inp)
-    lab = inp.clusters().to_numpy()
-    split = inp.meta(column).to_numpy()
-    order = inp.cluster_order()
+    lab = inp.clusters()
+    split = inp.meta(column)
+    order = lab.levels
     expr = inp.expression(genes)
     k = len(levels)
     w = 0.8 / k
@@ -376,10 +436,10 @@ def _split_violins(inp: ReportInputs, out: Path, column: str, levels: list[str],
         ax = fig.add_subplot(len(genes), 1, i + 1)
         top = float(np.max(expr[g])) if expr[g].size else 1.0
         for j, c in enumerate(order):
-            in_c = lab == c
+            in_c = lab.is_(c)
             for m, lev in enumerate(levels):
                 pos = j - 0.4 + w * (m + 0.5)
-                violin(ax, pos, expr[g][in_c & (split == lev)], width=w * 0.95,
+                violin(ax, pos, expr[g][in_c & split.is_(lev)], width=w * 0.95,
                        color=palette[lev], points=60, rng=rng)
             if pvals is not None and (g, c) in pvals:
                 ax.text(j, top * 1.04, stars(pvals[(g, c)]), ha="center", va="bottom",
@@ -398,7 +458,7 @@ def _split_violins(inp: ReportInputs, out: Path, column: str, levels: list[str],
 
 def fig_target_by_condition(inp: ReportInputs, out: Path) -> FigureResult:
     s = inp.cfg.study
-    present = set(inp.meta(s.condition).unique())
+    present = set(inp.meta(s.condition).present())
     levels = [x for x in (s.control, s.case) if x in present]
     if len(levels) < 2:
         raise Missing(f"obs {s.condition!r} lacks {s.case!r} or {s.control!r}")
@@ -439,11 +499,11 @@ def fig_target_cluster_of_interest(inp: ReportInputs, out: Path) -> FigureResult
     s = inp.cfg.study
     coi, _ = inp.cluster_of_interest()
     genes = _target_genes(inp)
-    lab = inp.clusters().to_numpy()
-    if coi not in set(lab):
+    lab = inp.clusters()
+    if coi not in lab.levels:
         raise Missing(f"cluster of interest {coi!r} has no cells")
-    cond = inp.meta(s.condition).to_numpy()
-    tp = inp.meta(s.timepoint).to_numpy()
+    cond = inp.meta(s.condition)
+    tp = inp.meta(s.timepoint)
     tps = inp.timepoints()
     expr = inp.expression(genes)
     pv = {}
@@ -457,11 +517,11 @@ def fig_target_cluster_of_interest(inp: ReportInputs, out: Path) -> FigureResult
     rng = np.random.default_rng(3)
     for i, g in enumerate(genes):
         ax = fig.add_subplot(len(genes), 1, i + 1)
-        sel = lab == coi
+        sel = lab.is_(coi)
         top = float(np.max(expr[g][sel])) if sel.any() else 1.0
         for j, t in enumerate(tps):
             for m, (lev, col) in enumerate(((s.control, CONTROL_COLOR), (s.case, CASE_COLOR))):
-                violin(ax, j - 0.2 + 0.4 * m, expr[g][sel & (tp == t) & (cond == lev)],
+                violin(ax, j - 0.2 + 0.4 * m, expr[g][sel & tp.is_(t) & cond.is_(lev)],
                        width=0.38, color=col, points=80, rng=rng)
             p = pv.get((g, t), np.nan)
             if np.isfinite(p):
@@ -688,8 +748,8 @@ def fig_markers(inp: ReportInputs, out: Path) -> FigureResult:
     genes = [g for g in top_markers(inp, coi, N_FIG3_GENES)["gene"] if g in inp.var_names]
     if not genes:
         raise Missing("the top markers are not in the store's genes")
-    lab = inp.clusters().to_numpy()
-    order = inp.cluster_order()
+    lab = inp.clusters()
+    order = lab.levels
     colors = cluster_colors(order)
     expr = inp.expression(genes)
     ncol = 2 if len(genes) > 3 else 1
@@ -699,7 +759,7 @@ def fig_markers(inp: ReportInputs, out: Path) -> FigureResult:
     for i, g in enumerate(genes):
         ax = fig.add_subplot(nrow, ncol, i + 1)
         for j, c in enumerate(order):
-            violin(ax, j, expr[g][lab == c], color=colors[c], points=60, rng=rng)
+            violin(ax, j, expr[g][lab.is_(c)], color=colors[c], points=60, rng=rng)
         if coi in order:
             ax.axvspan(order.index(coi) - 0.5, order.index(coi) + 0.5, color="#f4d03f",
                        alpha=0.25, lw=0)
@@ -715,7 +775,7 @@ def fig_markers(inp: ReportInputs, out: Path) -> FigureResult:
 
 
 def fig_qc(inp: ReportInputs, out: Path) -> FigureResult:
-    qc = inp.table("qc.csv", ("sample", "n_counts", "n_features", "pass"))
+    qc = inp.table("qc.csv", ("sample", "n_counts", "n_features", "pass"), cache=False)
     lo, hi = inp.cfg.qc.min_features, inp.cfg.qc.max_features
     ok = qc["pass"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
     nf = qc["n_features"].to_numpy(dtype=float)

@@ -91,20 +91,24 @@ def table3(inp: ReportInputs) -> tuple[pd.DataFrame, str]:
 
 
 def cell_counts(inp: ReportInputs) -> pd.DataFrame:
+    """Cells per cluster (rows, cluster order) and condition x time point (columns)."""
     s = inp.cfg.study
     lab = inp.clusters()
     cond = inp.meta(s.condition)
-    tp = inp.meta(s.timepoint)
-    tps = inp.timepoints()
-    out = pd.crosstab(lab, [cond, tp])
-    conds = [c for c in (s.control, s.case) if c in set(cond)]
-    conds += sorted(set(cond) - set(conds))
-    cols = [(c, t) for c in conds for t in tps if (c, t) in out.columns]
-    out = out.reindex(index=sort_labels(out.index), columns=cols)
-    out.columns = [f"{c} {t}" for c, t in cols]
+    tp = inp.meta(s.timepoint).reorder(inp.timepoints())
+    present = cond.present()
+    conds = [c for c in (s.control, s.case) if c in present]
+    conds += sorted(set(present) - set(conds))
+    cond = cond.reorder(conds)
+    ok = (cond.codes >= 0) & (tp.codes >= 0)
+    nc, nt = len(conds), len(tp.levels)
+    flat = (lab.codes[ok].astype(np.int64) * nc + cond.codes[ok]) * nt + tp.codes[ok]
+    counts = np.bincount(flat, minlength=len(lab.levels) * nc * nt).reshape(-1, nc * nt)
+    cols = [f"{c} {t}" for c in conds for t in tp.levels]
+    out = pd.DataFrame(counts, index=pd.Index(lab.levels, name="cluster"), columns=cols)
+    out = out.loc[:, out.sum(axis=0) > 0]
     out["total"] = out.sum(axis=1)
     out["%"] = (100 * out["total"] / out["total"].sum()).round(1)
-    out.index.name = "cluster"
     return out.reset_index()
 
 
