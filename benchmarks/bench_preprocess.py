@@ -36,6 +36,7 @@ from cellmill.engine.cluster import close_clients, scheduler_for
 from cellmill.engine.monitor import PeakMemory, current_rss
 from cellmill.engine.passes import block_cells_for_budget, map_blocks
 from cellmill.engine.preprocess import (
+    clipped_variance_from_sums,
     first_pass,
     loess_expected_variance,
     rank_hvg,
@@ -172,6 +173,8 @@ def main(argv=None) -> dict:
         keep("pass1", t, c)
         t_loess, expected = timed(loess_expected_variance, p1["mean"], p1["variance"], 0.3)
         sd = np.sqrt(expected)
+        # vst runs pass 2 only when pass 1 did not keep every clipped count; timed anyway
+        pass2_needed = clipped_variance_from_sums(p1, p1["mean"], sd) is None
         t, c, v = timed_cpu(second_pass, store, mask, p1["mean"], sd, p1["nnz"], bc, sched)
         keep("pass2", t, c)
         rank_hvg(p1["mean"], v, 2000)
@@ -192,7 +195,7 @@ def main(argv=None) -> dict:
         "n_cells": store.n_cells, "n_cells_qc": n_qc, "n_genes": store.n_genes,
         "nnz_qc": nnz_qc, "block_cells": bc, "scheduler": args.scheduler,
         "workers": args.workers, "memory_budget": args.memory, "repeats": args.repeats,
-        "passes": passes, "loess_seconds": round(t_loess, 3),
+        "passes": passes, "pass2_needed": pass2_needed, "loess_seconds": round(t_loess, 3),
         "vst_seconds": round(t_vst, 3), "peak_rss_mb": round(mem.peak / 2**20, 1),
         "rss_before_mb": round(base / 2**20, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),

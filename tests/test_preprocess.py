@@ -461,3 +461,32 @@ def test_seurat_mouse_brain(shared_data, seurat_reference, tmp_path_factory):
         f"qc.max_features={int(params['qc_max_exclusive'])}", "qc.inclusive=false",
         f"hvg.n_top={n_top}"])
     check_seurat_parity(ctx, folder, n_top)
+
+
+def test_clipped_variance_from_pass_one_or_a_second_pass(tmp_path, synth, monkeypatch):
+    """Pass 2 is skipped when pass 1 kept every clipped count (the synthetic store); a gene
+    with more clipped counts than pass 1 keeps makes vst read the counts again. Both give
+    the dense reference's values."""
+    from cellmill.engine import preprocess
+    from cellmill.engine.preprocess import clipped_variance_from_sums, first_pass
+
+    store, counts, mask = synth
+    p1 = first_pass(store, mask, 1e4)
+    sd = np.sqrt(vst(store, mask, 1e4, n_top=100)["vst_variance_expected"].to_numpy())
+    assert clipped_variance_from_sums(p1, p1["mean"], sd) is not None
+
+    monkeypatch.setattr(preprocess, "TOP_K", 2)  # pass 1 keeps 2 counts per gene
+    x = counts.toarray()
+    x[:, 8] = 0
+    x[np.flatnonzero(mask)[:5], 8] = 5000  # 5 clipped counts
+    x = sp.csr_matrix(x)
+    other = write_store(tmp_path / "many_clipped.zarr", x)
+    p1 = first_pass(other, mask, 1e4)
+    assert p1["top"].shape[1] == 2
+    res = vst(other, mask, 1e4, n_top=100)
+    sd = np.sqrt(res["vst_variance_expected"].to_numpy())
+    assert clipped_variance_from_sums(p1, p1["mean"], sd) is None
+    ref = dense_vst(x[mask].toarray(), n_top=100)
+    assert_matches_dense(res, ref)
+    z = (x[mask][:, 8].toarray().ravel() - ref["vst_mean"][8]) / sd[8]
+    assert (z > math.sqrt(mask.sum())).sum() == 5

@@ -103,10 +103,15 @@ def _granule_rows(start: int, stop: int, cells: np.ndarray) -> tuple[np.ndarray,
     return ((cells - start) // GRANULE).astype(np.int64), granules(start, stop)
 
 
+# Largest counts kept per gene in pass 1: when no gene has more counts than this above its
+# clip, the clipped variance follows from pass 1 alone and pass 2 is skipped.
+TOP_K = 64
+
+
 def _first_block(start, stop, m, cells, sf):
     gran, n_gran = _granule_rows(start, stop, cells)
     # full rows are read, so each row's sum is the cell's n_counts
-    return vst_first_pass(m.data, m.indices, m.indptr, gran, n_gran, m.shape[1], sf)
+    return vst_first_pass(m.data, m.indices, m.indptr, gran, n_gran, m.shape[1], sf, TOP_K)
 
 
 def _second_block(start, stop, m, cells, mu, sd, vmax):
@@ -149,17 +154,20 @@ def _block_bytes(store: Store, block_cells: int | None, per_granule: int, per_bl
     return 8 * store.n_genes * (most * per_granule + per_block)
 
 
-def exact_count_variance(sx: np.ndarray, sxx: np.ndarray, n: int) -> np.ndarray:
-    """sum (x - mean)^2 / (n - 1) from exact integer sums: (n*sxx - sx^2) / (n (n - 1)),
-    numerator exact (int64 when it cannot overflow, else Python integers), so only the
-    conversion and the division round."""
+def centred_sum_of_squares(sx: np.ndarray, sxx: np.ndarray, n: int) -> np.ndarray:
+    """n * sum (x - mean)^2 = n*sxx - sx^2 from exact integer sums, computed exactly (int64
+    when it cannot overflow, else Python integers) and rounded once to float64."""
     lim = np.iinfo(np.int64).max
     if sxx.max(initial=0) <= lim // max(n, 1) and sx.max(initial=0) <= math.isqrt(lim):
-        num = (n * sxx - sx * sx).astype(np.float64)  # int64 -> float64 rounds to nearest
-    else:
-        num = np.array([float(n * int(b) - int(a) * int(a))
-                        for a, b in zip(sx.tolist(), sxx.tolist(), strict=True)])
-    return num / float(n * (n - 1))
+        return (n * sxx - sx * sx).astype(np.float64)  # int64 -> float64 rounds to nearest
+    return np.array([float(n * int(b) - int(a) * int(a))
+                     for a, b in zip(sx.tolist(), sxx.tolist(), strict=True)])
+
+
+def exact_count_variance(sx: np.ndarray, sxx: np.ndarray, n: int) -> np.ndarray:
+    """sum (x - mean)^2 / (n - 1) from exact integer sums: (n*sxx - sx^2) / (n (n - 1)),
+    so only the conversion and the division round."""
+    return centred_sum_of_squares(sx, sxx, n) / float(n * (n - 1))
 
 
 def first_pass(store: Store, mask: np.ndarray, sf: float, block_cells: int | None = None,
@@ -177,13 +185,17 @@ def first_pass(store: Store, mask: np.ndarray, sf: float, block_cells: int | Non
     run_n = 0
     run_mean = np.zeros(g, np.float64)
     run_m2 = np.zeros(g, np.float64)
-    size = _block_bytes(store, block_cells, 2, 3)
+    top = np.zeros((g, TOP_K), np.int64)
+    size = _block_bytes(store, block_cells, 2, 3 + TOP_K)
     for (a, b), r in stream_blocks(store, _first_block, float(sf), mask=mask,
                                    block_cells=block_cells, scheduler=scheduler,
                                    desc="hvg: pass 1", progress=progress, result_bytes=size):
         sx += r[0]  # integer sums: exact in any order
         sxx += r[1]
         nnz += r[2]
+        both = np.concatenate([top, r[5]], axis=1)  # the TOP_K largest of both
+        top = np.partition(both, TOP_K, axis=1)[:, TOP_K:]
+        del both
         counts = np.add.reduceat(mask[a:b].astype(np.int64), np.arange(0, b - a, GRANULE))
         for s_j, m2_j, n_j in zip(r[3], r[4], counts, strict=True):
             total += s_j
@@ -196,7 +208,8 @@ def first_pass(store: Store, mask: np.ndarray, sf: float, block_cells: int | Non
             run_n = new_n
     return {"n": n, "mean": sx.astype(np.float64) / n,
             "variance": exact_count_variance(sx, sxx, n), "nnz": nnz,
-            "ln_mean": total / n, "ln_std": np.sqrt(run_m2 / (n - 1))}
+            "ln_mean": total / n, "ln_std": np.sqrt(run_m2 / (n - 1)),
+            "sx": sx, "sxx": sxx, "top": top}
 
 
 def loess_expected_variance(mean: np.ndarray, variance: np.ndarray, span: float,
@@ -247,6 +260,37 @@ def second_pass(store: Store, mask: np.ndarray, mean: np.ndarray, sd: np.ndarray
     return out
 
 
+def clipped_variance_from_sums(p1: dict, mean: np.ndarray, sd: np.ndarray
+                               ) -> np.ndarray | None:
+    """Pass 2's V_g without reading the counts again, or None when some gene may have more
+    clipped counts than pass 1 kept.
+
+    sum_c ((x - mu)/s)^2 = (n*sxx - sx^2) / n / s^2 over all cells (zeros included), from
+    exact integer sums; then each kept count whose z exceeds sqrt(N) swaps its z^2 for N.
+    Every count not kept is at most the smallest kept one, so when that one is not clipped
+    (or the gene has at most TOP_K nonzeros) no clipped count is missing."""
+    n = int(p1["n"])
+    vmax = math.sqrt(n)
+    top, nnz = p1["top"], p1["nnz"]
+    ok = sd > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z_min = (top.min(axis=1) - mean) / sd
+    if np.any(ok & (nnz > top.shape[1]) & (z_min > vmax)):
+        return None
+    out = np.zeros(len(mean), np.float64)
+    ss = centred_sum_of_squares(p1["sx"], p1["sxx"], n)[ok] / n
+    total = ss / (sd[ok] * sd[ok])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (top[ok] - mean[ok, None]) / sd[ok, None]
+    clipped = (top[ok] > 0) & (z > vmax)
+    rows = np.flatnonzero(clipped.any(axis=1))
+    for i in rows:  # few genes
+        zc = z[i, clipped[i]]
+        total[i] += float(np.sum(vmax * vmax - zc * zc))
+    out[ok] = total / (n - 1)
+    return out
+
+
 def rank_hvg(mean: np.ndarray, standardized: np.ndarray, n_top: int) -> np.ndarray:
     """Rank 1..n_top by standardized variance (descending, stable), genes with mean 0 dropped;
     0 for the others."""
@@ -268,8 +312,11 @@ def vst(store: Store, mask: np.ndarray, sf: float, n_top: int = 2000, span: floa
     p1 = first_pass(store, mask, sf, block_cells, scheduler, progress)
     expected = loess_expected_variance(p1["mean"], p1["variance"], span, str(store.path))
     sd = np.sqrt(expected)
-    standardized = second_pass(store, mask, p1["mean"], sd, p1["nnz"], block_cells, scheduler,
-                               progress)
+    standardized = clipped_variance_from_sums(p1, p1["mean"], sd)
+    if standardized is None:
+        log.info("vst: a gene has more than %d clipped counts; reading the counts again", TOP_K)
+        standardized = second_pass(store, mask, p1["mean"], sd, p1["nnz"], block_cells,
+                                   scheduler, progress)
     rank = rank_hvg(p1["mean"], standardized, n_top)
     return pd.DataFrame({
         "vst_mean": p1["mean"], "vst_variance": p1["variance"],

@@ -18,7 +18,7 @@ from cellmill.kernels.lognorm import MEMO
 
 
 @njit(nogil=True, cache=True)
-def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_factor):
+def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_factor, n_top):
     """Counts moments and log-normalised moments in one sweep over a block.
 
     Rows must be complete (all genes): a cell's total counts are its row sum.
@@ -27,7 +27,10 @@ def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_fa
                      (exact while a gene's sum of x^2 stays below 2^63, ~9.2e18);
       ln_sum:        float64 (n_granules, n_genes) sum of y = log1p(x / n_counts * sf);
       ln_m2:         float64 (n_granules, n_genes) sum over the granule's cells (zeros
-                     included) of (y - granule mean)^2.
+                     included) of (y - granule mean)^2;
+      top:           int64 (n_genes, n_top) each gene's n_top largest counts (unordered, 0 for
+                     empty slots): all that the vst clip at sqrt(N) needs when a gene has
+                     fewer than n_top counts above its clip.
     M2 of a granule comes from sums of y - K, K = the gene's first value in the granule
     (shifted data): (mean - K)^2 <= n_j * variance, so at most log2(1024) bits cancel, unlike
     sum y^2 - n mean^2 whose loss is unbounded. The caller merges granules in order with
@@ -35,8 +38,10 @@ def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_fa
     """
     n_rows = len(indptr) - 1
     # one 64-byte cache line per gene: sum x, sum x^2, nonzeros in the granule (int64), then
-    # viewed as float64: shift K, sum (y - K), sum (y - K)^2 (two slots spare)
+    # viewed as float64: shift K, sum (y - K), sum (y - K)^2; then (int64) the smallest
+    # value kept in `top` and its slot
     acc = np.zeros((n_genes, 8), np.int64)
+    top = np.zeros((n_genes, n_top), np.int64)
     accf = acc.view(np.float64)
     nnz = np.zeros(n_genes, np.int64)
     ln_sum = np.zeros((n_granules, n_genes), np.float64)
@@ -70,6 +75,14 @@ def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_fa
                     v = math.log1p(np.float64(x) / n * sf)
                 acc[g, 0] += x
                 acc[g, 1] += x * x
+                if x > acc[g, 6]:  # replaces the smallest kept value
+                    top[g, acc[g, 7]] = x
+                    lo, at = top[g, 0], 0
+                    for t in range(1, n_top):
+                        if top[g, t] < lo:
+                            lo, at = top[g, t], t
+                    acc[g, 6] = lo
+                    acc[g, 7] = at
                 c = acc[g, 2]
                 if c == 0:
                     accf[g, 3] = v
@@ -93,7 +106,7 @@ def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_fa
                 accf[g, 4] = 0.0
                 accf[g, 5] = 0.0
         r0 = r1
-    return acc[:, 0].copy(), acc[:, 1].copy(), nnz, ln_sum, ln_m2
+    return acc[:, 0].copy(), acc[:, 1].copy(), nnz, ln_sum, ln_m2, top
 
 
 @njit(nogil=True, cache=True)

@@ -30,7 +30,8 @@ MAX_CURVES = 12
 MIN_GROUP_CELLS = 30  # cluster-of-interest candidates need this many cells in both groups
 MAX_GSEA_ROWS = 30
 N_FIG3_GENES = 6
-UMAP_RASTER = (1150, 1200)  # (rows, columns) of the image the UMAP dots are painted into
+UMAP_RASTER = (600, 600)  # (rows, columns) of the image the UMAP dots are painted into: about
+# the axes' size in pixels (a larger image costs matplotlib ~60 bytes a pixel to resample)
 
 
 class Missing(Exception):
@@ -170,6 +171,7 @@ class ReportInputs:
         if absent:
             raise Missing(f"gene(s) not in the data: {', '.join(absent)}")
         todo = [g for g in dict.fromkeys(genes) if g not in self._expr]
+        out = {}
         if todo:
             idx = np.array([names.get_loc(g) for g in todo], dtype=np.int64)
             qc = self.qc
@@ -185,12 +187,15 @@ class ReportInputs:
                 counts = np.vstack(parts)
                 del parts
                 cols = (counts[:, j] for j in range(len(idx)))
+            keep = set(self.cfg.study.target_genes)  # drawn by several figures
             for g, x in zip(todo, cols, strict=True):
                 with np.errstate(divide="ignore", invalid="ignore"):
                     y = np.log1p(x / n_counts * scale)
                 y[~np.isfinite(y)] = 0.0
-                self._expr[g] = y
-        return {g: self._expr[g] for g in genes}
+                out[g] = y
+                if g in keep:
+                    self._expr[g] = y
+        return {g: self._expr[g] if g in self._expr else out[g] for g in genes}
 
     # -- tables
     def table(self, name: str, required: tuple[str, ...] = (), cache: bool = True
@@ -367,9 +372,8 @@ def fig_umap(inp: ReportInputs, out: Path) -> FigureResult:
     pad = 0.05 * np.maximum(hi - lo, 1e-9)  # matplotlib's default margins
     limits = (lo[0] - pad[0], hi[0] + pad[0], lo[1] - pad[1], hi[1] + pad[1])
     palette = np.array([to_rgba(colors[c], 0.9) for c in order]) * 255
-    # drawn at twice the figure's resolution, then smoothed down by imshow
     img = dot_image(emb, lab.codes, np.round(palette), perm, UMAP_RASTER,
-                    diameter_px=2 * np.sqrt(size) * DPI / 72, limits=limits)
+                    diameter_px=np.sqrt(size) * DPI / 72, limits=limits)
     ax.imshow(img, extent=limits, origin="upper", aspect="auto", interpolation="antialiased")
     del img, perm
     for c in order:
