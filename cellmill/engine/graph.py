@@ -624,7 +624,7 @@ def passed_snn(store, cells: np.ndarray) -> sp.csr_matrix:
 
 @stage("cluster", after=("neighbors",), params=_cluster_params)
 def run_cluster(ctx: Context) -> None:
-    from cellmill.engine.stage_ingest import qc_passed, write_table
+    from cellmill.engine.stage_ingest import qc_passed, write_cell_table
 
     cfg, store = ctx.cfg.cluster, ctx.store
     cells = np.flatnonzero(qc_passed(store))
@@ -636,9 +636,7 @@ def run_cluster(ctx: Context) -> None:
     codes[cells] = labels
     col = pd.Categorical.from_codes(codes, categories=cats)
     store.update_obs(cluster=col)
-    names = store.obs().index.to_numpy()[cells]
-    write_table(pd.DataFrame({"cell": names, "cluster": labels.astype(str)}),
-                ctx.tables / "clusters.csv")
+    write_cell_table(store, ctx.tables / "clusters.csv", {"cluster": labels}, cells)
     log.info("cluster: %s resolution %g: %d clusters, sizes %s", cfg.algorithm,
              cfg.resolution, k, np.bincount(labels).tolist())
     release_heap()
