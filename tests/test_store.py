@@ -258,3 +258,25 @@ def test_qc_table_written_in_pieces(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(got, want, check_dtype=False)
     np.testing.assert_array_equal(store.obs_column("qc_pass"), want["pass"].to_numpy())
     assert list(store.obs_names(3, 9)) == list(obs.index[3:9])
+
+
+def test_cell_table_of_some_cells_written_in_pieces(tmp_path, monkeypatch):
+    """A table of selected cells (as clusters.csv), a few store cells at a time."""
+    import cellmill.engine.stage_ingest as si
+
+    manifest, _ = _study(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store = ingest(manifest, tmp_path / "s.zarr")
+    monkeypatch.setattr(si, "QC_ROWS", 7)
+    rng = np.random.default_rng(4)
+    cells = np.flatnonzero(rng.random(store.n_cells) < 0.3)
+    cells = cells[(cells < 20) | (cells > 40)]  # some pieces without a listed cell
+    labels = rng.integers(0, 5, len(cells))
+    path = tmp_path / "t.csv"
+    si.write_cell_table(store, path, {"cluster": labels}, cells)
+    got = pd.read_csv(path)
+    names = store.obs().index.to_numpy()
+    assert list(got.columns) == ["cell", "cluster"]
+    np.testing.assert_array_equal(got["cell"].to_numpy(), names[cells])
+    np.testing.assert_array_equal(got["cluster"].to_numpy(), labels)
