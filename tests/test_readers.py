@@ -348,17 +348,20 @@ def test_10x_synthetic_names_types_dtypes(tmp_path):
     assert list(s.var.index) == ["X-1", "ID1", "X-1.1"]  # empty name -> id
     assert_same_counts(s.counts, m[:, :3])
     assert s.counts.dtype == np.int32
-    # explicit zeros are dropped; integral floats are fine; big counts go to int64
+    # explicit zeros are dropped; integral floats are fine up to the int32 the store keeps
     big = m.astype(np.float64)
     csc = big.T.tocsc()
     data = csc.data.copy()
     data[0] = 0.0
-    data[-1] = 3e9
+    data[-1] = 2e9
     write_10x_v3(p, m, ["a", "b", "c", "d"], data=data)
     s = read_sample(p)
-    assert s.counts.dtype == np.int64
+    assert s.counts.dtype == np.int32
     assert s.counts.nnz == m.nnz - 1
-    assert s.counts.max() == 3_000_000_000
+    assert s.counts.max() == 2_000_000_000
+    data[-1] = 3e9
+    write_10x_v3(p, m, ["a", "b", "c", "d"], data=data)
+    raises_input_error(p, read_sample, p, match="larger than the largest count")
 
 
 def test_synthetic_mex_unsorted_duplicates(tmp_path):
@@ -464,6 +467,11 @@ def test_bad_count_values_10x(tmp_path):
     raises_input_error(p, read_sample, p, match="not integers")
     write_10x_v3(p, m, ["a", "b"], data=np.array([1, np.nan, 2, 4]))
     raises_input_error(p, read_sample, p, match="NaN")
+    # the store keeps int32 counts: a larger count is refused, not wrapped around
+    write_10x_v3(p, m, ["a", "b"], data=np.array([1, 2**31, 2, 4], dtype=np.int64))
+    raises_input_error(p, read_sample, p, match="larger than the largest count")
+    write_10x_v3(p, m, ["a", "b"], data=np.array([1, 2**31 - 1, 2, 4], dtype=np.int64))
+    assert read_sample(p).counts.data.max() == 2**31 - 1
 
 
 def copy_mex(shared_data: Path, tmp_path: Path, name: str = "v2_hg19_chr21") -> Path:

@@ -41,7 +41,7 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 class Sample:
     """Counts of one sample, cells x genes.
 
-    counts:   CSR, integer dtype (int32 when the values fit, else int64), sorted indices, no
+    counts:   CSR, int32 values, sorted indices, no
               explicit zeros.
     barcodes: str array (object dtype), one per cell, as in the file.
     var:      one row per gene; index = unique gene names (Seurat style); columns ``gene_ids``,
@@ -209,9 +209,10 @@ def decode_strings(values: np.ndarray) -> np.ndarray:
 
 
 def integer_counts(path: Path, data: np.ndarray) -> np.ndarray:
-    """Validate count values and return them as int32 (if they fit) or int64.
+    """Validate count values and return them as int32.
 
-    Integers must be >= 0; floats must also be finite and integral (1.0 is fine, 1.5 is not).
+    Integers must be in 0..2^31-1; floats must also be finite and integral (1.0 is fine, 1.5
+    is not).
     """
     data = np.asarray(data)
     kind = data.dtype.kind
@@ -231,10 +232,10 @@ def integer_counts(path: Path, data: np.ndarray) -> np.ndarray:
     lo, hi = data.min(), data.max()
     if lo < 0:
         raise InputError(path, f"counts contain negative values (minimum {lo})")
-    dtype = np.int32 if hi <= INT32_MAX else np.int64
-    if kind == "f" and hi >= 2**53:
-        raise InputError(path, f"count {hi} is too large to be exact")
-    return data.astype(dtype, copy=data.dtype != dtype)
+    if hi > INT32_MAX:  # the store keeps counts as int32: a larger one would wrap around
+        raise InputError(path, f"count {hi} is larger than the largest count a store holds "
+                         f"({INT32_MAX})")
+    return data.astype(np.int32, copy=data.dtype != np.int32)
 
 
 def counts_csr(
