@@ -490,3 +490,28 @@ def test_clipped_variance_from_pass_one_or_a_second_pass(tmp_path, synth, monkey
     assert_matches_dense(res, ref)
     z = (x[mask][:, 8].toarray().ravel() - ref["vst_mean"][8]) / sd[8]
     assert (z > math.sqrt(mask.sum())).sum() == 5
+
+
+def test_largest_counts_kept_per_gene_match_a_sort():
+    from cellmill.kernels.moments import keep_largest, merge_largest
+
+    rng = np.random.default_rng(5)
+    k, n_genes = 8, 6
+    offered = [rng.integers(1, 50, size=rng.integers(0, 30)) for _ in range(n_genes)]
+    # two "blocks" kept separately, then merged, as pass 1 does
+    tops, states = [], []
+    for half in (0, 1):
+        top, state = np.zeros((n_genes, k), np.int32), np.zeros((n_genes, 8), np.int64)
+        for g, vals in enumerate(offered):
+            for x in vals[half::2]:
+                if x > state[g, 6]:
+                    keep_largest(top[g], state[g], np.int64(x))
+        tops.append(top)
+        states.append(state)
+    merge_largest(tops[0], states[0], tops[1])
+    for g, vals in enumerate(offered):
+        want = np.sort(vals)[::-1][:k]
+        got = np.sort(tops[0][g])[::-1][: len(want)]
+        np.testing.assert_array_equal(got, want)
+        assert states[0][g, 7] == min(len(vals), k)
+        assert (tops[0][g][len(want):] == 0).all() or len(want) == k

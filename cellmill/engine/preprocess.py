@@ -30,7 +30,7 @@ from cellmill.engine.stages import Context, stage
 from cellmill.errors import InputError
 from cellmill.io.store import GRANULE, Store
 from cellmill.kernels.lognorm import lognorm_values
-from cellmill.kernels.moments import clipped_z2_nonzero, vst_first_pass
+from cellmill.kernels.moments import clipped_z2_nonzero, merge_largest, vst_first_pass
 
 log = logging.getLogger("cellmill")
 
@@ -105,7 +105,7 @@ def _granule_rows(start: int, stop: int, cells: np.ndarray) -> tuple[np.ndarray,
 
 # Largest counts kept per gene in pass 1: when no gene has more counts than this above its
 # clip, the clipped variance follows from pass 1 alone and pass 2 is skipped.
-TOP_K = 64
+TOP_K = 16
 
 
 def _first_block(start, stop, m, cells, sf):
@@ -185,17 +185,16 @@ def first_pass(store: Store, mask: np.ndarray, sf: float, block_cells: int | Non
     run_n = 0
     run_mean = np.zeros(g, np.float64)
     run_m2 = np.zeros(g, np.float64)
-    top = np.zeros((g, TOP_K), np.int64)
-    size = _block_bytes(store, block_cells, 2, 3 + TOP_K)
+    top = np.zeros((g, TOP_K), np.int32)
+    top_state = np.zeros((g, 8), np.int64)  # as keep_largest's state
+    size = _block_bytes(store, block_cells, 2, 3 + TOP_K // 2)
     for (a, b), r in stream_blocks(store, _first_block, float(sf), mask=mask,
                                    block_cells=block_cells, scheduler=scheduler,
                                    desc="hvg: pass 1", progress=progress, result_bytes=size):
         sx += r[0]  # integer sums: exact in any order
         sxx += r[1]
         nnz += r[2]
-        both = np.concatenate([top, r[5]], axis=1)  # the TOP_K largest of both
-        top = np.partition(both, TOP_K, axis=1)[:, TOP_K:]
-        del both
+        merge_largest(top, top_state, r[5])  # the TOP_K largest counts so far
         counts = np.add.reduceat(mask[a:b].astype(np.int64), np.arange(0, b - a, GRANULE))
         for s_j, m2_j, n_j in zip(r[3], r[4], counts, strict=True):
             total += s_j
@@ -274,14 +273,14 @@ def clipped_variance_from_sums(p1: dict, mean: np.ndarray, sd: np.ndarray
     top, nnz = p1["top"], p1["nnz"]
     ok = sd > 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        z_min = (top.min(axis=1) - mean) / sd
+        z_min = (top.min(axis=1).astype(np.float64) - mean) / sd
     if np.any(ok & (nnz > top.shape[1]) & (z_min > vmax)):
         return None
     out = np.zeros(len(mean), np.float64)
     ss = centred_sum_of_squares(p1["sx"], p1["sxx"], n)[ok] / n
     total = ss / (sd[ok] * sd[ok])
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = (top[ok] - mean[ok, None]) / sd[ok, None]
+        z = (top[ok].astype(np.float64) - mean[ok, None]) / sd[ok, None]
     clipped = (top[ok] > 0) & (z > vmax)
     rows = np.flatnonzero(clipped.any(axis=1))
     for i in rows:  # few genes

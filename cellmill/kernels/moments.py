@@ -18,6 +18,51 @@ from cellmill.kernels.lognorm import MEMO
 
 
 @njit(nogil=True, cache=True)
+def _sift_down(heap, i, n):
+    while True:
+        lo, left = i, 2 * i + 1
+        if left < n and heap[left] < heap[lo]:
+            lo = left
+        if left + 1 < n and heap[left + 1] < heap[lo]:
+            lo = left + 1
+        if lo == i:
+            return
+        heap[i], heap[lo] = heap[lo], heap[i]
+        i = lo
+
+
+@njit(nogil=True, cache=True)
+def keep_largest(row, state, x):
+    """Offer x to `row`, which keeps the len(row) largest values offered; state[7] counts
+    the values kept, state[6] is the smallest once the row is full (a min-heap from then
+    on), else 0. Values must be > 0; callers may skip any x <= state[6]."""
+    k = row.shape[0]
+    n = state[7]
+    if n < k:
+        row[n] = x
+        state[7] = n + 1
+        if n + 1 == k:
+            for i in range(k // 2 - 1, -1, -1):
+                _sift_down(row, i, k)
+            state[6] = row[0]
+    elif x > row[0]:
+        row[0] = x
+        _sift_down(row, 0, k)
+        state[6] = row[0]
+
+
+@njit(nogil=True, cache=True)
+def merge_largest(top, state, part):
+    """Fold the kept values of one block (`part`, rows as vst_first_pass returns them) into
+    `top`/`state` (as keep_largest keeps them)."""
+    for g in range(top.shape[0]):
+        for j in range(part.shape[1]):
+            x = part[g, j]
+            if x > state[g, 6]:
+                keep_largest(top[g], state[g], x)
+
+
+@njit(nogil=True, cache=True)
 def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_factor, n_top):
     """Counts moments and log-normalised moments in one sweep over a block.
 
@@ -28,9 +73,9 @@ def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_fa
       ln_sum:        float64 (n_granules, n_genes) sum of y = log1p(x / n_counts * sf);
       ln_m2:         float64 (n_granules, n_genes) sum over the granule's cells (zeros
                      included) of (y - granule mean)^2;
-      top:           int64 (n_genes, n_top) each gene's n_top largest counts (unordered, 0 for
-                     empty slots): all that the vst clip at sqrt(N) needs when a gene has
-                     fewer than n_top counts above its clip.
+      top:           int32 (n_genes, n_top) the gene's n_top largest counts (a min-heap
+                     once full, 0 in empty slots; see keep_largest): all that the vst clip
+                     at sqrt(N) needs when a gene has at most n_top counts above its clip.
     M2 of a granule comes from sums of y - K, K = the gene's first value in the granule
     (shifted data): (mean - K)^2 <= n_j * variance, so at most log2(1024) bits cancel, unlike
     sum y^2 - n mean^2 whose loss is unbounded. The caller merges granules in order with
@@ -39,9 +84,9 @@ def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_fa
     n_rows = len(indptr) - 1
     # one 64-byte cache line per gene: sum x, sum x^2, nonzeros in the granule (int64), then
     # viewed as float64: shift K, sum (y - K), sum (y - K)^2; then (int64) the smallest
-    # value kept in `top` and its slot
+    # value kept in `top` (0 until it is full) and how many it keeps
     acc = np.zeros((n_genes, 8), np.int64)
-    top = np.zeros((n_genes, n_top), np.int64)
+    top = np.zeros((n_genes, n_top), np.int32)
     accf = acc.view(np.float64)
     nnz = np.zeros(n_genes, np.int64)
     ln_sum = np.zeros((n_granules, n_genes), np.float64)
@@ -75,14 +120,8 @@ def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_fa
                     v = math.log1p(np.float64(x) / n * sf)
                 acc[g, 0] += x
                 acc[g, 1] += x * x
-                if x > acc[g, 6]:  # replaces the smallest kept value
-                    top[g, acc[g, 7]] = x
-                    lo, at = top[g, 0], 0
-                    for t in range(1, n_top):
-                        if top[g, t] < lo:
-                            lo, at = top[g, t], t
-                    acc[g, 6] = lo
-                    acc[g, 7] = at
+                if x > acc[g, 6]:  # the same cache line: top is touched only then
+                    keep_largest(top[g], acc[g], x)
                 c = acc[g, 2]
                 if c == 0:
                     accf[g, 3] = v
