@@ -2,13 +2,17 @@
 
 Nothing is stored as a second matrix: LogNormalize is applied to each block as it is read
 (`cellmill.kernels.lognorm`), with the scale factor recorded by `normalize` in
-`uns/lognorm_scale_factor`. `hvg` makes two passes over the QC-passed cells:
+`uns/lognorm_scale_factor`. `hvg` makes one pass over the QC-passed cells, two at most:
 
 1. exact integer sums of x and x^2 per gene (-> mean and variance of the counts), nonzero
-   counts, and per-granule sums / centred second moments of the log-normalised values
-   (-> `ln_mean`, `ln_std`, the centring and scaling ScaleData applies);
-2. after R's loess (scikit-misc, the same netlib code) of log10(variance) on log10(mean):
-   the sum of clipped squared z-scores over the nonzeros; the zeros' share is analytic.
+   counts, each gene's 16 largest counts, and per-granule sums / centred second moments of
+   the log-normalised values (-> `ln_mean`, `ln_std`, the centring and scaling ScaleData
+   applies);
+2. after R's loess (scikit-misc, the same netlib code) of log10(variance) on log10(mean),
+   Seurat's sum of squared z-scores clipped at sqrt(N): from the integer sums (all cells,
+   zeros included) with each kept count above the clip swapped for the clip. Only when a
+   gene may have more clipped counts than pass 1 kept is a second pass made, summing the
+   clipped squared z-scores over the nonzeros.
 
 Float sums are per granule and folded in granule order, so results do not depend on block
 size, worker count or scheduler.
