@@ -31,7 +31,8 @@ def _run_block(store: Store, start: int, stop: int, mask, genes, func, args):
         cells = np.arange(start, stop, dtype=np.int64)
     else:
         rows = np.flatnonzero(mask[start:stop])
-        m = m[rows]
+        if len(rows) < stop - start:  # a row copy only when some cells are left out
+            m = m[rows]
         cells = rows.astype(np.int64) + start
     return func(start, stop, m, cells, *args)
 

@@ -144,6 +144,13 @@ class Store:
     def _x(self, key: str):
         return self.root["X"][key]
 
+    def _ranged(self, *parts: str):
+        """A reader of contiguous ranges of a 1-D count array (io/chunks.py: decoded without
+        zarr's per-chunk overhead). Made per call: cheap, and never stale after a rewrite."""
+        from cellmill.io.chunks import RangeReader
+
+        return RangeReader(self.path.joinpath(*parts))
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.root["X"].attrs["shape"])
@@ -158,11 +165,12 @@ class Store:
 
     @property
     def nnz(self) -> int:
-        return int(self._x("indptr")[-1])
+        n = self.n_cells
+        return int(self._ranged("X", "indptr")[n: n + 1][0])
 
     @property
     def indptr(self) -> np.ndarray:
-        return self._x("indptr")[:]
+        return self._ranged("X", "indptr")[:]
 
     @property
     def blocks(self) -> np.ndarray:
@@ -354,10 +362,13 @@ class Store:
     def read_rows(self, start: int, stop: int, genes: np.ndarray | None = None,
                   indptr: np.ndarray | None = None) -> sp.csr_matrix:
         """Cells start:stop as CSR (counts); optionally only the given gene columns."""
-        ip = self._x("indptr")[start: stop + 1] if indptr is None else indptr[start: stop + 1]
+        if indptr is None:
+            ip = self._ranged("X", "indptr")[start: stop + 1]
+        else:
+            ip = indptr[start: stop + 1]
         a, b = int(ip[0]), int(ip[-1])
-        data = self._x("data")[a:b]
-        indices = self._x("indices")[a:b]
+        data = self._ranged("X", "data")[a:b]
+        indices = self._ranged("X", "indices")[a:b]
         m = sp.csr_matrix((data, indices, ip - a), shape=(stop - start, self.n_genes))
         if genes is not None:
             m = m[:, genes]
@@ -407,11 +418,14 @@ class Store:
 
     def read_genes(self, g0: int, g1: int, indptr: np.ndarray | None = None) -> sp.csc_matrix:
         """Genes g0:g1 of the gene-major copy as CSC (all cells)."""
-        g = self.root["layers"][GENE_MAJOR]
-        ip = g["indptr"][g0: g1 + 1] if indptr is None else indptr[g0: g1 + 1]
+        if indptr is None:
+            ip = self.root["layers"][GENE_MAJOR]["indptr"][g0: g1 + 1]
+        else:
+            ip = indptr[g0: g1 + 1]
         a, b = int(ip[0]), int(ip[-1])
-        return sp.csc_matrix((g["data"][a:b], g["indices"][a:b], ip - a),
-                             shape=(self.n_cells, g1 - g0))
+        data = self._ranged("layers", GENE_MAJOR, "data")[a:b]
+        indices = self._ranged("layers", GENE_MAJOR, "indices")[a:b]
+        return sp.csc_matrix((data, indices, ip - a), shape=(self.n_cells, g1 - g0))
 
     def gene_major_indptr(self) -> np.ndarray:
         return self.root["layers"][GENE_MAJOR]["indptr"][:]
