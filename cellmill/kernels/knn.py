@@ -18,8 +18,8 @@ differences in float64 in a fixed order (no |a|^2 + |b|^2 - 2ab cancellation), i
 import numba
 import numpy as np
 
-TILE = 16  # queries per tile
-LEAF = 256  # points per block (d x LEAF doubles stay in L1/L2)
+TILE = 256  # queries per tile (one fetch of a block serves them all)
+LEAF = 128  # points per block (d x LEAF doubles stay in L1)
 MARGIN = 1e-9  # relative slack on the lower bounds (rounding is ~1e-15)
 
 
