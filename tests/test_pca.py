@@ -99,6 +99,28 @@ def test_pca_matches_dense_svd(sim):
     np.testing.assert_array_equal(orient(-res.loadings), res.loadings)
 
 
+@pytest.mark.parametrize("dense_at", [0.0, 0.3, 0.9, 2.0])
+def test_gram_any_dense_sparse_split_equals_dense_product(sim, monkeypatch, dense_at):
+    """The hybrid Gram kernel (often-detected genes dense, the rest sparse, the zero-count
+    shift added at the end) against Z^T Z of the dense scaled matrix, for all-dense,
+    mixed and all-sparse splits."""
+    from cellmill.engine import pca
+
+    store, z, qc, _ = sim
+    monkeypatch.setattr(pca, "DENSE_AT", dense_at)
+    _, sc = pca.scaling_inputs(store, 10.0, 1e4)
+    detected = store.var()["n_cells"].to_numpy()[np.flatnonzero(sc.col_of_gene >= 0)]
+    want_dense = int((detected >= dense_at * store.n_cells).sum())
+    assert sc.n_dense == want_dense
+    if 0 < dense_at <= 1:
+        assert 0 < sc.n_dense < len(sc.mean)  # a real mix of both parts
+    n_counts = np.asarray(store.obs_column("n_counts"), dtype=np.float64)
+    g = pca.gram_matrix(store, qc, sc, n_counts, 1, scheduler=("threads", 2))
+    ref = z.T @ z
+    np.testing.assert_allclose(g, ref, rtol=1e-11, atol=1e-9 * np.abs(ref).max())
+    np.testing.assert_array_equal(g, g.T)
+
+
 def test_pca_bit_identical_across_blocks_and_schedulers(sim):
     from cellmill.engine.cluster import close_clients, scheduler_for
 
