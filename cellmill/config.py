@@ -115,13 +115,15 @@ class ClusterConfig:
     seed: int = 0
     n_iterations: int = -1
     # igraph's community_leiden and leidenalg's RBConfigurationVertexPartition optimise the same
-    # objective (both by V. Traag); igraph's is ~9x faster at 196k cells
-    leiden_backend: str = "igraph"
+    # objective (both by V. Traag) on the whole graph in memory, igraph's ~9x faster at 196k
+    # cells; "streamed" (engine/communities.py) reads the graph block by block and runs
+    # igraph's Leiden on the graph of its first-level communities
+    leiden_backend: str = "streamed"
 
     def check(self) -> None:
-        if self.leiden_backend not in ("igraph", "leidenalg"):
-            raise ConfigError(f"cluster.leiden_backend: {self.leiden_backend!r} is not igraph "
-                              "or leidenalg")
+        if self.leiden_backend not in ("streamed", "igraph", "leidenalg"):
+            raise ConfigError(f"cluster.leiden_backend: {self.leiden_backend!r} is not "
+                              "streamed, igraph or leidenalg")
         if self.algorithm not in ("leiden", "louvain"):
             raise ConfigError(f"cluster.algorithm: {self.algorithm!r} is not leiden or louvain")
         if self.resolution <= 0:

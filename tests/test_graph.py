@@ -381,3 +381,20 @@ def test_snn_written_as_made_equals_the_graph(tmp_path, monkeypatch):
                     block=33)
     np.testing.assert_array_equal(Store(store.path).read_array("obsm", "knn_index"),
                                   all_cells(knn, cells, 800, -1, lookup=cells.astype(np.int64)))
+
+
+def test_streamed_leiden_stage_on_pbmc(pbmc_store, ref):
+    # the default backend, graph read from the store block by block: Seurat's clusters again
+    store, qc, d = pbmc_store
+    ctx = Context(cfg=Config(), outdir=d / "out_streamed", store=store, progress=False)
+    assert ctx.cfg.cluster.leiden_backend == "streamed"
+    run_neighbors(ctx)
+    run_cluster(ctx)
+    ours = store.obs()["cluster"][qc].astype(int).to_numpy()
+    seurat = read_ref(ref / "clusters.csv")["seurat_clusters"].to_numpy()
+    assert adjusted_rand_score(seurat, ours) >= 0.9
+    whole = cluster_labels(store.read_sparse("obsp", "snn")[qc][:, qc], "leiden", 0.3, 0)
+    assert adjusted_rand_score(whole, ours) >= 0.95
+    if (ref / "clusters_leiden.csv").exists():  # Seurat's algorithm = 4 (leidenalg)
+        seurat_leiden = read_ref(ref / "clusters_leiden.csv")["seurat_clusters"].to_numpy()
+        assert adjusted_rand_score(seurat_leiden, ours) >= 0.9

@@ -6,11 +6,13 @@
   Stored: obsm/knn_index (absolute cell indices, -1 rows for QC-failed cells),
   obsm/knn_distance (Euclidean, NaN rows), obsp/snn (all cells; rows of failed cells empty).
 - cluster: modularity with resolution (the objective of leidenalg's
-  RBConfigurationVertexPartition) on the SNN graph without its diagonal. `leiden`: igraph's
-  Leiden (same objective, same author as leidenalg, ~9x faster at 196k cells; leidenalg itself
-  with `cluster.leiden_backend = "leidenalg"`). `louvain`: Seurat's Louvain itself
-  (its ModularityOptimizer re-implemented step for step with java.util.Random's numbers:
-  10 starts, n.iter 10, seed; on Seurat's graph it gives Seurat's clusters exactly).
+  RBConfigurationVertexPartition) on the SNN graph without its diagonal. `leiden`: by default
+  with the graph streamed from the store (engine/communities.py: local moving block by block,
+  then leidenalg on the graph of those communities); `cluster.leiden_backend = "igraph"` or
+  `"leidenalg"` run on the whole graph in memory (igraph's ~9x faster than leidenalg).
+  `louvain`: Seurat's Louvain itself (its ModularityOptimizer re-implemented step for step
+  with java.util.Random's numbers: 10 starts, n.iter 10, seed; on Seurat's graph it gives
+  Seurat's clusters exactly).
   Labels are renumbered by size (0 = largest; equal sizes in raw label order, a stable sort
   as Seurat's), then singletons join the
   cluster with the highest mean SNN weight to them (Seurat's GroupSingletons, including its
@@ -628,8 +630,14 @@ def run_cluster(ctx: Context) -> None:
 
     cfg, store = ctx.cfg.cluster, ctx.store
     cells = np.flatnonzero(qc_passed(store))
-    labels = cluster_labels(lambda: passed_snn(store, cells), cfg.algorithm, cfg.resolution,
-                            cfg.seed, cfg.n_iterations, cfg.leiden_backend)
+    if cfg.algorithm == "leiden" and cfg.leiden_backend == "streamed":
+        from cellmill.engine.communities import streamed_cluster_labels
+
+        labels = streamed_cluster_labels(store, cells, cfg.resolution, cfg.seed,
+                                         cfg.n_iterations, ctx.progress)
+    else:
+        labels = cluster_labels(lambda: passed_snn(store, cells), cfg.algorithm,
+                                cfg.resolution, cfg.seed, cfg.n_iterations, cfg.leiden_backend)
     k = int(labels.max()) + 1
     cats = [str(i) for i in range(k)]
     codes = np.full(store.n_cells, -1, dtype=np.int64)

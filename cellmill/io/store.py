@@ -332,6 +332,13 @@ class Store:
         return ds.assign_coords({k: v.astype(object) for k, v in ds.coords.items()
                                  if v.dtype.kind == "T"})
 
+    def sparse_indptr(self, slot: str, name: str) -> np.ndarray:
+        return self._ranged(slot, name, "indptr")[:]
+
+    def sparse_entries(self, slot: str, name: str, a: int, b: int):
+        """Entries a:b (indices, data) of the sparse matrix slot/name, without the rest."""
+        return self._ranged(slot, name, "indices")[a:b], self._ranged(slot, name, "data")[a:b]
+
     def read_sparse(self, slot: str, name: str):
         g = self.root[slot][name]
         kind = g.attrs["encoding-type"]
