@@ -48,6 +48,7 @@ def planted(tmp_path_factory):
 def test_local_moving_reaches_a_local_optimum(planted, monkeypatch):
     store, cells, snn, _ = planted
     monkeypatch.setattr(comm, "ROWS", 97)  # blocks that end mid-cluster
+    monkeypatch.setattr(comm, "MOVE_TOL", 0.0)  # sweep until no node is left to visit
     rows = comm.GraphRows(store, cells)
     labels, k = comm.local_moving(rows, 0.3)
     a = snn.toarray()

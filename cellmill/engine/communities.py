@@ -34,6 +34,10 @@ from cellmill.kernels.moving import community_edges, move_rows, row_strengths
 
 ROWS = 32_768  # rows per block: fixed, so sums are added in the same order for any budget
 MAX_SWEEPS = 200  # a safeguard only: every move raises the modularity, so sweeps end
+# Sweeps stop once fewer than this fraction of the nodes moved: the long tail after that is
+# mostly whole communities migrating node by node (at 400k cells: 120 sweeps to the exact local
+# optimum, 35 to this point), which Leiden on the community graph does in one step.
+MOVE_TOL = 1e-3
 DENSE_PAIRS = 1 << 22  # community pairs summed in a dense array (32 MB) below this many
 
 
@@ -102,11 +106,12 @@ def local_moving(rows: GraphRows, resolution: float, progress: bool = False):
     touched = np.empty(n, dtype=np.int64)
     gamma_2m = float(resolution) / two_m
     for sweep in range(MAX_SWEEPS):
+        moves = 0
         for p0, ip, idx, data in rows.blocks(lambda a, b: dirty[a:b].any(),
                                              desc=f"local moving {sweep + 1}",
                                              progress=progress):
-            move_rows(ip, idx, data, p0, labels, k, comm, gamma_2m, dirty, w, touched)
-        if not dirty.any():
+            moves += move_rows(ip, idx, data, p0, labels, k, comm, gamma_2m, dirty, w, touched)
+        if not dirty.any() or moves < MOVE_TOL * n:
             break
     _, inv = np.unique(labels, return_inverse=True)
     return inv.ravel().astype(np.int64), k
