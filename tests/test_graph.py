@@ -398,3 +398,21 @@ def test_streamed_leiden_stage_on_pbmc(pbmc_store, ref):
     if (ref / "clusters_leiden.csv").exists():  # Seurat's algorithm = 4 (leidenalg)
         seurat_leiden = read_ref(ref / "clusters_leiden.csv")["seurat_clusters"].to_numpy()
         assert adjusted_rand_score(seurat_leiden, ours) >= 0.9
+
+
+def test_snn_rows_in_one_sweep_equal_the_two_sweeps():
+    # the streaming writer's one-sweep kernel (its buffers grow from a small start) against
+    # the count-then-fill kernels, row block by row block
+    from cellmill.kernels.snn import reverse_lists, snn_fill_rows, snn_row_counts, snn_rows
+
+    knn, _ = exact_knn(mixture(400, seed=9), 20)
+    ptr, idx = reverse_lists(knn, 400)
+    col = np.arange(400, dtype=np.int32)
+    for r0, r1 in [(0, 1), (1, 7), (7, 400)]:
+        counts = snn_row_counts(knn, ptr, idx, r0, r1, 1 / 15)
+        ref_i, ref_d = snn_fill_rows(knn, ptr, idx, r0, r1, 1 / 15, counts, col)
+        got_c, got_i, got_d = snn_rows(knn, ptr, idx, r0, r1, 1 / 15, col)
+        np.testing.assert_array_equal(got_c, counts)
+        np.testing.assert_array_equal(got_i, ref_i)
+        np.testing.assert_array_equal(got_d, ref_d)
+    assert counts.max() > 2 * 20  # rows longer than the first buffer's share

@@ -188,13 +188,11 @@ def _snn_fill(knn, ptr, idx, r0, r1, prune, counts, col):
     return snn_fill_rows(knn, ptr, idx, r0, r1, prune, counts, col)
 
 
-def _snn_plan(knn: np.ndarray, prune: float, scheduler, chunk: int, progress: bool,
-              cells: np.ndarray | None, n_cells: int | None):
-    """The SNN graph's shape, indptr (first sweep: kept entries per row) and the fill tasks of
-    the second sweep, one per `chunk` rows, whose results come in row order."""
+def _snn_inputs(knn: np.ndarray, cells: np.ndarray | None, n_cells: int | None):
+    """(Dask-shared knn, reverse-list pointers and indices), n, the output size and the column
+    of each of the n points."""
     import dask
 
-    from cellmill.engine.cluster import compute
     from cellmill.kernels.snn import reverse_lists
 
     knn = np.ascontiguousarray(knn)
@@ -207,18 +205,35 @@ def _snn_plan(knn: np.ndarray, prune: float, scheduler, chunk: int, progress: bo
     col = np.arange(n, dtype=np.int32) if cells is None else np.asarray(cells, dtype=np.int32)
     ptr, idx = reverse_lists(knn, n)
     shared = [dask.delayed(a, pure=True) for a in (knn, ptr, idx)]
-    starts = range(0, n, chunk)
-    counts = compute([dask.delayed(_snn_counts, pure=True)(*shared, a, min(a + chunk, n),
-                                                           float(prune)) for a in starts],
-                     scheduler=scheduler, desc="snn count", progress=progress)
-    counts = np.concatenate(counts) if counts else np.empty(0, np.int64)
+    return shared, n, n_out, dask.delayed(col, pure=True)
+
+
+def _snn_indptr(counts: np.ndarray, cells: np.ndarray | None, n_out: int) -> np.ndarray:
+    """The graph's indptr among the n_out cells from the entries per row of the n points."""
     indptr = np.zeros(n_out + 1, dtype=np.int64)
     if cells is None:
         np.cumsum(counts, out=indptr[1:])
     else:
         indptr[np.asarray(cells) + 1] = counts
         np.cumsum(indptr, out=indptr)
-    d_col = dask.delayed(col, pure=True)
+    return indptr
+
+
+def _snn_plan(knn: np.ndarray, prune: float, scheduler, chunk: int, progress: bool,
+              cells: np.ndarray | None, n_cells: int | None):
+    """The SNN graph's shape, indptr (first sweep: kept entries per row) and the fill tasks of
+    the second sweep, one per `chunk` rows, whose results come in row order."""
+    import dask
+
+    from cellmill.engine.cluster import compute
+
+    shared, n, n_out, d_col = _snn_inputs(knn, cells, n_cells)
+    starts = range(0, n, chunk)
+    counts = compute([dask.delayed(_snn_counts, pure=True)(*shared, a, min(a + chunk, n),
+                                                           float(prune)) for a in starts],
+                     scheduler=scheduler, desc="snn count", progress=progress)
+    counts = np.concatenate(counts) if counts else np.empty(0, np.int64)
+    indptr = _snn_indptr(counts, cells, n_out)
     tasks = [dask.delayed(_snn_fill, pure=True)(*shared, a, min(a + chunk, n), float(prune),
                                                 counts[a:a + chunk], d_col)
              for a in starts]
@@ -246,15 +261,32 @@ def snn_graph(knn: np.ndarray, prune: float = 1.0 / 15.0, scheduler=None, chunk:
     return sp.csr_matrix((data, indices, indptr), shape=(n_out, n_out))
 
 
+def _snn_rows(knn, ptr, idx, r0, r1, prune, col):
+    from cellmill.kernels.snn import snn_rows
+
+    return snn_rows(knn, ptr, idx, r0, r1, prune, col)
+
+
 def write_snn_graph(store, slot: str, name: str, knn: np.ndarray, prune: float = 1.0 / 15.0,
                     scheduler=None, chunk: int = 4096, progress: bool = False,
                     cells: np.ndarray | None = None, n_cells: int | None = None) -> int:
     """snn_graph written into the store as it is made (rows in order, a wave of row blocks
-    at a time): the graph, O(cells x k) entries, is never whole in memory. Returns its nnz."""
-    n_out, indptr, tasks = _snn_plan(knn, prune, scheduler, chunk, progress, cells, n_cells)
+    at a time): the graph, O(cells x k) entries, is never whole in memory. One sweep over the
+    rows (the writer needs the row lengths only at the end). Returns its nnz."""
+    import dask
+
+    shared, n, n_out, d_col = _snn_inputs(knn, cells, n_cells)
+    tasks = [dask.delayed(_snn_rows, pure=True)(*shared, a, min(a + chunk, n), float(prune),
+                                                d_col)
+             for a in range(0, n, chunk)]
     out = store.sparse_writer(slot, name, (n_out, n_out))
-    for p_idx, p_data in _in_waves(tasks, scheduler, "snn", progress):
+    counts = np.zeros(n, dtype=np.int64)
+    pos = 0
+    for p_counts, p_idx, p_data in _in_waves(tasks, scheduler, "snn", progress):
+        counts[pos:pos + len(p_counts)] = p_counts
+        pos += len(p_counts)
         out.append(p_idx, p_data)
+    indptr = _snn_indptr(counts, cells, n_out)
     out.commit(indptr)
     return int(indptr[-1])
 

@@ -110,6 +110,47 @@ def snn_fill_rows(knn, ptr, idx, r0, r1, prune, counts, col):
 
 
 @numba.njit(nogil=True, cache=True)
+def snn_rows(knn, ptr, idx, r0, r1, prune, col):
+    """snn_fill_rows without the counting sweep: rows r0..r1 in one sweep into arrays that
+    grow as needed. Returns (entries per row, column indices, weights), as the two sweeps
+    give them; for a caller that does not size the whole graph first (a streaming writer)."""
+    n, k = knn.shape
+    kf = float(k)
+    cnt = np.zeros(n, dtype=np.int32)
+    touched = np.empty(n, dtype=np.int64)
+    counts = np.zeros(r1 - r0, dtype=np.int64)
+    cap = max(16, (r1 - r0) * k * 2)
+    indices = np.empty(cap, dtype=np.int32)
+    data = np.empty(cap, dtype=np.float64)
+    a = 0
+    for i in range(r0, r1):
+        nt = _row(knn, ptr, idx, i, cnt, touched)
+        if a + nt > cap:  # room for every touched row, kept or not
+            while a + nt > cap:
+                cap *= 2
+            grown_i = np.empty(cap, dtype=np.int32)
+            grown_d = np.empty(cap, dtype=np.float64)
+            grown_i[:a] = indices[:a]
+            grown_d[:a] = data[:a]
+            indices, data = grown_i, grown_d
+        o = a
+        for t in range(nt):
+            j = touched[t]
+            w = _weight(float(cnt[j]), kf)
+            if not (w < prune):
+                indices[o] = col[j]
+                data[o] = w
+                o += 1
+            cnt[j] = 0
+        order = np.argsort(indices[a:o])
+        indices[a:o] = indices[a:o][order]
+        data[a:o] = data[a:o][order]
+        counts[i - r0] = o - a
+        a = o
+    return counts, indices[:a].copy(), data[:a].copy()
+
+
+@numba.njit(nogil=True, cache=True)
 def upper_edges(indptr, indices, data):
     """The entries above the diagonal of a symmetric CSR graph (sorted indices) as an edge list
     (E x 2 int64, row-major order, as igraph takes it) and their weights."""
