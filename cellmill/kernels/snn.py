@@ -59,6 +59,25 @@ def _weight(s, kf):
 
 
 @numba.njit(nogil=True, cache=True)
+def _emit(cnt, touched, nt, kf, prune, col, indices, data, a):
+    """Write the kept entries of the row just counted (touched[:nt], cnt) at indices/data[a:],
+    sorted by column, and clear cnt; returns the end of the row."""
+    o = a
+    for t in range(nt):
+        j = touched[t]
+        w = _weight(float(cnt[j]), kf)
+        if not (w < prune):
+            indices[o] = col[j]
+            data[o] = w
+            o += 1
+        cnt[j] = 0
+    order = np.argsort(indices[a:o])
+    indices[a:o] = indices[a:o][order]
+    data[a:o] = data[a:o][order]
+    return o
+
+
+@numba.njit(nogil=True, cache=True)
 def snn_row_counts(knn, ptr, idx, r0, r1, prune):
     """Number of kept SNN entries in each of the rows r0..r1 (the first of two sweeps: the
     caller sizes the whole graph before filling it)."""
@@ -92,20 +111,7 @@ def snn_fill_rows(knn, ptr, idx, r0, r1, prune, counts, col):
     a = 0
     for i in range(r0, r1):
         nt = _row(knn, ptr, idx, i, cnt, touched)
-        o = a
-        for t in range(nt):
-            j = touched[t]
-            w = _weight(float(cnt[j]), kf)
-            if not (w < prune):
-                indices[o] = col[j]
-                data[o] = w
-                o += 1
-            cnt[j] = 0
-        b = a + counts[i - r0]
-        order = np.argsort(indices[a:b])
-        indices[a:b] = indices[a:b][order]
-        data[a:b] = data[a:b][order]
-        a = b
+        a = _emit(cnt, touched, nt, kf, prune, col, indices, data, a)
     return indices, data
 
 
@@ -133,18 +139,7 @@ def snn_rows(knn, ptr, idx, r0, r1, prune, col):
             grown_i[:a] = indices[:a]
             grown_d[:a] = data[:a]
             indices, data = grown_i, grown_d
-        o = a
-        for t in range(nt):
-            j = touched[t]
-            w = _weight(float(cnt[j]), kf)
-            if not (w < prune):
-                indices[o] = col[j]
-                data[o] = w
-                o += 1
-            cnt[j] = 0
-        order = np.argsort(indices[a:o])
-        indices[a:o] = indices[a:o][order]
-        data[a:o] = data[a:o][order]
+        o = _emit(cnt, touched, nt, kf, prune, col, indices, data, a)
         counts[i - r0] = o - a
         a = o
     return counts, indices[:a].copy(), data[:a].copy()
