@@ -117,7 +117,7 @@ class ClusterConfig:
     # igraph's community_leiden and leidenalg's RBConfigurationVertexPartition optimise the same
     # objective (both by V. Traag) on the whole graph in memory, igraph's ~9x faster at 196k
     # cells; "streamed" (engine/communities.py) reads the graph block by block and runs
-    # igraph's Leiden on the graph of its first-level communities
+    # leidenalg on the graph of its first-level communities
     leiden_backend: str = "streamed"
 
     def check(self) -> None:

@@ -7,8 +7,9 @@ rows at a time:
 1. local moving (the first level of Louvain and Leiden) over obsp/snn among the QC-passed
    cells, in node order, block by block, with O(cells) state: each node goes to the
    neighbouring community of largest modularity gain, and the neighbours of a node that moved
-   are visited again, until a sweep finds none to visit (a local optimum: no single move
-   raises the modularity);
+   are visited again, until fewer than MOVE_TOL of the nodes move in a sweep (with
+   MOVE_TOL = 0: until none is left to visit, a local optimum where no single move raises
+   the modularity);
 2. the communities become the nodes of an aggregated graph (one more streaming sweep; edges
    inside a community become self-loops, so every partition of it has the modularity of the
    same partition of the cells);
