@@ -136,10 +136,14 @@ class UMAPConfig:
     min_dist: float = 0.3
     seed: int = 42
     n_epochs: int = 0  # 0: as uwot (200 when N > 10,000, else 500)
+    # "streamed": the graph on disk, O(cells) memory (engine/layout.py); "umap-learn": in memory
+    backend: str = "streamed"
 
     def check(self) -> None:
         if self.n_neighbors < 2:
             raise ConfigError("umap.n_neighbors must be >= 2")
+        if self.backend not in ("streamed", "umap-learn"):
+            raise ConfigError(f"umap.backend: {self.backend!r} is not streamed or umap-learn")
 
 
 @dataclass

@@ -18,9 +18,11 @@
   cluster with the highest mean SNN weight to them (Seurat's GroupSingletons, including its
   tie-break: R's sample() after set.seed(1)). Stored: obs/cluster (categorical "0".."K-1", NaN
   for failed cells) and tables/clusters.csv (cell, cluster) for QC-passed cells.
-- umap: umap-learn on our own exact 30-nearest-neighbour graph in cosine distance (uwot's
-  metric in Seurat's RunUMAP) on the same PCs; spectral init, min_dist 0.3, 200 epochs when
-  N > 10,000 else 500, seeded. Stored: obsm/X_umap (NaN rows for failed cells).
+- umap: umap-learn's method on our own exact 30-nearest-neighbour graph in cosine distance
+  (uwot's metric in Seurat's RunUMAP) on the same PCs; spectral init, min_dist 0.3, 200 epochs
+  when N > 10,000 else 500, seeded. By default with the graph on disk (engine/layout.py);
+  `umap.backend = "umap-learn"` runs umap-learn in memory. Stored: obsm/X_umap (NaN rows for
+  failed cells).
 
 Memory: the stages hold the O(cells x k) arrays and the graph, not copies of them: PCs read
 chunk by chunk (only the passed rows and the used columns), int32 neighbour indices, results
@@ -108,9 +110,10 @@ def knn_index(points: np.ndarray):
     return perm, ref_t, lo, hi
 
 
-def knn_search(index, k: int, scheduler=None, chunk: int | None = None,
-               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """exact_knn on a knn_index."""
+def knn_chunks(index, k: int, scheduler=None, chunk: int | None = None,
+               progress: bool = False, desc: str = "knn"):
+    """The search of exact_knn on a knn_index, chunk by chunk as the tasks finish:
+    (rows, indices, Euclidean distances) for the points `rows` (tree order, not ascending)."""
     import dask
 
     from cellmill.engine.cluster import n_workers
@@ -119,18 +122,25 @@ def knn_search(index, k: int, scheduler=None, chunk: int | None = None,
     perm, ref_t, lo, hi = index
     n = ref_t.shape[1]
     if n == 0:
-        return np.empty((0, k), dtype=index_dtype(0)), np.empty((0, k))
+        return
     if chunk is None:
         chunk = min(8192, max(256, -(-n // (8 * n_workers(scheduler)))))
     shared = [dask.delayed(a, pure=True) for a in (ref_t, perm, lo, hi)]
     starts = range(0, n, chunk)
     tasks = [dask.delayed(_knn_chunk, pure=True)(*shared, LEAF, a, min(a + chunk, n), k)
              for a in starts]
+    for a, (p_idx, p_dist) in zip(starts, _in_waves(tasks, scheduler, desc, progress),
+                                  strict=True):
+        yield perm[a:a + len(p_idx)], p_idx, p_dist
+
+
+def knn_search(index, k: int, scheduler=None, chunk: int | None = None,
+               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """exact_knn on a knn_index."""
+    n = index[1].shape[1]
     idx = np.empty((n, k), dtype=index_dtype(n))
     dist = np.empty((n, k))
-    for a, (p_idx, p_dist) in zip(starts, _in_waves(tasks, scheduler, "knn", progress),
-                                  strict=True):
-        rows = perm[a:a + len(p_idx)]
+    for rows, p_idx, p_dist in knn_chunks(index, k, scheduler, chunk, progress):
         idx[rows] = p_idx
         dist[rows] = p_dist
     return idx, dist
@@ -461,12 +471,17 @@ def umap_epochs(n: int, n_epochs: int = 0) -> int:
     return n_epochs if n_epochs > 0 else (200 if n > 10_000 else 500)
 
 
-def cosine_knn(points: np.ndarray, k: int, scheduler=None, progress: bool = False):
-    """Exact k nearest neighbours in cosine distance 1 - cos (via unit vectors)."""
+def unit_rows(points: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (zero rows kept): Euclidean distance d between them gives the
+    cosine distance 1 - cos = d^2 / 2."""
     x = np.asarray(points, dtype=np.float64)
     norm = np.sqrt((x * x).sum(axis=1))
-    unit = x / np.where(norm > 0, norm, 1.0)[:, None]
-    del norm
+    return x / np.where(norm > 0, norm, 1.0)[:, None]
+
+
+def cosine_knn(points: np.ndarray, k: int, scheduler=None, progress: bool = False):
+    """Exact k nearest neighbours in cosine distance 1 - cos (via unit vectors)."""
+    unit = unit_rows(points)
     idx, dist = exact_knn(unit, k, scheduler=scheduler, progress=progress)
     del unit
     dist *= dist  # in place: (d * d) / 2 without two n x k temporaries
@@ -685,14 +700,23 @@ def run_cluster(ctx: Context) -> None:
 def _umap_params(cfg):
     u = cfg.umap
     return {"n_neighbors": u.n_neighbors, "min_dist": u.min_dist, "seed": u.seed,
-            "n_epochs": u.n_epochs, "n_pcs": cfg.neighbors.n_pcs, "metric": "cosine"}
+            "n_epochs": u.n_epochs, "n_pcs": cfg.neighbors.n_pcs, "metric": "cosine",
+            "backend": u.backend}
 
 
 @stage("umap", after=("pca",), params=_umap_params)
 def run_umap(ctx: Context) -> None:
     u, store = ctx.cfg.umap, ctx.store
     cells, pcs = _passed_pcs(ctx)
-    emb = umap_embedding(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
-                         scheduler=ctx.scheduler(), progress=ctx.progress)
+    if u.backend == "streamed":
+        from cellmill.engine.layout import scratch_dir, umap_streamed
+
+        emb = umap_streamed(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
+                            scratch=scratch_dir(store.path), scheduler=ctx.scheduler(),
+                            progress=ctx.progress)
+    else:
+        emb = umap_embedding(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
+                             scheduler=ctx.scheduler(), progress=ctx.progress)
+    del pcs
     write_all_cells(store, "obsm", "X_umap", emb, cells, np.nan)
     release_heap()

@@ -1,0 +1,281 @@
+"""UMAP with the graph on disk (`umap.backend = "streamed"`, the default).
+
+umap-learn holds the kNN lists, the fuzzy graph (built with scipy temporaries) and ~50 bytes
+per edge of optimiser state: ~1.3 GB at 400k cells, growing with the cells. Here only
+O(cells) arrays stay in memory (the PCs while the kNN search runs, sigma/rho of a block,
+degrees, the 2-D embedding); the O(cells x k) parts go through raw scratch files beside the
+store, one block of rows at a time:
+
+1. the exact 30-NN lists in cosine distance (graph.cosine_knn's search) are bucketed by row
+   block as the search returns them;
+2. per block, umap-learn's sigma/rho and membership strengths; each edge i -> j goes to the
+   bucket of i and, transposed, to the bucket of j;
+3. per bucket, the fuzzy union a + b - a*b of the two directions: umap-learn's symmetric
+   graph, written as CSR (row order);
+4. edges below max / epochs dropped (as umap-learn does), then the spectral initialisation:
+   ARPACK on D^-1/2 W D^-1/2 with the graph streamed for every product;
+5. umap-learn's optimiser, an epoch at a time over the blocks (kernels/layout.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from cellmill.engine.progress import bar
+from cellmill.heap import release_heap
+from cellmill.kernels import layout as kern
+
+log = logging.getLogger("cellmill")
+
+ROWS = 16_384  # rows per block: fixed, so the result does not depend on the memory budget
+NEG_RATE = 5.0  # umap-learn's negative_sample_rate
+GAMMA = 1.0  # umap-learn's repulsion_strength
+
+
+class Buckets:
+    """Append-only raw files, one set per block of rows."""
+
+    def __init__(self, root: Path, prefix: str, n_buckets: int, fields: dict):
+        self.root, self.prefix, self.fields = root, prefix, fields
+        self.n = n_buckets
+        self.files = {(b, f): open(self._path(b, f), "wb")
+                      for b in range(n_buckets) for f in fields}
+
+    def _path(self, b: int, field: str) -> Path:
+        return self.root / f"{self.prefix}{b}.{field}"
+
+    def append(self, bucket_of_row: np.ndarray, **arrays) -> None:
+        order = np.argsort(bucket_of_row, kind="stable")
+        cuts = np.searchsorted(bucket_of_row[order], np.arange(self.n + 1))
+        for name, arr in arrays.items():
+            arr = arr[order]
+            for b in range(self.n):
+                if cuts[b + 1] > cuts[b]:
+                    arr[cuts[b]:cuts[b + 1]].tofile(self.files[(b, name)])
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def read(self, b: int) -> dict:
+        """Bucket b's arrays (and its files deleted)."""
+        out = {}
+        for name, (dtype, width) in self.fields.items():
+            path = self._path(b, name)
+            arr = np.fromfile(path, dtype=dtype)
+            out[name] = arr.reshape(-1, width) if width > 1 else arr
+            path.unlink()
+        return out
+
+
+class DiskGraph:
+    """A sparse n x n graph as CSR: indptr in memory, column indices (int32) and weights
+    (float32) in two raw files, read a block of rows at a time."""
+
+    def __init__(self, root: Path, n: int):
+        self.n = n
+        self.indptr = np.zeros(n + 1, dtype=np.int64)
+        self.cols_path, self.vals_path = root / "graph.cols", root / "graph.vals"
+        self.w_max = 0.0
+
+    def write(self, blocks) -> None:
+        """Fill from (r0, local indptr, cols, vals) blocks given in row order."""
+        with open(self.cols_path, "wb") as fc, open(self.vals_path, "wb") as fv:
+            for r0, ptr, cols, vals in blocks:
+                self.indptr[r0 + 1:r0 + len(ptr)] = self.indptr[r0] + ptr[1:]
+                cols.astype(np.int32).tofile(fc)
+                vals.astype(np.float32).tofile(fv)
+                if len(vals):
+                    self.w_max = max(self.w_max, float(vals.max()))
+
+    def blocks(self, desc: str = "", progress: bool = False):
+        """(r0, local indptr, cols, vals, position of the first entry) per block of rows."""
+        with open(self.cols_path, "rb") as fc, open(self.vals_path, "rb") as fv:
+            for r0 in bar(range(0, self.n, ROWS), desc=desc, enabled=progress):
+                r1 = min(r0 + ROWS, self.n)
+                a, b = int(self.indptr[r0]), int(self.indptr[r1])
+                fc.seek(4 * a)
+                fv.seek(4 * a)
+                cols = np.fromfile(fc, dtype=np.int32, count=b - a)
+                vals = np.fromfile(fv, dtype=np.float32, count=b - a)
+                yield r0, self.indptr[r0:r1 + 1] - a, cols, vals, a
+
+    def to_scipy(self, keep_from: float):
+        import scipy.sparse as sp
+
+        parts = [(ptr, c, v) for _, ptr, c, v, _ in self.blocks()]
+        cols = np.concatenate([c for _, c, _ in parts])
+        vals = np.concatenate([v for _, _, v in parts])
+        g = sp.csr_matrix((vals, cols, self.indptr.copy()), shape=(self.n, self.n))
+        g.data[g.data < keep_from] = 0.0
+        g.eliminate_zeros()
+        return g.tocoo()
+
+
+def _knn_to_buckets(points, k, root: Path, scheduler, progress) -> tuple[Buckets, float]:
+    """Step 1: the cosine kNN lists, bucketed by row block. Returns (buckets, mean distance)."""
+    from cellmill.engine.graph import knn_chunks, knn_index, unit_rows
+
+    n = points.shape[0]
+    index = knn_index(unit_rows(points))  # holds its own copy
+    out = Buckets(root, "knn", -(-n // ROWS), {"row": (np.int32, 1), "idx": (np.int32, k),
+                                                "dist": (np.float32, k)})
+    total = 0.0
+    for rows, idx, dist in knn_chunks(index, k, scheduler, progress=progress, desc="umap knn"):
+        dist *= dist  # Euclidean between unit vectors -> 1 - cos
+        dist /= 2.0
+        d32 = dist.astype(np.float32)
+        total += float(d32.sum(dtype=np.float64))
+        out.append(rows // ROWS, row=rows.astype(np.int32), idx=idx.astype(np.int32),
+                   dist=d32)
+    out.close()
+    return out, total / max(n * k, 1)
+
+
+def fuzzy_graph(knn: Buckets, n: int, n_neighbors: int, mean_dist: float, root: Path,
+                progress: bool = False) -> DiskGraph:
+    """Steps 2-3: umap-learn's fuzzy_simplicial_set of the bucketed kNN lists, on disk."""
+    edges = Buckets(root, "edge", knn.n, {"row": (np.int32, 1), "col": (np.int32, 1),
+                                          "val": (np.float32, 1)})
+    for b in bar(range(knn.n), desc="umap memberships", enabled=progress):
+        part = knn.read(b)
+        order = np.argsort(part["row"], kind="stable")
+        rows, idx, dist = part["row"][order], part["idx"][order], part["dist"][order]
+        del part
+        sigma = np.empty(len(rows), dtype=np.float32)
+        rho = np.empty(len(rows), dtype=np.float32)
+        kern.smooth_knn(np.ascontiguousarray(dist), float(n_neighbors), mean_dist, sigma, rho)
+        w = np.empty(idx.shape, dtype=np.float32)
+        kern.memberships(rows, np.ascontiguousarray(idx), np.ascontiguousarray(dist), sigma,
+                         rho, w)
+        keep = (w != 0.0) & (idx >= 0)
+        i = np.broadcast_to(rows[:, None], idx.shape)[keep]
+        j, v = idx[keep], w[keep]
+        edges.append(np.concatenate([i // ROWS, j // ROWS]), row=np.concatenate([i, j]),
+                     col=np.concatenate([j, i]), val=np.concatenate([v, v]))
+    edges.close()
+
+    def merged():
+        for b in bar(range(edges.n), desc="umap fuzzy union", enabled=progress):
+            part = edges.read(b)
+            order = np.lexsort((part["col"], part["row"]))
+            r0, r1 = b * ROWS, min((b + 1) * ROWS, n)
+            ptr = np.empty(r1 - r0 + 1, dtype=np.int64)
+            cols = np.empty(len(order), dtype=np.int32)
+            vals = np.empty(len(order), dtype=np.float32)
+            q = kern.fuzzy_union(part["row"][order], part["col"][order], part["val"][order],
+                                 r0, r1 - r0, ptr, cols, vals)
+            yield r0, ptr, cols[:q], vals[:q]
+
+    graph = DiskGraph(root, n)
+    graph.write(merged())
+    return graph
+
+
+def _components(graph: DiskGraph, keep_from: float) -> int:
+    parent = np.arange(graph.n, dtype=np.int64)
+    for r0, ptr, cols, vals, _ in graph.blocks():
+        kern.union_rows(ptr, cols, vals, keep_from, r0, parent)
+    return int(kern.count_roots(parent))
+
+
+def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False):
+    """umap-learn's spectral initialisation (as graph.spectral_init) with the graph streamed:
+    eigenvectors 2..3 of the largest eigenvalues of D^-1/2 W D^-1/2 (ARPACK, 32 Lanczos
+    vectors, tol 1e-4, v0 ones), scaled to +-10 with umap-learn's noise. A graph of several
+    components or under 2,000 cells goes to umap-learn's spectral_layout in memory."""
+    import scipy.sparse.linalg as sla
+    from umap.umap_ import noisy_scale_coords
+
+    n, dim = graph.n, 2
+    if n < 2000 or _components(graph, keep_from) > 1:
+        from umap.spectral import spectral_layout
+
+        log.info("umap: graph of several components or few cells: spectral layout in memory")
+        emb = spectral_layout(np.asarray(points, dtype=np.float32), graph.to_scipy(keep_from),
+                              dim, rs, metric="cosine")
+        return noisy_scale_coords(emb, rs, max_coord=10, noise=0.0001)
+    deg = np.zeros(n)
+    for r0, ptr, _cols, vals, _ in graph.blocks():
+        kern.row_sums(ptr, vals, keep_from, deg[r0:r0 + len(ptr) - 1])
+    inv_sq = 1.0 / np.sqrt(deg)
+    del deg
+    calls = [0]
+
+    def matvec(v):
+        x = inv_sq * np.asarray(v, dtype=np.float64).ravel()
+        y = np.empty(n)
+        for r0, ptr, cols, vals, _ in graph.blocks():
+            kern.spmv_rows(ptr, cols, vals, keep_from, x, y[r0:r0 + len(ptr) - 1])
+        calls[0] += 1
+        return inv_sq * y
+
+    op = sla.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+    k = dim + 1
+    try:
+        w, v = sla.eigsh(op, k, which="LA", ncv=max(2 * k + 1, 32), tol=1e-4,
+                         v0=np.ones(n), maxiter=n * 5)
+        emb = v[:, np.argsort(-w)[1:k]]
+    except sla.ArpackError:
+        log.warning("umap: spectral initialisation failed; random initialisation")
+        emb = rs.uniform(low=-10.0, high=10.0, size=(n, dim))
+    log.info("umap: spectral initialisation in %d streamed products", calls[0])
+    return noisy_scale_coords(emb, rs, max_coord=10, noise=0.0001)
+
+
+def optimize(graph: DiskGraph, init: np.ndarray, epochs: int, a: float, b: float,
+             keep_from: float, seed: int, progress: bool = False) -> np.ndarray:
+    """umap-learn's optimize_layout_euclidean (as simplicial_set_embedding calls it: the
+    start rescaled to [0, 10], learning rate 1 falling linearly) with the graph streamed once
+    per epoch."""
+    lo, hi = init.min(axis=0), init.max(axis=0)
+    emb = np.ascontiguousarray((10.0 * (init - lo) / (hi - lo)).astype(np.float32))
+    alpha = 1.0
+    for n in bar(range(epochs), desc="umap epochs", unit="epoch", enabled=progress):
+        for r0, ptr, cols, vals, pos0 in graph.blocks():
+            kern.layout_rows(ptr, cols, vals, r0, pos0, emb, n, alpha, a, b, GAMMA,
+                             NEG_RATE, graph.w_max, keep_from, seed)
+        alpha = 1.0 * (1.0 - n / epochs)
+    return emb
+
+
+def scratch_dir(near: Path) -> Path:
+    return Path(near).with_name(Path(near).name + ".umap-scratch")
+
+
+def umap_streamed(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 0.3,
+                  seed: int = 42, n_epochs: int = 0, scratch: Path | None = None,
+                  scheduler=None, progress: bool = False) -> np.ndarray:
+    """UMAP of `points` as graph.umap_embedding computes it, with the graph on disk under
+    `scratch` (made, then removed)."""
+    import tempfile
+
+    from umap.umap_ import find_ab_params
+
+    from cellmill.engine.graph import umap_epochs
+
+    n = points.shape[0]
+    k = min(n_neighbors, n)
+    epochs = umap_epochs(n, n_epochs)
+    own = scratch is None
+    root = Path(tempfile.mkdtemp(prefix="cellmill-umap-")) if own else Path(scratch)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    try:
+        knn, mean_dist = _knn_to_buckets(points, k, root, scheduler, progress)
+        graph = fuzzy_graph(knn, n, n_neighbors, mean_dist, root, progress)
+        release_heap()
+        # umap-learn drops weights below max / epochs, compared in float32
+        keep_from = float(np.float32(graph.w_max / float(epochs)))
+        rs = np.random.RandomState(seed)
+        init = spectral_init(graph, keep_from, points, rs, progress)
+        release_heap()
+        a, b = find_ab_params(1.0, min_dist)
+        emb = optimize(graph, init, epochs, a, b, keep_from, seed, progress)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return emb.astype(np.float64)
