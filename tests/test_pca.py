@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from make_10x import barcodes, write_10x_v3
 
 from cellmill.config import Config
-from cellmill.engine.pca import compute_pca, orient, run_pca
+from cellmill.engine.pca import compute_pca, fold_aligned, orient, run_pca
 from cellmill.engine.stages import Context
 from cellmill.io.ingest import ingest
 
@@ -203,3 +203,31 @@ def test_pca_parity_with_seurat(pbmc):
     # after sign alignment the values themselves agree (irlba's tolerance is 1e-5)
     np.testing.assert_allclose(align(res.embeddings[:, :15], emb[:, :15]), emb[:, :15],
                                atol=1e-4 * np.abs(emb[:, 0]).max())
+
+
+def _pairwise_levels(parts):
+    """The reference order: neighbours paired level by level, an unpaired last one carried up."""
+    level = [None if p is None else p.copy() for p in parts]
+    while len(level) > 1:
+        nxt = []
+        for i in range(0, len(level), 2):
+            a = level[i]
+            b = level[i + 1] if i + 1 < len(level) else None
+            nxt.append(b if a is None else (a if b is None else a + b))
+        level = nxt
+    return level[0]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 7, 8, 13, 31, 32, 33, 96])
+def test_fold_aligned_adds_in_the_tree_order(count):
+    """Floats of wildly different sizes: any other order of additions gives other bits."""
+    rng = np.random.default_rng(count)
+    parts = [rng.normal(size=64) * 10.0 ** rng.integers(-8, 9, 64) for _ in range(count)]
+    if count > 4:
+        parts[3] = None  # a leaf without passed cells
+    want = _pairwise_levels(parts)
+    got = fold_aligned([None if p is None else p.copy() for p in parts])
+    np.testing.assert_array_equal(got, want)
+    if count >= 13:  # and the order matters for these numbers
+        flat = sum(p for p in parts if p is not None)
+        assert not np.array_equal(flat, want)

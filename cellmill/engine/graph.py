@@ -57,13 +57,14 @@ WAVE_PER_WORKER = 8  # tasks per worker computed at once when results are copied
 # ------------------------------------------------------------------ nearest neighbours
 
 
-def _in_waves(tasks: list, scheduler, desc: str, progress: bool):
+def _in_waves(tasks: list, scheduler, desc: str, progress: bool,
+              per_worker: int = WAVE_PER_WORKER):
     """The results of `tasks` in order, computed a few per worker at a time: callers copy each
     into a preallocated array, so only one wave of results is alive beside it (computing all
     tasks at once would hold a second copy of the whole output)."""
     from cellmill.engine.cluster import compute, n_workers
 
-    step = WAVE_PER_WORKER * n_workers(scheduler)
+    step = per_worker * n_workers(scheduler)
     for w0 in range(0, len(tasks), step):
         yield from compute(tasks[w0:w0 + step], scheduler=scheduler, desc=desc,
                            progress=progress)

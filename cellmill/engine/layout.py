@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -265,17 +266,24 @@ def umap_streamed(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 0
     root = Path(tempfile.mkdtemp(prefix="cellmill-umap-")) if own else Path(scratch)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
+    t0 = time.perf_counter()
     try:
         knn, mean_dist = _knn_to_buckets(points, k, root, scheduler, progress)
+        t1 = time.perf_counter()
         graph = fuzzy_graph(knn, n, n_neighbors, mean_dist, root, progress)
         release_heap()
+        t2 = time.perf_counter()
         # umap-learn drops weights below max / epochs, compared in float32
         keep_from = float(np.float32(graph.w_max / float(epochs)))
         rs = np.random.RandomState(seed)
         init = spectral_init(graph, keep_from, points, rs, progress)
         release_heap()
+        t3 = time.perf_counter()
         a, b = find_ab_params(1.0, min_dist)
         emb = optimize(graph, init, epochs, a, b, keep_from, seed, progress)
+        log.info("umap: %d cells, %d graph entries; knn %.1f s, fuzzy graph %.1f s, spectral "
+                 "init %.1f s, %d epochs %.1f s", n, int(graph.indptr[-1]), t1 - t0, t2 - t1,
+                 t3 - t2, epochs, time.perf_counter() - t3)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return emb.astype(np.float64)

@@ -7,10 +7,10 @@ not re-centred), never held for all cells. Two streaming passes:
    (nonzero only where the count is), so A^T A = Y^T Y + s z^T + z s^T + N z z^T (s = column sums
    of Y): Y^T Y comes from a hybrid kernel (often-detected genes dense through BLAS syrk, the
    rest as sparse products) and the rank-one terms are added once at the end. Partial sums are
-   summed along a fixed binary tree over the granules: granule sums are
-   paired as aligned power-of-two ranges of granules, inside a Dask task for the granules of one
-   task and by Dask tasks above it. The tree does not depend on the task size or scheduler, so
-   the Gram matrix (and everything after it) is bit-identical for any of them;
+   summed along a fixed binary tree over the granules: granule sums are paired as aligned
+   power-of-two ranges of granules, inside a Dask task for the granules of one task and, above
+   it, as the tasks' results arrive (fold_aligned). The tree does not depend on the task size
+   or scheduler, so the Gram matrix (and everything after it) is bit-identical for any of them;
 2. after `eigh` (A^T A = V diag(d^2) V^T), the embeddings A V = U d, granule by granule, each
    block written straight into obsm/X_pca (so the n x 50 embeddings are never all in memory).
 Output as Seurat: embeddings U d, loadings V, stdev d / sqrt(N - 1). Signs: the loading of the
@@ -128,14 +128,24 @@ def _add(a, b):
     return a
 
 
-def _plus(a, b):
-    """a + b for the Dask tree: never mutates a task's result (a retried task or a result
-    held by the scheduler must stay valid)."""
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
+def fold_aligned(parts):
+    """Sum of `parts` (in order) along the aligned binary tree over their positions, as they
+    arrive: subtrees are summed as soon as they are complete (a binary counter), the right
+    edge at the end. The same additions in the same order as pairing neighbours level by
+    level, with at most one partial sum per level alive. None parts are empty."""
+    stack = []  # (leaves covered, partial sum), sizes strictly decreasing
+    for part in parts:
+        size = 1
+        while stack and stack[-1][0] == size:
+            _, left = stack.pop()
+            part = _add(left, part)
+            size *= 2
+        stack.append((size, part))
+    acc = None
+    while stack:
+        _, left = stack.pop()
+        acc = _add(left, acc)
+    return acc
 
 
 def _tree(part, lo: int, hi: int):
@@ -213,27 +223,16 @@ def gram_matrix(store: Store, mask: np.ndarray, sc: _Scaling, n_counts: np.ndarr
     """A^T A over the masked cells, bit-identical for any leaf size and scheduler."""
     import dask
 
-    from cellmill.engine.cluster import compute
+    from cellmill.engine.graph import _in_waves
 
     n_gran = (store.n_cells + GRANULE - 1) // GRANULE
-    top = 1
-    while top < n_gran:
-        top *= 2
-    leaf = min(leaf_granules, top)
+    leaf = leaf_granules
     d_mask, d_nc, d_sc = (dask.delayed(x, pure=True) for x in (mask, n_counts, sc))
-    level = [dask.delayed(_gram_leaf, pure=True)(store, g, g + leaf, d_mask, d_nc, d_sc)
-             for g in range(0, n_gran, leaf)]
-    width = leaf
-    while width < top:
-        nxt = []
-        for i in range(0, len(level), 2):
-            if i + 1 < len(level):
-                nxt.append(dask.delayed(_plus, pure=True)(level[i], level[i + 1]))
-            else:
-                nxt.append(level[i])  # right sibling is beyond the last granule
-        level = nxt
-        width *= 2
-    (g,) = compute(level, scheduler=scheduler, desc="pca gram", progress=progress)
+    leaves = [dask.delayed(_gram_leaf, pure=True)(store, g, g + leaf, d_mask, d_nc, d_sc)
+              for g in range(0, n_gran, leaf)]
+    # leaves computed one per worker at a time and folded here as they come: the partial
+    # sums alive are one per tree level plus those in flight, whatever Dask's task order
+    g = fold_aligned(_in_waves(leaves, scheduler, "pca gram", progress, per_worker=1))
     if g is None:
         raise RuntimeError(f"{store.path}: no QC-passed cells for PCA")
     return assemble_gram(g, sc, int(mask.sum()))
