@@ -41,7 +41,7 @@ def test_fuzzy_graph_is_umap_learns(tmp_path, rows):
                                      knn_dists=dist.astype(np.float32))
     ref = ref.tocsr()
     ref.sort_indices()
-    got = g.to_scipy(0.0).tocsr()
+    got = layout.pruned(g, 0.0).tocsr()
     got.sort_indices()
     np.testing.assert_array_equal(got.indptr, ref.indptr)
     np.testing.assert_array_equal(got.indices, ref.indices)
@@ -78,7 +78,7 @@ def test_streamed_spectral_init_is_arpack_in_memory(tmp_path):
     keep = float(np.float32(g.w_max / 200.0))
     assert layout._components(g, keep) == 1  # else umap-learn's own layout is used
     emb = layout.spectral_init(g, keep, x, np.random.RandomState(0))
-    w = g.to_scipy(keep).tocsr().astype(np.float64)
+    w = layout.pruned(g, keep).tocsr().astype(np.float64)
     inv = sp.diags(1.0 / np.sqrt(np.asarray(w.sum(axis=1)).ravel()))
     vals, vecs = sla.eigsh(inv @ w @ inv, 3, which="LA", tol=1e-10)
     ref = vecs[:, np.argsort(-vals)[1:3]]
@@ -126,3 +126,12 @@ def test_several_components_use_umap_learns_spectral_layout(tmp_path):
     x[labels == 1, 0] *= -1
     emb = layout.umap_streamed(x, n_epochs=30, scratch=tmp_path / "s")
     assert np.isfinite(emb).all() and emb.shape == (2500, 2)
+
+
+def test_umap_backend_config():
+    from cellmill.config import ConfigError, load_config
+
+    assert load_config(None, []).umap.backend == "streamed"
+    assert load_config(None, ["umap.backend=umap-learn"]).umap.backend == "umap-learn"
+    with pytest.raises(ConfigError, match="umap.backend"):
+        load_config(None, ["umap.backend=uwot"])

@@ -710,10 +710,11 @@ def run_umap(ctx: Context) -> None:
     u, store = ctx.cfg.umap, ctx.store
     cells, pcs = _passed_pcs(ctx)
     if u.backend == "streamed":
-        from cellmill.engine.layout import scratch_dir, umap_streamed
+        from cellmill.engine.layout import umap_streamed
+        from cellmill.io.scratch import scratch_dir
 
         emb = umap_streamed(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
-                            scratch=scratch_dir(store.path), scheduler=ctx.scheduler(),
+                            scratch=scratch_dir(store.path, "umap"), scheduler=ctx.scheduler(),
                             progress=ctx.progress)
     else:
         emb = umap_embedding(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,

@@ -28,6 +28,7 @@ import numpy as np
 
 from cellmill.engine.progress import bar
 from cellmill.heap import release_heap
+from cellmill.io.scratch import Buckets, DiskGraph
 from cellmill.kernels import layout as kern
 
 log = logging.getLogger("cellmill")
@@ -35,86 +36,6 @@ log = logging.getLogger("cellmill")
 ROWS = 16_384  # rows per block: fixed, so the result does not depend on the memory budget
 NEG_RATE = 5.0  # umap-learn's negative_sample_rate
 GAMMA = 1.0  # umap-learn's repulsion_strength
-
-
-class Buckets:
-    """Append-only raw files, one set per block of rows."""
-
-    def __init__(self, root: Path, prefix: str, n_buckets: int, fields: dict):
-        self.root, self.prefix, self.fields = root, prefix, fields
-        self.n = n_buckets
-        self.files = {(b, f): open(self._path(b, f), "wb")
-                      for b in range(n_buckets) for f in fields}
-
-    def _path(self, b: int, field: str) -> Path:
-        return self.root / f"{self.prefix}{b}.{field}"
-
-    def append(self, bucket_of_row: np.ndarray, **arrays) -> None:
-        order = np.argsort(bucket_of_row, kind="stable")
-        cuts = np.searchsorted(bucket_of_row[order], np.arange(self.n + 1))
-        for name, arr in arrays.items():
-            arr = arr[order]
-            for b in range(self.n):
-                if cuts[b + 1] > cuts[b]:
-                    arr[cuts[b]:cuts[b + 1]].tofile(self.files[(b, name)])
-
-    def close(self) -> None:
-        for f in self.files.values():
-            f.close()
-
-    def read(self, b: int) -> dict:
-        """Bucket b's arrays (and its files deleted)."""
-        out = {}
-        for name, (dtype, width) in self.fields.items():
-            path = self._path(b, name)
-            arr = np.fromfile(path, dtype=dtype)
-            out[name] = arr.reshape(-1, width) if width > 1 else arr
-            path.unlink()
-        return out
-
-
-class DiskGraph:
-    """A sparse n x n graph as CSR: indptr in memory, column indices (int32) and weights
-    (float32) in two raw files, read a block of rows at a time."""
-
-    def __init__(self, root: Path, n: int):
-        self.n = n
-        self.indptr = np.zeros(n + 1, dtype=np.int64)
-        self.cols_path, self.vals_path = root / "graph.cols", root / "graph.vals"
-        self.w_max = 0.0
-
-    def write(self, blocks) -> None:
-        """Fill from (r0, local indptr, cols, vals) blocks given in row order."""
-        with open(self.cols_path, "wb") as fc, open(self.vals_path, "wb") as fv:
-            for r0, ptr, cols, vals in blocks:
-                self.indptr[r0 + 1:r0 + len(ptr)] = self.indptr[r0] + ptr[1:]
-                cols.astype(np.int32).tofile(fc)
-                vals.astype(np.float32).tofile(fv)
-                if len(vals):
-                    self.w_max = max(self.w_max, float(vals.max()))
-
-    def blocks(self, desc: str = "", progress: bool = False):
-        """(r0, local indptr, cols, vals, position of the first entry) per block of rows."""
-        with open(self.cols_path, "rb") as fc, open(self.vals_path, "rb") as fv:
-            for r0 in bar(range(0, self.n, ROWS), desc=desc, enabled=progress):
-                r1 = min(r0 + ROWS, self.n)
-                a, b = int(self.indptr[r0]), int(self.indptr[r1])
-                fc.seek(4 * a)
-                fv.seek(4 * a)
-                cols = np.fromfile(fc, dtype=np.int32, count=b - a)
-                vals = np.fromfile(fv, dtype=np.float32, count=b - a)
-                yield r0, self.indptr[r0:r1 + 1] - a, cols, vals, a
-
-    def to_scipy(self, keep_from: float):
-        import scipy.sparse as sp
-
-        parts = [(ptr, c, v) for _, ptr, c, v, _ in self.blocks()]
-        cols = np.concatenate([c for _, c, _ in parts])
-        vals = np.concatenate([v for _, _, v in parts])
-        g = sp.csr_matrix((vals, cols, self.indptr.copy()), shape=(self.n, self.n))
-        g.data[g.data < keep_from] = 0.0
-        g.eliminate_zeros()
-        return g.tocoo()
 
 
 def _knn_to_buckets(points, k, root: Path, scheduler, progress) -> tuple[Buckets, float]:
@@ -172,9 +93,17 @@ def fuzzy_graph(knn: Buckets, n: int, n_neighbors: int, mean_dist: float, root: 
                                  r0, r1 - r0, ptr, cols, vals)
             yield r0, ptr, cols[:q], vals[:q]
 
-    graph = DiskGraph(root, n)
+    graph = DiskGraph(root, n, ROWS)
     graph.write(merged())
     return graph
+
+
+def pruned(graph: DiskGraph, keep_from: float):
+    """The graph in memory without the weights below keep_from (COO, as umap-learn takes it)."""
+    g = graph.to_csr()
+    g.data[g.data < keep_from] = 0.0
+    g.eliminate_zeros()
+    return g.tocoo()
 
 
 def _components(graph: DiskGraph, keep_from: float) -> int:
@@ -197,7 +126,7 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
         from umap.spectral import spectral_layout
 
         log.info("umap: graph of several components or few cells: spectral layout in memory")
-        emb = spectral_layout(np.asarray(points, dtype=np.float32), graph.to_scipy(keep_from),
+        emb = spectral_layout(np.asarray(points, dtype=np.float32), pruned(graph, keep_from),
                               dim, rs, metric="cosine")
         return noisy_scale_coords(emb, rs, max_coord=10, noise=0.0001)
     deg = np.zeros(n)
@@ -242,10 +171,6 @@ def optimize(graph: DiskGraph, init: np.ndarray, epochs: int, a: float, b: float
                              NEG_RATE, graph.w_max, keep_from, seed)
         alpha = 1.0 * (1.0 - n / epochs)
     return emb
-
-
-def scratch_dir(near: Path) -> Path:
-    return Path(near).with_name(Path(near).name + ".umap-scratch")
 
 
 def umap_streamed(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 0.3,

@@ -1,0 +1,93 @@
+"""Raw scratch files for stages whose O(cells x k) intermediates go to disk (the streamed UMAP):
+bucket files appended a chunk at a time, and a CSR graph read back a block of rows at a time.
+Arrays in native byte order; the directory is the caller's to make and remove."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def scratch_dir(near: Path, what: str) -> Path:
+    """A scratch folder beside `near` (e.g. the store), not inside it: the store stays a clean
+    Zarr/AnnData tree while the scratch exists."""
+    return Path(near).with_name(f"{Path(near).name}.{what}-scratch")
+
+
+class Buckets:
+    """Append-only raw files, one set per block of rows."""
+
+    def __init__(self, root: Path, prefix: str, n_buckets: int, fields: dict):
+        self.root, self.prefix, self.fields = root, prefix, fields
+        self.n = n_buckets
+        self.files = {(b, f): open(self._path(b, f), "wb")
+                      for b in range(n_buckets) for f in fields}
+
+    def _path(self, b: int, field: str) -> Path:
+        return self.root / f"{self.prefix}{b}.{field}"
+
+    def append(self, bucket_of_row: np.ndarray, **arrays) -> None:
+        order = np.argsort(bucket_of_row, kind="stable")
+        cuts = np.searchsorted(bucket_of_row[order], np.arange(self.n + 1))
+        for name, arr in arrays.items():
+            arr = arr[order]
+            for b in range(self.n):
+                if cuts[b + 1] > cuts[b]:
+                    arr[cuts[b]:cuts[b + 1]].tofile(self.files[(b, name)])
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def read(self, b: int) -> dict:
+        """Bucket b's arrays (and its files deleted)."""
+        out = {}
+        for name, (dtype, width) in self.fields.items():
+            path = self._path(b, name)
+            arr = np.fromfile(path, dtype=dtype)
+            out[name] = arr.reshape(-1, width) if width > 1 else arr
+            path.unlink()
+        return out
+
+
+class DiskGraph:
+    """A sparse n x n graph as CSR: indptr in memory, column indices (int32) and weights
+    (float32) in two raw files, read a block of rows at a time."""
+
+    def __init__(self, root: Path, n: int, rows: int):
+        self.n, self.rows = n, rows
+        self.indptr = np.zeros(n + 1, dtype=np.int64)
+        self.cols_path, self.vals_path = root / "graph.cols", root / "graph.vals"
+        self.w_max = 0.0
+
+    def write(self, blocks) -> None:
+        """Fill from (r0, local indptr, cols, vals) blocks given in row order."""
+        with open(self.cols_path, "wb") as fc, open(self.vals_path, "wb") as fv:
+            for r0, ptr, cols, vals in blocks:
+                self.indptr[r0 + 1:r0 + len(ptr)] = self.indptr[r0] + ptr[1:]
+                cols.astype(np.int32).tofile(fc)
+                vals.astype(np.float32).tofile(fv)
+                if len(vals):
+                    self.w_max = max(self.w_max, float(vals.max()))
+
+    def blocks(self):
+        """(r0, local indptr, cols, vals, position of the first entry) per block of rows."""
+        with open(self.cols_path, "rb") as fc, open(self.vals_path, "rb") as fv:
+            for r0 in range(0, self.n, self.rows):
+                r1 = min(r0 + self.rows, self.n)
+                a, b = int(self.indptr[r0]), int(self.indptr[r1])
+                fc.seek(4 * a)
+                fv.seek(4 * a)
+                cols = np.fromfile(fc, dtype=np.int32, count=b - a)
+                vals = np.fromfile(fv, dtype=np.float32, count=b - a)
+                yield r0, self.indptr[r0:r1 + 1] - a, cols, vals, a
+
+    def to_csr(self):
+        """The whole graph in memory (scipy CSR)."""
+        import scipy.sparse as sp
+
+        parts = [(c, v) for _, _, c, v, _ in self.blocks()]
+        cols = np.concatenate([c for c, _ in parts]) if parts else np.empty(0, np.int32)
+        vals = np.concatenate([v for _, v in parts]) if parts else np.empty(0, np.float32)
+        return sp.csr_matrix((vals, cols, self.indptr.copy()), shape=(self.n, self.n))
