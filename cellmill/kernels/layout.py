@@ -241,7 +241,8 @@ def layout_rows(indptr, cols, vals, r0, pos0, emb, n, alpha, a, b, gamma, neg_ra
                 d2 += diff * diff
             coeff = 0.0
             if d2 > 0.0:
-                coeff = -2.0 * a * b * d2 ** (b - 1.0) / (a * d2 ** b + 1.0)
+                pb = d2 ** b  # one pow: d2^(b - 1) = d2^b / d2
+                coeff = -2.0 * a * b * (pb / d2) / (a * pb + 1.0)
             for d in range(dim):
                 g = _clip(coeff * (emb[i, d] - emb[j, d]))
                 emb[i, d] += g * alpha
