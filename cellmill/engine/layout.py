@@ -195,7 +195,7 @@ def umap_streamed(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 0
     try:
         knn, mean_dist = _knn_to_buckets(points, k, root, scheduler, progress)
         t1 = time.perf_counter()
-        graph = fuzzy_graph(knn, n, n_neighbors, mean_dist, root, progress)
+        graph = fuzzy_graph(knn, n, k, mean_dist, root, progress)
         release_heap()
         t2 = time.perf_counter()
         # umap-learn drops weights below max / epochs, compared in float32
