@@ -278,3 +278,15 @@ def test_tasks_on_the_scheduler_are_small(store, cluster):
     assert max(blocks.values()) < 32 * 1024, blocks
     big = [k for k, v in seen.items() if v > 1_000_000]
     assert len(big) <= 1 and all(k.startswith("cellmill-shared-") for k in big), big
+
+
+def test_streamed_umap_identical_on_cluster(cluster, tmp_path):
+    """The streamed UMAP's kNN search runs as Dask tasks: the same layout, bit for bit, from
+    threads and from the LocalCluster's worker processes."""
+    from cellmill.engine.layout import umap_streamed
+
+    rng = np.random.default_rng(4)
+    points = rng.normal(size=(3000, 15)) + rng.integers(0, 4, 3000)[:, None] * 2.0
+    ref = umap_streamed(points, n_epochs=30, scratch=tmp_path / "a", scheduler=("threads", 2))
+    got = umap_streamed(points, n_epochs=30, scratch=tmp_path / "b", scheduler=cluster)
+    np.testing.assert_array_equal(got, ref)
