@@ -118,10 +118,8 @@ def stage_hash(st: Stage, cfg: Config, upstream: dict[str, str]) -> str:
 def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
     """Run the workflow up to `until`, skipping stages whose recorded hash matches."""
     from cellmill.engine.monitor import PeakMemory
-    from cellmill.heap import fix_mmap_threshold
     from cellmill.io.store import Store
 
-    fix_mmap_threshold()  # peak memory that does not grow with the number of blocks
     stages = load_stages()
     if until is not None and until not in ORDER:
         raise ValueError(f"--until: unknown stage {until!r} (stages: {', '.join(ORDER)})")
