@@ -500,27 +500,34 @@ def spectral_init(graph: sp.coo_matrix, x: np.ndarray, dim: int,
     and 700 MB). Same v0 (ones), tolerance (1e-4) and scaling + noise (noisy_scale_coords);
     a graph of several components or a small one goes to umap-learn's own spectral_layout.
     """
-    import scipy.sparse.linalg as sla
     from umap.spectral import spectral_layout
     from umap.umap_ import noisy_scale_coords
 
     n = graph.shape[0]
     n_comp, _ = sp.csgraph.connected_components(graph)
-    k = dim + 1
     if n_comp > 1 or n < 2000:
         emb = spectral_layout(x, graph, dim, random_state, metric="cosine")
     else:
         sq = np.sqrt(np.asarray(graph.sum(axis=0)).ravel())
         inv = sp.diags(1.0 / sq)
-        m = (inv @ graph.tocsr() @ inv).tocsr()
-        try:
-            w, v = sla.eigsh(m, k, which="LA", ncv=max(2 * k + 1, 32), tol=1e-4,
-                             v0=np.ones(n), maxiter=n * 5)
-            emb = v[:, np.argsort(-w)[1:k]]
-        except sla.ArpackError:
-            log.warning("umap: spectral initialisation failed; random initialisation")
-            emb = random_state.uniform(low=-10.0, high=10.0, size=(n, dim))
+        emb = spectral_vectors((inv @ graph.tocsr() @ inv).tocsr(), dim, random_state)
     return noisy_scale_coords(emb, random_state, max_coord=10, noise=0.0001)
+
+
+def spectral_vectors(m, dim: int, random_state: np.random.RandomState) -> np.ndarray:
+    """Eigenvectors 2..dim+1 of the largest eigenvalues of the normalised adjacency `m` (a
+    matrix or a LinearOperator): ARPACK with umap-learn's v0 (ones) and tolerance (1e-4) and 32
+    Lanczos vectors; uniform random coordinates, as umap-learn, when it fails."""
+    import scipy.sparse.linalg as sla
+
+    n, k = m.shape[0], dim + 1
+    try:
+        w, v = sla.eigsh(m, k, which="LA", ncv=max(2 * k + 1, 32), tol=1e-4, v0=np.ones(n),
+                         maxiter=n * 5)
+        return v[:, np.argsort(-w)[1:k]]
+    except sla.ArpackError:
+        log.warning("umap: spectral initialisation failed; random initialisation")
+        return random_state.uniform(low=-10.0, high=10.0, size=(n, dim))
 
 
 def umap_embedding(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 0.3,

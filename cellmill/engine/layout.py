@@ -121,6 +121,8 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
     import scipy.sparse.linalg as sla
     from umap.umap_ import noisy_scale_coords
 
+    from cellmill.engine.graph import spectral_vectors
+
     n, dim = graph.n, 2
     if n < 2000 or _components(graph, keep_from) > 1:
         from umap.spectral import spectral_layout
@@ -144,15 +146,7 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
         calls[0] += 1
         return inv_sq * y
 
-    op = sla.LinearOperator((n, n), matvec=matvec, dtype=np.float64)
-    k = dim + 1
-    try:
-        w, v = sla.eigsh(op, k, which="LA", ncv=max(2 * k + 1, 32), tol=1e-4,
-                         v0=np.ones(n), maxiter=n * 5)
-        emb = v[:, np.argsort(-w)[1:k]]
-    except sla.ArpackError:
-        log.warning("umap: spectral initialisation failed; random initialisation")
-        emb = rs.uniform(low=-10.0, high=10.0, size=(n, dim))
+    emb = spectral_vectors(sla.LinearOperator((n, n), matvec=matvec, dtype=np.float64), dim, rs)
     log.info("umap: spectral initialisation in %d streamed products", calls[0])
     return noisy_scale_coords(emb, rs, max_coord=10, noise=0.0001)
 
