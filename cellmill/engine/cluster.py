@@ -298,3 +298,17 @@ def task_sizes(client) -> dict[str, int]:
         return out
 
     return client.run_on_scheduler(sizes)
+
+
+WAVE_PER_WORKER = 8  # tasks per worker computed at once when results are copied into one array
+
+
+def in_waves(tasks: list, scheduler, desc: str, progress: bool,
+             per_worker: int = WAVE_PER_WORKER):
+    """The results of `tasks` in order, computed a few per worker at a time: callers copy each
+    into a preallocated array, so only one wave of results is alive beside it (computing all
+    tasks at once would hold a second copy of the whole output)."""
+    step = per_worker * n_workers(scheduler)
+    for w0 in range(0, len(tasks), step):
+        yield from compute(tasks[w0:w0 + step], scheduler=scheduler, desc=desc,
+                           progress=progress)

@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from cellmill.engine.cluster import in_waves
 from cellmill.engine.stages import Context, stage
 from cellmill.heap import release_heap
 
@@ -51,23 +52,9 @@ log = logging.getLogger("cellmill")
 N_STARTS = 10  # Seurat's FindClusters n.start
 SEURAT_N_ITER = 10  # Seurat's FindClusters n.iter
 NN_SEED = 42  # pynndescent's random state
-WAVE_PER_WORKER = 8  # tasks per worker computed at once when results are copied into one array
 
 
 # ------------------------------------------------------------------ nearest neighbours
-
-
-def _in_waves(tasks: list, scheduler, desc: str, progress: bool,
-              per_worker: int = WAVE_PER_WORKER):
-    """The results of `tasks` in order, computed a few per worker at a time: callers copy each
-    into a preallocated array, so only one wave of results is alive beside it (computing all
-    tasks at once would hold a second copy of the whole output)."""
-    from cellmill.engine.cluster import compute, n_workers
-
-    step = per_worker * n_workers(scheduler)
-    for w0 in range(0, len(tasks), step):
-        yield from compute(tasks[w0:w0 + step], scheduler=scheduler, desc=desc,
-                           progress=progress)
 
 
 def index_dtype(n: int):
@@ -130,7 +117,7 @@ def knn_chunks(index, k: int, scheduler=None, chunk: int | None = None,
     starts = range(0, n, chunk)
     tasks = [dask.delayed(_knn_chunk, pure=True)(*shared, LEAF, a, min(a + chunk, n), k)
              for a in starts]
-    for a, (p_idx, p_dist) in zip(starts, _in_waves(tasks, scheduler, desc, progress),
+    for a, (p_idx, p_dist) in zip(starts, in_waves(tasks, scheduler, desc, progress),
                                   strict=True):
         yield perm[a:a + len(p_idx)], p_idx, p_dist
 
@@ -265,7 +252,7 @@ def snn_graph(knn: np.ndarray, prune: float = 1.0 / 15.0, scheduler=None, chunk:
     indices = np.empty(indptr[-1], dtype=np.int32)
     data = np.empty(indptr[-1])
     pos = 0
-    for p_idx, p_data in _in_waves(tasks, scheduler, "snn", progress):
+    for p_idx, p_data in in_waves(tasks, scheduler, "snn", progress):
         indices[pos:pos + len(p_idx)] = p_idx
         data[pos:pos + len(p_idx)] = p_data
         pos += len(p_idx)
@@ -293,7 +280,7 @@ def write_snn_graph(store, slot: str, name: str, knn: np.ndarray, prune: float =
     out = store.sparse_writer(slot, name, (n_out, n_out))
     counts = np.zeros(n, dtype=np.int64)
     pos = 0
-    for p_counts, p_idx, p_data in _in_waves(tasks, scheduler, "snn", progress):
+    for p_counts, p_idx, p_data in in_waves(tasks, scheduler, "snn", progress):
         counts[pos:pos + len(p_counts)] = p_counts
         pos += len(p_counts)
         out.append(p_idx, p_data)

@@ -70,10 +70,10 @@ def fuzzy_graph(knn: Buckets, n: int, n_neighbors: int, mean_dist: float, root: 
         del part
         sigma = np.empty(len(rows), dtype=np.float32)
         rho = np.empty(len(rows), dtype=np.float32)
-        kern.smooth_knn(np.ascontiguousarray(dist), float(n_neighbors), mean_dist, sigma, rho)
+        dist, idx = np.ascontiguousarray(dist), np.ascontiguousarray(idx)
+        kern.smooth_knn(dist, float(n_neighbors), mean_dist, sigma, rho)
         w = np.empty(idx.shape, dtype=np.float32)
-        kern.memberships(rows, np.ascontiguousarray(idx), np.ascontiguousarray(dist), sigma,
-                         rho, w)
+        kern.memberships(rows, idx, dist, sigma, rho, w)
         keep = (w != 0.0) & (idx >= 0)
         i = np.broadcast_to(rows[:, None], idx.shape)[keep]
         j, v = idx[keep], w[keep]
@@ -106,11 +106,14 @@ def pruned(graph: DiskGraph, keep_from: float):
     return g.tocoo()
 
 
-def _components(graph: DiskGraph, keep_from: float) -> int:
+def _components_and_degrees(graph: DiskGraph, keep_from: float) -> tuple[int, np.ndarray]:
+    """Connected components and weighted degrees of the kept edges, in one pass."""
     parent = np.arange(graph.n, dtype=np.int64)
+    deg = np.zeros(graph.n)
     for r0, ptr, cols, vals, _ in graph.blocks():
         kern.union_rows(ptr, cols, vals, keep_from, r0, parent)
-    return int(kern.count_roots(parent))
+        kern.row_sums(ptr, vals, keep_from, deg[r0:r0 + len(ptr) - 1])
+    return int(kern.count_roots(parent)), deg
 
 
 def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False):
@@ -124,16 +127,14 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
     from cellmill.engine.graph import spectral_vectors
 
     n, dim = graph.n, 2
-    if n < 2000 or _components(graph, keep_from) > 1:
+    n_comp, deg = _components_and_degrees(graph, keep_from)
+    if n < 2000 or n_comp > 1:
         from umap.spectral import spectral_layout
 
         log.info("umap: graph of several components or few cells: spectral layout in memory")
         emb = spectral_layout(np.asarray(points, dtype=np.float32), pruned(graph, keep_from),
                               dim, rs, metric="cosine")
         return noisy_scale_coords(emb, rs, max_coord=10, noise=0.0001)
-    deg = np.zeros(n)
-    for r0, ptr, _cols, vals, _ in graph.blocks():
-        kern.row_sums(ptr, vals, keep_from, deg[r0:r0 + len(ptr) - 1])
     inv_sq = 1.0 / np.sqrt(deg)
     del deg
     calls = [0]
@@ -163,7 +164,7 @@ def optimize(graph: DiskGraph, init: np.ndarray, epochs: int, a: float, b: float
         for r0, ptr, cols, vals, pos0 in graph.blocks():
             kern.layout_rows(ptr, cols, vals, r0, pos0, emb, n, alpha, a, b, GAMMA,
                              NEG_RATE, graph.w_max, keep_from, seed)
-        alpha = 1.0 * (1.0 - n / epochs)
+        alpha = 1.0 - n / epochs
     return emb
 
 
@@ -181,10 +182,12 @@ def umap_streamed(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 0
     n = points.shape[0]
     k = min(n_neighbors, n)
     epochs = umap_epochs(n, n_epochs)
-    own = scratch is None
-    root = Path(tempfile.mkdtemp(prefix="cellmill-umap-")) if own else Path(scratch)
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
+    if scratch is None:
+        root = Path(tempfile.mkdtemp(prefix="cellmill-umap-"))
+    else:  # a scratch left by a killed run is replaced
+        root = Path(scratch)
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
     t0 = time.perf_counter()
     try:
         knn, mean_dist = _knn_to_buckets(points, k, root, scheduler, progress)

@@ -223,16 +223,16 @@ def gram_matrix(store: Store, mask: np.ndarray, sc: _Scaling, n_counts: np.ndarr
     """A^T A over the masked cells, bit-identical for any leaf size and scheduler."""
     import dask
 
-    from cellmill.engine.graph import _in_waves
+    from cellmill.engine.cluster import in_waves
 
     n_gran = (store.n_cells + GRANULE - 1) // GRANULE
-    leaf = leaf_granules
     d_mask, d_nc, d_sc = (dask.delayed(x, pure=True) for x in (mask, n_counts, sc))
-    leaves = [dask.delayed(_gram_leaf, pure=True)(store, g, g + leaf, d_mask, d_nc, d_sc)
-              for g in range(0, n_gran, leaf)]
+    leaf = dask.delayed(_gram_leaf, pure=True)
+    leaves = [leaf(store, g, g + leaf_granules, d_mask, d_nc, d_sc)
+              for g in range(0, n_gran, leaf_granules)]
     # leaves computed one per worker at a time and folded here as they come: the partial
     # sums alive are one per tree level plus those in flight, whatever Dask's task order
-    g = fold_aligned(_in_waves(leaves, scheduler, "pca gram", progress, per_worker=1))
+    g = fold_aligned(in_waves(leaves, scheduler, "pca gram", progress, per_worker=1))
     if g is None:
         raise RuntimeError(f"{store.path}: no QC-passed cells for PCA")
     return assemble_gram(g, sc, int(mask.sum()))

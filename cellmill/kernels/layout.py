@@ -219,11 +219,9 @@ def _clip(v):
 def layout_rows(indptr, cols, vals, r0, pos0, emb, n, alpha, a, b, gamma, neg_rate,
                 w_max, keep_from, seed):
     """One epoch `n` of umap-learn's optimiser over rows r0.. (entries numbered from pos0
-    in the whole graph), updating the float32 embedding `emb` (n_vertices x dim) in place.
-    Returns the number of positive samples taken."""
+    in the whole graph), updating the float32 embedding `emb` (n_vertices x dim) in place."""
     n_vertices, dim = emb.shape
     key = _mix(np.uint64(seed) * _GOLDEN + np.uint64(n))
-    taken = 0
     for r in range(len(indptr) - 1):
         i = r0 + r
         for p in range(indptr[r], indptr[r + 1]):
@@ -233,7 +231,6 @@ def layout_rows(indptr, cols, vals, r0, pos0, emb, n, alpha, a, b, gamma, neg_ra
             hit, n_neg = sample_counts(n, w_max / w, neg_rate)
             if not hit:
                 continue
-            taken += 1
             j = cols[p]
             d2 = 0.0
             for d in range(dim):
@@ -264,4 +261,3 @@ def layout_rows(indptr, cols, vals, r0, pos0, emb, n, alpha, a, b, gamma, neg_ra
                 if coeff > 0.0:
                     for d in range(dim):
                         emb[i, d] += _clip(coeff * (emb[i, d] - emb[k, d])) * alpha
-    return taken
