@@ -1,48 +1,188 @@
-"""One typed configuration, loaded from TOML. Every key is optional; defaults are the study's."""
+"""One typed configuration, loaded from TOML. Every key is optional; defaults are the study's.
+
+`Config.check()` refuses every bad value with a one-line `ConfigError` that names the key
+(`section.key: ...`); `load_config` puts where the value came from (the file, or `--set ...`)
+in front of it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 
 class ConfigError(Exception):
-    """A bad configuration: unknown key, wrong type, value out of range."""
+    """A bad configuration: unknown key, wrong type, value out of range. ``str(e)`` is one line;
+    ``keys`` names the ``section.key``s involved, when known."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()):
+        self.keys = tuple(keys)
+        # one line, always (a TOML string or a library's message may hold a newline)
+        super().__init__(re.sub(r"\s*[\r\n]+\s*", " ", str(message)))
+
+
+def _bad(key: str, text: str) -> ConfigError:
+    return ConfigError(f"{key}: {text}", (key,))
+
+
+# The allowed values of every number, picked from how cellmill/engine uses them. Intervals:
+# "[" and "]" include the end, "(" and ")" leave it out, inf: no bound; a tuple: any of them.
+# Floats must also be finite (nan / inf never), ints must be ints (1.5 and 2.0 are refused)
+# that fit in 64 bits.
+SEED = "[0, 4294967295]"  # numpy's RandomState takes 0 .. 2**32 - 1
+RANGES = {
+    "compute.workers": "[1, inf)",
+    "qc.min_features": "[0, inf)",  # and < qc.max_features
+    "qc.max_features": "[1, inf)",
+    "normalize.scale_factor": "[1, inf)",  # Seurat truncates it to an int, which must be >= 1
+    "hvg.n_top": "[1, inf)",
+    "hvg.span": "(0, 1]",  # the loess span: a fraction of the genes
+    "pca.n_components": "[1, inf)",
+    "pca.clip": "(0, inf)",  # scaled values are clipped at +clip
+    "neighbors.n_pcs": "[1, inf)",  # and <= pca.n_components
+    "neighbors.k": "[2, inf)",  # the cell itself and at least one neighbour
+    "neighbors.prune": "[0, 1)",  # SNN edges with Jaccard < prune go; 1 would drop them all
+    "cluster.resolution": "(0, inf)",
+    "cluster.seed": SEED,
+    # -1: until stable (Seurat's 10 for louvain); 0 would leave every cell in its own cluster
+    "cluster.n_iterations": ("[-1, -1]", "[1, inf)"),
+    "umap.n_neighbors": "[2, inf)",
+    "umap.min_dist": "[0, 1]",  # umap needs min_dist <= spread, which cellmill fixes at 1
+    "umap.seed": SEED,
+    "umap.n_epochs": "[0, inf)",  # 0: uwot's default
+    "markers.logfc_threshold": "[0, inf)",
+    "markers.min_pct": "[0, 1]",
+    "markers.return_thresh": "(0, 1]",  # a p-value cut-off
+    "markers.min_cells_group": "[1, inf)",
+    "gsea.min_size": "[1, inf)",  # and <= gsea.max_size
+    "gsea.max_size": "[1, inf)",
+    "gsea.seed": SEED,
+    "gsea.nperm_simple": "[1, inf)",
+}
+
+# strings that name something (a metadata column, a condition level, a file): never blank
+NAMES = ("study.condition", "study.case", "study.control", "study.timepoint", "gsea.gmt")
+
+# lists of names: no blank entries, no repeats (a repeated target gene repeats its test rows
+# and inflates the Benjamini-Hochberg count); True: the list may not be empty either
+NAME_LISTS = {"input.feature_types": False, "study.timepoints": True,
+              "study.target_genes": False, "study.group_by": False, "gsea.clusters": False}
+
+
+def _interval(text: str) -> tuple[float, float, bool, bool]:
+    """'[0, 1)' -> (0.0, 1.0, low end open?, high end open?)"""
+    lo, hi = text[1:-1].split(",")
+    return float(lo), float(hi), text[0] == "(", text[-1] == ")"
+
+
+def _describe(rule: str | tuple[str, ...]) -> str:
+    """'[1, inf)' -> '>= 1', '(0, 1]' -> 'in (0, 1]', '[-1, -1]' -> '-1'."""
+    if isinstance(rule, tuple):
+        return " or ".join(map(_describe, rule))
+    lo, hi, lo_open, _ = _interval(rule)
+    low = rule[1:].split(",")[0]
+    if lo == hi:
+        return low
+    return f"in {rule}" if hi != math.inf else f"{'>' if lo_open else '>='} {low}"
+
+
+def _in(value: int | float, rule: str | tuple[str, ...]) -> bool:
+    if isinstance(rule, tuple):
+        return any(_in(value, r) for r in rule)
+    lo, hi, lo_open, hi_open = _interval(rule)
+    return (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+
+
+def _number_problem(key: str, value: Any, typ: type) -> str | None:
+    """What is wrong with the int or float `value` of `key`, or None."""
+    kind = "an integer" if typ is int else "a finite number"
+    wanted = f"must be {kind} {_describe(RANGES[key])}, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, int if typ is int else (int, float)):
+        return wanted
+    if typ is int and not -(2**63) <= value < 2**63:
+        return wanted + " (too large)"  # numpy and numba take int64
+    try:
+        return None if math.isfinite(value) and _in(value, RANGES[key]) else wanted
+    except OverflowError:  # an int too big for a float
+        return wanted
+
+
+def _check_names(key: str, names: list[str], required: bool) -> None:
+    if required and not names:
+        raise _bad(key, "must list at least one name")
+    blank = [i for i, name in enumerate(names) if not name.strip()]
+    if blank:
+        raise _bad(key, f"entry {blank[0] + 1} is empty; names must be non-empty")
+    repeated = [name for name, n in Counter(names).items() if n > 1]
+    if repeated:
+        raise _bad(key, f"{', '.join(map(repr, repeated))} listed more than once; "
+                        "give each name once")
+
+
+def _check_fields(section: Any) -> None:
+    """Types, finiteness, ranges and names of each value of one section."""
+    name = _SECTION_NAMES[type(section)]
+    for f, typ in get_type_hints(type(section)).items():
+        key, value = f"{name}.{f}", getattr(section, f)
+        if typ in (int, float):
+            problem = _number_problem(key, value, typ)
+            if problem:
+                raise _bad(key, problem)
+        elif typ is bool:
+            if not isinstance(value, bool):
+                raise _bad(key, f"must be true or false, got {value!r}")
+        elif typ is str:
+            if not isinstance(value, str):
+                raise _bad(key, f"must be a string, got {value!r}")
+            if key in NAMES and not value.strip():
+                raise _bad(key, "must not be empty")
+        elif not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _bad(key, f"must be a list of strings, got {value!r}")
+        elif key in NAME_LISTS:
+            _check_names(key, value, NAME_LISTS[key])
+
+
+class _Section:
+    def check(self) -> None:
+        _check_fields(self)
+        self._check_more()
+
+    def _check_more(self) -> None:
+        """Rules beyond one value's type and range (choices, values checked together)."""
 
 
 @dataclass
-class InputConfig:
+class InputConfig(_Section):
     manifest: str = ""
     path: str = ""
     store: str = ""
     feature_types: list[str] = field(default_factory=lambda: ["Gene Expression"])
 
-    def check(self) -> None:
-        given = [k for k in ("manifest", "path", "store") if getattr(self, k)]
+    def _check_more(self) -> None:
+        given = [f"input.{k}" for k in ("manifest", "path", "store") if getattr(self, k)]
         if len(given) > 1:
-            raise ConfigError(f"input: give only one of manifest, path, store (got {given})")
+            raise ConfigError(f"input: give only one of manifest, path, store (got "
+                              f"{', '.join(given)})", tuple(given))
 
 
 @dataclass
-class ComputeConfig:
+class ComputeConfig(_Section):
     scheduler: str = "threads"
     workers: int = 2
     memory: str = "2GB"
     progress: bool = True
 
-    def check(self) -> None:
+    def _check_more(self) -> None:
         named = ("threads", "processes", "synchronous")
         if self.scheduler not in named and "://" not in self.scheduler:
-            raise ConfigError(
-                f"compute.scheduler: {self.scheduler!r} is not threads, processes, "
-                "synchronous or a scheduler address like tcp://host:8786"
-            )
-        if self.workers < 1:
-            raise ConfigError("compute.workers must be >= 1")
+            raise _bad("compute.scheduler", f"{self.scheduler!r} is not threads, processes, "
+                       "synchronous or a scheduler address like tcp://host:8786")
         parse_bytes(self.memory)
 
     @property
@@ -51,65 +191,49 @@ class ComputeConfig:
 
 
 @dataclass
-class QCConfig:
+class QCConfig(_Section):
     min_features: int = 500
     max_features: int = 4000
     inclusive: bool = False
 
-    def check(self) -> None:
-        if self.min_features < 0 or self.max_features <= self.min_features:
-            raise ConfigError("qc: need 0 <= min_features < max_features")
+    def _check_more(self) -> None:
+        if self.max_features <= self.min_features:
+            raise ConfigError(f"qc.min_features ({self.min_features}) must be below "
+                              f"qc.max_features ({self.max_features}): need 0 <= min_features "
+                              "< max_features", ("qc.min_features", "qc.max_features"))
 
 
 @dataclass
-class NormalizeConfig:
+class NormalizeConfig(_Section):
     scale_factor: float = 10000.0
 
-    def check(self) -> None:
-        if self.scale_factor <= 0:
-            raise ConfigError("normalize.scale_factor must be > 0")
-
 
 @dataclass
-class HVGConfig:
+class HVGConfig(_Section):
     n_top: int = 2000
     span: float = 0.3
 
-    def check(self) -> None:
-        if self.n_top < 1:
-            raise ConfigError("hvg.n_top must be >= 1")
-        if not 0 < self.span <= 1:
-            raise ConfigError("hvg.span must be in (0, 1]")
-
 
 @dataclass
-class PCAConfig:
+class PCAConfig(_Section):
     n_components: int = 50
     clip: float = 10.0
 
-    def check(self) -> None:
-        if self.n_components < 1:
-            raise ConfigError("pca.n_components must be >= 1")
-
 
 @dataclass
-class NeighborsConfig:
+class NeighborsConfig(_Section):
     n_pcs: int = 15
     k: int = 20
     prune: float = 1.0 / 15.0
     method: str = "exact"
 
-    def check(self) -> None:
+    def _check_more(self) -> None:
         if self.method not in ("exact", "pynndescent"):
-            raise ConfigError(f"neighbors.method: {self.method!r} is not exact or pynndescent")
-        if self.k < 2 or self.n_pcs < 1:
-            raise ConfigError("neighbors: need k >= 2 and n_pcs >= 1")
-        if not 0 <= self.prune < 1:
-            raise ConfigError("neighbors.prune must be in [0, 1)")
+            raise _bad("neighbors.method", f"{self.method!r} is not exact or pynndescent")
 
 
 @dataclass
-class ClusterConfig:
+class ClusterConfig(_Section):
     algorithm: str = "leiden"
     resolution: float = 0.3
     seed: int = 0
@@ -120,18 +244,16 @@ class ClusterConfig:
     # leidenalg on the graph of its first-level communities
     leiden_backend: str = "streamed"
 
-    def check(self) -> None:
+    def _check_more(self) -> None:
         if self.leiden_backend not in ("streamed", "igraph", "leidenalg"):
-            raise ConfigError(f"cluster.leiden_backend: {self.leiden_backend!r} is not "
-                              "streamed, igraph or leidenalg")
+            raise _bad("cluster.leiden_backend", f"{self.leiden_backend!r} is not "
+                       "streamed, igraph or leidenalg")
         if self.algorithm not in ("leiden", "louvain"):
-            raise ConfigError(f"cluster.algorithm: {self.algorithm!r} is not leiden or louvain")
-        if self.resolution <= 0:
-            raise ConfigError("cluster.resolution must be > 0")
+            raise _bad("cluster.algorithm", f"{self.algorithm!r} is not leiden or louvain")
 
 
 @dataclass
-class UMAPConfig:
+class UMAPConfig(_Section):
     n_neighbors: int = 30
     min_dist: float = 0.3
     seed: int = 42
@@ -139,15 +261,13 @@ class UMAPConfig:
     # "streamed": the graph on disk, O(cells) memory (engine/layout.py); "umap-learn": in memory
     backend: str = "streamed"
 
-    def check(self) -> None:
-        if self.n_neighbors < 2:
-            raise ConfigError("umap.n_neighbors must be >= 2")
+    def _check_more(self) -> None:
         if self.backend not in ("streamed", "umap-learn"):
-            raise ConfigError(f"umap.backend: {self.backend!r} is not streamed or umap-learn")
+            raise _bad("umap.backend", f"{self.backend!r} is not streamed or umap-learn")
 
 
 @dataclass
-class StudyConfig:
+class StudyConfig(_Section):
     condition: str = "condition"
     case: str = "SNI"
     control: str = "Sham"
@@ -159,9 +279,18 @@ class StudyConfig:
         default_factory=lambda: ["cluster", "condition", "timepoint", "sample"]
     )
 
+    def _check_more(self) -> None:
+        if self.case == self.control:
+            raise ConfigError(f"study.case and study.control are both {self.case!r}; the two "
+                              "conditions compared must differ", ("study.case", "study.control"))
+        if self.condition == self.timepoint:
+            raise ConfigError(f"study.condition and study.timepoint are both {self.condition!r}; "
+                              "they name two different metadata columns",
+                              ("study.condition", "study.timepoint"))
+
 
 @dataclass
-class MarkersConfig:
+class MarkersConfig(_Section):
     logfc_threshold: float = 0.25
     min_pct: float = 0.1
     only_pos: bool = True
@@ -170,7 +299,7 @@ class MarkersConfig:
 
 
 @dataclass
-class GSEAConfig:
+class GSEAConfig(_Section):
     gmt: str = "mh.all.v2022.1.Mm.symbols.gmt"
     ranking: str = "avg_log2FC"
     min_size: int = 15
@@ -179,11 +308,13 @@ class GSEAConfig:
     seed: int = 0
     nperm_simple: int = 1000
 
-    def check(self) -> None:
+    def _check_more(self) -> None:
         if self.ranking not in ("avg_log2FC", "signed_log10_p"):
-            raise ConfigError(f"gsea.ranking: {self.ranking!r} is not avg_log2FC or signed_log10_p")
-        if self.min_size < 1 or self.max_size < self.min_size:
-            raise ConfigError("gsea: need 1 <= min_size <= max_size")
+            raise _bad("gsea.ranking", f"{self.ranking!r} is not avg_log2FC or signed_log10_p")
+        if self.max_size < self.min_size:
+            raise ConfigError(f"gsea.min_size ({self.min_size}) must be <= gsea.max_size "
+                              f"({self.max_size}): need 1 <= min_size <= max_size",
+                              ("gsea.min_size", "gsea.max_size"))
 
 
 @dataclass
@@ -208,6 +339,11 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "check"):
                 section.check()
+        # the neighbour graph and the UMAP read the first n_pcs columns of the PCA
+        if self.neighbors.n_pcs > self.pca.n_components:
+            raise ConfigError(f"neighbors.n_pcs ({self.neighbors.n_pcs}) must be <= "
+                              f"pca.n_components ({self.pca.n_components})",
+                              ("neighbors.n_pcs", "pca.n_components"))
         return self
 
     def resolve(self, path: str) -> Path:
@@ -220,20 +356,25 @@ class Config:
         return d
 
 
+_SECTION_NAMES = {f.default_factory: f.name for f in fields(Config) if f.name != "base_dir"}
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_bytes(text: str | int) -> int:
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ConfigError(f"compute.memory: cannot read {text!r} as a size like '2GB'")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    """A size like '2GB', '1.5 GiB', '512MiB' (or a number of bytes) -> bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        n = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(text))
+        n = float(m.group(1)) * _UNITS.get(m.group(2).upper(), math.nan) if m else math.nan
+        if not math.isfinite(n):
+            raise _bad("compute.memory", f"cannot read {text!r} as a size; give a number and "
+                       "a unit, like '2GB' or '512MiB'")
     if n < 64 * 2**20:
-        raise ConfigError(f"compute.memory: {text!r} is below the 64 MiB minimum")
-    return n
+        raise _bad("compute.memory", f"{text!r} is below the 64 MiB minimum")
+    return int(n)
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -257,14 +398,12 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
             return int(value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if typ is float:
+    if typ is float:  # nan and inf pass here; check() refuses them, naming the range
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
         try:
             return float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -273,7 +412,10 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type")
 
 
-def _apply(cfg: Config, data: dict[str, Any], origin: str) -> None:
+def _apply(cfg: Config, data: dict[str, Any], origin: str,
+           origins: dict[str, str] | None = None) -> None:
+    """Set the values of `data` ({section: {key: value}}); `origins` records, for each key set,
+    where it came from, the last one set last."""
     sections = {f.name: f for f in fields(cfg) if f.name != "base_dir"}
     for name, values in data.items():
         if name not in sections:
@@ -288,6 +430,9 @@ def _apply(cfg: Config, data: dict[str, Any], origin: str) -> None:
                     f"{origin}: unknown key {name}.{key} (known: {', '.join(hints)})"
                 )
             setattr(section, key, _coerce(value, hints[key], f"{origin}: {name}.{key}"))
+            if origins is not None:
+                origins.pop(f"{name}.{key}", None)
+                origins[f"{name}.{key}"] = origin
 
 
 def _parse_override(text: str) -> tuple[str, str, Any]:
@@ -305,6 +450,7 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a TOML config (or defaults when path is None), apply `section.key=value` overrides."""
     cfg = Config()
+    origins: dict[str, str] = {}
     if path is not None:
         path = Path(path)
         try:
@@ -314,8 +460,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
         cfg.base_dir = str(path.resolve().parent)
-        _apply(cfg, data, str(path))
+        _apply(cfg, data, str(path), origins)
     for text in overrides or []:
         section, key, value = _parse_override(text)
-        _apply(cfg, {section: {key: value}}, f"--set {text}")
-    return cfg.check()
+        _apply(cfg, {section: {key: value}}, f"--set {text}", origins)
+    try:
+        return cfg.check()
+    except ConfigError as e:
+        # blame the last place that set one of the keys involved (an override beats the file);
+        # a value left at its default has no place to blame
+        blamed = [origins[k] for k in origins if k in e.keys]
+        if blamed:
+            raise ConfigError(f"{blamed[-1]}: {e}", e.keys) from None
+        raise
