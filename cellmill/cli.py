@@ -26,12 +26,47 @@ def _cmd_info(args) -> None:
     print(describe(args.store))
 
 
-def _cmd_run(args) -> None:
+DATA_SUFFIXES = (".h5", ".h5ad", ".csv")
+
+
+def run_config(source: str | None, overrides: list[str]):
+    """The config of `cellmill run SOURCE`: a TOML file, or data (a 10x .h5, .h5ad, Matrix
+    Market folder or manifest .csv) run with the defaults; relative paths from the cwd."""
     from cellmill.config import load_config
+
+    if source is None:
+        return load_config(None, overrides)
+    path = Path(source)
+    if path.suffix.lower() == ".toml":
+        return load_config(path, overrides)
+    if path.is_dir() or path.suffix.lower() in DATA_SUFFIXES:
+        key = "manifest" if path.suffix.lower() == ".csv" else "path"
+        cfg = load_config(None, [f"input.{key}={_toml_string(str(path.resolve()))}"]
+                          + list(overrides))
+        cfg.base_dir = str(Path.cwd())
+        return cfg
+    if not path.exists():
+        raise ConfigError(f"{path}: not found (give a .toml config, or data: a 10x .h5, "
+                          ".h5ad, Matrix Market folder or manifest .csv)")
+    return load_config(path, overrides)
+
+
+def _toml_string(text: str) -> str:
+    import json
+
+    return json.dumps(text)  # a JSON string is a valid TOML basic string
+
+
+def _cmd_run(args) -> None:
     from cellmill.engine.workflow import run_workflow
 
-    cfg = load_config(args.config, args.set)
-    outdir = Path(args.output) if args.output else Path(cfg.base_dir) / "results"
+    cfg = run_config(args.config, args.set)
+    if args.output:
+        outdir = Path(args.output)
+    elif args.config and Path(args.config).suffix.lower() == ".toml":
+        outdir = Path(cfg.base_dir) / "results"
+    else:
+        outdir = Path("results")
     run_workflow(cfg, outdir, until=args.until)
 
 
@@ -68,6 +103,7 @@ def _cmd_bench(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cellmill", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log each stage")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("ingest", help="10x .h5 / Matrix Market / .h5ad / manifest -> store")
@@ -83,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("store")
     s.set_defaults(func=_cmd_info)
 
-    s = sub.add_parser("run", help="run the workflow described by a TOML config")
-    s.add_argument("config")
-    s.add_argument("-o", "--output", help="output folder (default: results/ beside the config)")
+    s = sub.add_parser("run", help="run the workflow: a TOML config, or data with defaults")
+    s.add_argument("config", nargs="?", help="study.toml, or a 10x .h5 / .h5ad / Matrix "
+                   "Market folder / manifest .csv to run with the default settings")
+    s.add_argument("-o", "--output", help="output folder (default: results/ beside the config, "
+                   "or ./results for data)")
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     s.add_argument("--until", help="stop after this stage")
     s.set_defaults(func=_cmd_run)
@@ -125,8 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cellmill.errors import InputError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own parser: `cellmill bench --sizes 100k` as documented
         from cellmill.bench import main as bench_main
@@ -137,18 +173,56 @@ def main(argv: list[str] | None = None) -> int:
         args.feature_type = ["Gene Expression"]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    if args.debug:
+        args.func(args)
+        return 0
     try:
         args.func(args)
-    except (InputError, ConfigError) as e:
-        print(f"cellmill: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"cellmill: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("cellmill: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line
+        code, line = explain(e)
+        if code == 1:
+            line += f" (traceback in {_save_traceback(e)}; --debug shows it)"
+        print(f"cellmill: error: {line}", file=sys.stderr)
+        return code
     return 0
+
+
+def explain(e: BaseException) -> tuple[int, str]:
+    """(exit code, one line) for an error: 2 for what the user can act on, 1 for a bug."""
+    import errno
+
+    from cellmill.errors import InputError
+
+    if isinstance(e, (InputError, ConfigError)):
+        return 2, " ".join(str(e).split())
+    if isinstance(e, OSError):
+        where = e.filename or ""
+        why = e.strerror or str(e)
+        if e.errno == errno.ENOSPC:
+            why = "no space left on the device (free some, or write elsewhere with -o)"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            why = f"{why} (check the folder's permissions, or write elsewhere with -o)"
+        elif isinstance(e, FileNotFoundError):
+            why = "file or folder not found (was it removed while cellmill ran?)"
+        return 2, f"{where}: {why}" if where else why
+    if isinstance(e, MemoryError):
+        return 2, "out of memory: lower compute.memory or compute.workers"
+    if isinstance(e, ValueError):  # argument values the checks above do not cover
+        return 2, " ".join(str(e).split())
+    return 1, f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def _save_traceback(e: BaseException) -> str:
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="cellmill-error-", suffix=".log")
+    with open(fd, "w") as f:
+        f.write("".join(traceback.format_exception(e)))
+    return path
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pandas as pd
 from cellmill.config import Config
 from cellmill.engine.stages import Context, stage
 from cellmill.errors import InputError
+from cellmill.io import faults
 
 
 def _source(cfg: Config) -> Path | None:
@@ -92,6 +93,7 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     df.to_csv(tmp, index=False)
     tmp.replace(path)
+    faults.wrote()
 
 
 def write_cell_table(store, path: Path, columns: dict, cells: np.ndarray | None = None) -> None:
@@ -113,6 +115,7 @@ def write_cell_table(store, path: Path, columns: dict, cells: np.ndarray | None 
                      else np.asarray(v[pos]) for k, v in columns.items()})
         pd.DataFrame(part).to_csv(tmp, index=False, header=a == 0, mode="w" if a == 0 else "a")
     tmp.replace(path)
+    faults.wrote()
 
 
 def qc_passed(store) -> np.ndarray:

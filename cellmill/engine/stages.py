@@ -1,13 +1,26 @@
-"""The stage graph: registration, parameter hashing, skip / resume, timings and memory."""
+"""The stage graph: registration, hashing, skip / resume, timings and memory.
+
+A stage's record (in the store) holds the hash of its parameters, its inputs' hashes and
+the code that computes it, and the digests of the files it wrote into the output folder.
+Records cannot lie: before a stage writes anything, its own record and those of every
+stage downstream are removed (with the output files they list), so a stage killed half
+way leaves no record and runs again. A skipped stage's files are checked in OUTDIR (and
+copied there from the folder they were written to, when they are not).
+"""
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -108,16 +121,163 @@ def load_stages() -> dict[str, Stage]:
     return REGISTRY
 
 
+# Modules that shape no result (configuration, plumbing, the CLI): left out of code digests
+# so that, say, a clearer error message does not rerun a study.
+PLUMBING = {"cellmill.config", "cellmill.errors", "cellmill.engine.stages",
+            "cellmill.engine.progress", "cellmill.engine.monitor", "cellmill.engine.preflight",
+            "cellmill.engine.workflow", "cellmill.io.faults", "cellmill.io.lock", "cellmill.cli",
+            "cellmill"}
+# report.html names the folder it was written in: rebuilt, not copied, in a new OUTDIR
+NOT_RELOCATABLE = {"report"}
+
+
+def _imports(module: str) -> set[str]:
+    """The cellmill modules `module` imports (anywhere in its source)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return set()
+    tree = ast.parse(Path(spec.origin).read_bytes())
+    pkg = module if spec.submodule_search_locations else module.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+    return {m for m in out if m.startswith("cellmill") and _is_module(m)}
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # `from cellmill.x import function`: the parent is a module
+        return False
+
+
+@cache
+def code_digest(module: str) -> str:
+    """sha256 of the source of `module` and of every cellmill module it uses, transitively
+    (plumbing left out), with the cellmill version: an upgrade reruns what it changed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m in seen or (m in PLUMBING and m != module):
+            continue
+        seen.add(m)
+        todo.extend(_imports(m))
+    h = hashlib.sha256()
+    try:
+        h.update(version("cellmill").encode())
+    except PackageNotFoundError:
+        pass
+    for m in sorted(seen):
+        origin = importlib.util.find_spec(m).origin
+        h.update(m.encode() + b"\0" + Path(origin).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def stage_code(st: Stage) -> str:
+    return code_digest(MODULES[st.name])
+
+
 def stage_hash(st: Stage, cfg: Config, upstream: dict[str, str]) -> str:
-    doc = {"stage": st.name, "version": st.version, "params": st.params(cfg),
-           "after": {a: upstream.get(a, "") for a in st.after}}
+    doc = {"stage": st.name, "version": st.version, "code": stage_code(st),
+           "params": st.params(cfg), "after": {a: upstream.get(a, "") for a in st.after}}
     text = json.dumps(doc, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def dependants(name: str, stages: dict[str, Stage]) -> list[str]:
+    """`name` and every stage that depends on it, directly or not, in workflow order."""
+    out = {name}
+    for n in ORDER:
+        if n in stages and out.intersection(stages[n].after):
+            out.add(n)
+    return [n for n in ORDER if n in out]
+
+
+# ------------------------------------------------------------------- files in OUTDIR
+
+def _output_files(outdir: Path) -> dict[str, tuple]:
+    """Result files in OUTDIR (tables, figures, report) -> (size, mtime, inode)."""
+    out = {}
+    for p in [*(outdir / "tables").rglob("*"), *(outdir / "figures").rglob("*"),
+              outdir / "report.html"]:
+        if p.is_file() and ".tmp" not in p.name:
+            st = p.stat()
+            out[p.relative_to(outdir).as_posix()] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def _sha(path: Path) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    return h.hexdigest()
+
+
+def _outputs_in_place(ctx: Context, name: str, rec: dict) -> bool:
+    """True when every file the record lists is in OUTDIR with its digest, copying it from
+    the folder it was written to where needed; False when the stage must run again."""
+    here = ctx.outdir.resolve()
+    there = Path(rec.get("outdir", here))
+    for rel, digest in rec.get("outputs", {}).items():
+        dst = here / rel
+        if _sha(dst) == digest:
+            continue
+        src = there / rel
+        if name in NOT_RELOCATABLE or there == here or _sha(src) != digest:
+            return False
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    return True
+
+
+def _invalidate(ctx: Context, names: list[str]) -> None:
+    """Remove the records of `names` (and the files they list in OUTDIR): files first, so
+    a crash in between leaves a record whose files are missing, which reruns the stage."""
+    if ctx.store is None:
+        return
+    records = ctx.store.stage_records()
+    drop = [n for n in names if n in records]
+    if not drop:
+        return
+    here = ctx.outdir.resolve()
+    for n in drop:
+        if Path(records[n].get("outdir", "")) != here:
+            continue  # files of another folder are not this run's to delete
+        for rel in records[n].get("outputs", {}):
+            (here / rel).unlink(missing_ok=True)
+    ctx.store.drop_stage_records(drop)
+
+
+def _open_store(ctx: Context):
+    """The store at ctx.store_path, or None where there is none yet (ingest writes it)."""
+    from cellmill.io.store import Store
+
+    try:
+        return Store(ctx.store_path)
+    except FileNotFoundError:
+        return None
+
+
 def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
-    """Run the workflow up to `until`, skipping stages whose recorded hash matches."""
+    """Run the workflow up to `until`, skipping stages whose record matches."""
     from cellmill.engine.monitor import PeakMemory
+    from cellmill.io import faults
     from cellmill.io.store import Store
 
     stages = load_stages()
@@ -128,32 +288,45 @@ def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
     missing = [n for n in wanted if n not in stages]
     if missing:
         raise RuntimeError(f"stage(s) not available in this build: {', '.join(missing)}")
+    if ctx.store is None:
+        ctx.store = _open_store(ctx)
     # every stage's parameters are read (and validated) before anything runs
     hashes: dict[str, str] = {}
     for name in wanted:
         hashes[name] = stage_hash(stages[name], ctx.cfg, hashes)
+    if ctx.cfg.input.store and ctx.store is not None:
+        # the store is the input: its own ingest record is its provenance
+        ingested = ctx.store.stage_records().get("ingest", {}).get("hash")
+        if ingested:
+            hashes["ingest"] = ingested
+            for name in wanted[1:]:
+                hashes[name] = stage_hash(stages[name], ctx.cfg, hashes)
     for name in wanted:
         st = stages[name]
         h = hashes[name]
-        if ctx.store is None and ctx.store_path.exists():
-            try:
-                ctx.store = Store(ctx.store_path)
-            except FileNotFoundError:  # not a store (yet): ingest will write it
-                ctx.store = None
         records = ctx.store.stage_records() if ctx.store is not None else {}
-        if records.get(name, {}).get("hash") == h:
-            ctx.timings[name] = {"skipped": True, **records[name]}
+        rec = records.get(name)
+        if rec is not None and rec.get("hash") == h and _outputs_in_place(ctx, name, rec):
+            ctx.timings[name] = {"skipped": True, **rec}
             log.info("stage %s: up to date", name)
             continue
+        _invalidate(ctx, dependants(name, stages))
         log.info("stage %s: running", name)
+        faults.stage_started(name)
+        before = _output_files(ctx.outdir)
         t0, c0 = time.perf_counter(), time.process_time()
         with PeakMemory() as mem:
             st.func(ctx)
-        rec = {"hash": h, "seconds": round(time.perf_counter() - t0, 3),
+        after = _output_files(ctx.outdir)
+        outputs = {rel: _sha(ctx.outdir / rel) for rel, sig in after.items()
+                   if before.get(rel) != sig}
+        rec = {"hash": h, "code": stage_code(st), "seconds": round(time.perf_counter() - t0, 3),
                "cpu_seconds": round(time.process_time() - c0, 3),
-               "peak_rss_mb": round(mem.peak / 2**20, 1), "finished": time.time()}
+               "peak_rss_mb": round(mem.peak / 2**20, 1), "finished": time.time(),
+               "outdir": str(ctx.outdir.resolve()), "outputs": outputs}
         if ctx.store is None:
             ctx.store = Store(ctx.store_path)
         ctx.store.set_stage_record(name, rec)
+        faults.stage_finished()
         ctx.timings[name] = {"skipped": False, **rec}
     return ctx.timings

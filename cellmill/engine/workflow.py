@@ -13,6 +13,7 @@ from pathlib import Path
 from cellmill.config import Config, load_config
 from cellmill.engine.progress import progress_enabled
 from cellmill.engine.stages import ORDER, Context, run_stages
+from cellmill.errors import InputError
 
 log = logging.getLogger("cellmill")
 
@@ -33,22 +34,44 @@ def versions() -> dict[str, str]:
 
 def run_workflow(cfg: Config, outdir: Path, until: str | None = None) -> Context:
     from cellmill.engine.monitor import PeakMemory
+    from cellmill.engine.preflight import preflight
+    from cellmill.io.lock import StoreLock
     from cellmill.io.store import write_json_atomic
 
+    preflight(cfg)  # every check that needs no heavy work, before anything is written
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(outdir, "output folder is a file")
     ctx = Context(cfg=cfg, outdir=outdir, progress=progress_enabled(cfg.compute.progress))
+    if cfg.input.store:
+        log.warning("input.store %s is used in place: stage results are written "
+                    "into it; tables, figures and the report go to %s", ctx.store_path, outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with PeakMemory() as mem:
+    with StoreLock(ctx.store_path), PeakMemory() as mem:
+        _tidy(outdir)
         run_stages(ctx, until=until)
         if until is not None and until != ORDER[-1]:
             partial_report(ctx, until)
     run = {"cellmill": versions()["cellmill"], "versions": versions(), "config": cfg.to_dict(),
-           "until": until, "stages": ctx.timings,
+           "until": until, "stages": ctx.timings, "store": str(ctx.store_path.resolve()),
            "wall_seconds": round(time.perf_counter() - t0, 3),
            "peak_rss_mb": round(mem.peak / 2**20, 1), "finished": time.time()}
     write_json_atomic(outdir / "run.json", run)
     return ctx
+
+
+def _tidy(outdir: Path) -> None:
+    """Before a run: temporary files of a killed one go, and run.json, which describes a run
+    that is over (it is written again when this one ends)."""
+    (outdir / "run.json").unlink(missing_ok=True)
+    for sub in ("tables", "figures"):
+        for p in (outdir / sub).rglob("*.tmp*"):
+            if p.is_file():
+                p.unlink()
+    for p in outdir.glob("*.tmp*"):
+        if p.is_file():
+            p.unlink()
 
 
 def partial_report(ctx: Context, until: str) -> None:

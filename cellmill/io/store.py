@@ -5,7 +5,7 @@ Layout (anndata's on-disk spec, so `anndata.read_zarr` opens it):
   obs/, var/                 dataframes (anndata encoding)
   obsm/, varm/, obsp/, layers/ (layers/counts_gene_major: the CSC copy for rank tests)
   uns/cellmill/blocks        cell offsets of the storage blocks (multiples of GRANULE cells)
-  uns/cellmill (attributes)  stage completion records
+  uns/cellmill (attributes)  store format version, stage completion records
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ import scipy.sparse as sp
 import zarr
 from zarr.codecs import BloscCodec
 
+from cellmill.errors import InputError
+from cellmill.io import faults
+
 # Reductions combine per-granule partial sums in cell order; block sizes are multiples of it,
 # so results do not depend on how cells are grouped into blocks.
 GRANULE = 1024
@@ -31,6 +34,9 @@ GRANULE = 1024
 # chunk at each edge.
 CHUNK_NNZ = 1 << 18
 DEFAULT_BLOCK_CELLS = 4 * GRANULE
+# Version of this layout. A store of another format (or none: not written by cellmill) is
+# refused with what to do, never read by guesswork. Bump it when the layout changes.
+FORMAT = 1
 GENE_MAJOR = "counts_gene_major"
 
 # anndata's writer leaves sharding to zarr's default; the store chooses its chunks itself
@@ -117,13 +123,39 @@ def _write_dense(parent: zarr.Group, name: str, arr: np.ndarray) -> None:
         a[...] = arr
 
 
+class StoreError(InputError):
+    """A folder that holds a Zarr store cellmill cannot use (another writer, another format)."""
+
+
+def check_format(path: Path) -> None:
+    """Raise StoreError unless `path` is a store of this cellmill's FORMAT."""
+    try:
+        meta = json.loads((path / "uns" / "cellmill" / "zarr.json").read_text())
+    except FileNotFoundError:
+        raise StoreError(path, "a Zarr store not written by cellmill (no uns/cellmill); "
+                         "cellmill runs on stores it wrote: save the data as .h5ad and run "
+                         "`cellmill ingest FILE.h5ad -o NEW.zarr`") from None
+    except (OSError, ValueError) as e:
+        raise StoreError(path, f"store metadata unreadable ({e})") from None
+    fmt = meta.get("attributes", {}).get("format")
+    if fmt != FORMAT:
+        made = "an older cellmill (no format version)" if fmt is None else f"format {fmt}"
+        raise StoreError(path, f"store written by {made}; this cellmill reads format "
+                         f"{FORMAT}: ingest the input files again into a new store "
+                         "(`cellmill ingest ... -o NEW.zarr`, or remove this one)")
+
+
 class Store:
     """An open study store. Cheap to create and to pickle (it holds only the path)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not (self.path / "zarr.json").exists() or not (self.path / "X").exists():
+        if not (self.path / "zarr.json").exists():
             raise FileNotFoundError(f"{self.path}: not a cellmill store")
+        if not (self.path / "X").exists():
+            raise StoreError(self.path, "a Zarr store without counts (no X): not a "
+                             "cellmill store")
+        check_format(self.path)
         _recover(self.path)
         self._root = None
 
@@ -198,6 +230,7 @@ class Store:
         write_elem(self.root, new, df)
         _swap_dir(self.path / new, self.path / key)
         self._root = None
+        faults.wrote()
 
     def obs_column(self, name: str):
         """One obs column (numpy array or pandas Categorical) without reading the others:
@@ -243,6 +276,7 @@ class Store:
             if k not in order:
                 order.append(k)
                 write_json_atomic(meta_path, meta)
+            faults.wrote()
         self._root = None
 
     def update_var(self, **columns) -> None:
@@ -259,6 +293,7 @@ class Store:
         _write_dense(parent, name + ".__new__", arr)
         _swap_dir(self.path / slot / (name + ".__new__"), self.path / slot / name)
         self._root = None
+        faults.wrote()
 
     def begin_array(self, slot: str, name: str, shape: tuple, dtype, chunk_rows: int,
                     fill_value=0) -> Path:
@@ -277,6 +312,7 @@ class Store:
     def commit_array(self, slot: str, name: str) -> None:
         _swap_dir(self.path / slot / (name + ".__new__"), self.path / slot / name)
         self._root = None
+        faults.wrote()
 
     def sparse_writer(self, slot: str, name: str, shape: tuple[int, int],
                       dtype=np.float64) -> SparseRowWriter:
@@ -295,6 +331,7 @@ class Store:
         write_sparse(parent, name + ".__new__", m)
         _swap_dir(self.path / slot / (name + ".__new__"), self.path / slot / name)
         self._root = None
+        faults.wrote()
 
     def write_dataset(self, slot: str, name: str, ds, encoding: dict | None = None) -> None:
         """Write an xarray Dataset under slot/name (xarray's Zarr v3 layout) atomically.
@@ -315,6 +352,7 @@ class Store:
         ds.to_zarr(new, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
         _swap_dir(new, self.path / slot / name)
         self._root = None
+        faults.wrote()
 
     def read_dataset(self, slot: str, name: str):
         """An xarray Dataset written by write_dataset (lazy: dask-backed variables)."""
@@ -354,6 +392,15 @@ class Store:
 
     def stage_records(self) -> dict[str, dict]:
         return dict(self._meta().get("attributes", {}).get("stages", {}))
+
+    def drop_stage_records(self, names) -> None:
+        """Remove the records of `names` in one atomic write."""
+        meta = self._meta()
+        stages = meta.setdefault("attributes", {}).setdefault("stages", {})
+        for n in names:
+            stages.pop(n, None)
+        write_json_atomic(self._meta_path(), meta)
+        self._root = None
 
     def set_stage_record(self, name: str, record: dict | None) -> None:
         meta = self._meta()

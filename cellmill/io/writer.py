@@ -16,10 +16,12 @@ import zarr
 
 from cellmill.errors import InputError
 from cellmill.heap import release_heap
+from cellmill.io import faults
 from cellmill.io.sample import SampleStream
 from cellmill.io.store import (
     CHUNK_NNZ,
     DEFAULT_BLOCK_CELLS,
+    FORMAT,
     GRANULE,
     Store,
     _empty_dict_group,
@@ -113,6 +115,7 @@ class StoreWriter:
             c, f = self._add_counts(counts, cols, resort)
             n_counts.append(c)
             n_features.append(f)
+            faults.wrote()
         n = sum(len(c) for c in n_counts)
         if n != stream.n_cells:
             raise InputError(stream.source, f"{n} cells in the matrix but "
@@ -206,6 +209,7 @@ class StoreWriter:
 
         m = json.loads(meta_json.read_text())
         m["attributes"]["stages"] = {}
+        m["attributes"]["format"] = FORMAT
         write_json_atomic(meta_json, m)
         if self.path.exists():
             shutil.rmtree(self.path)

@@ -341,7 +341,12 @@ def _figure(size: tuple[float, float]) -> Figure:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    from cellmill.io import faults
+
+    tmp = path.with_name(path.name + ".tmp")  # a killed run leaves no half-drawn figure
+    fig.savefig(tmp, dpi=DPI, facecolor="white", format=path.suffix.lstrip(".") or "png")
+    tmp.replace(path)
+    faults.wrote()
     return path
 
 
