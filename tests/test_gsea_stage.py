@@ -67,9 +67,13 @@ def test_gsea_stage_finds_planted_set(tmp_path):
 
 
 def test_gsea_missing_gmt_is_clear(tmp_path):
+    """The stage's parameters need no GMT (a run without study columns has none, issue 18);
+    the stage names the missing file when the study needs it (preflight, before any work)."""
     from cellmill.engine.stages import load_stages, stage_hash
     from cellmill.errors import InputError
 
+    store, _ = _study(tmp_path)
     cfg = load_config(None, [f"gsea.gmt={tmp_path / 'none.gmt'}"])
+    stage_hash(load_stages()["gsea"], cfg, {})
     with pytest.raises(InputError, match="none.gmt"):
-        stage_hash(load_stages()["gsea"], cfg, {})
+        run_gsea(Context(cfg=cfg, outdir=tmp_path / "out", store=store, progress=False))

@@ -1,10 +1,13 @@
 """Stage `gsea`: per cluster x time point, rank all genes by case vs control FindMarkers
-(thresholds 0) and run fgsea-style preranked GSEA with the configured GMT (study Fig. 2)."""
+(thresholds 0) and run fgsea-style preranked GSEA with the configured GMT (study Fig. 2).
+Cells without a study.condition column: no GSEA and no gsea.csv (the study is off); without a
+time-point column: per cluster, time points pooled (timepoint "pooled")."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import warnings
 
 import numpy as np
@@ -17,6 +20,8 @@ from cellmill.errors import InputError
 
 log = logging.getLogger("cellmill")
 
+POOLED = "pooled"  # the time point of contrasts over all time points (no time-point column)
+
 
 def _gmt_path(cfg: Config):
     path = cfg.resolve(cfg.gsea.gmt)
@@ -26,8 +31,12 @@ def _gmt_path(cfg: Config):
 
 
 def _params(cfg: Config) -> dict:
-    path = _gmt_path(cfg)
-    return {"gsea": vars(cfg.gsea) | {"gmt": hashlib.sha256(path.read_bytes()).hexdigest()},
+    # computed from the config alone, before the data exists: a run without study columns
+    # needs no GMT, so an absent file is recorded by its path (it reruns the stage once the
+    # file is there) and reported by preflight or the stage when the study needs it
+    path = cfg.resolve(cfg.gsea.gmt)
+    gmt = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else f"absent: {path}"
+    return {"gsea": vars(cfg.gsea) | {"gmt": gmt},
             "study": [cfg.study.condition, cfg.study.case, cfg.study.control,
                       cfg.study.timepoint, cfg.study.timepoints],
             "scale_factor": cfg.normalize.scale_factor,
@@ -43,14 +52,18 @@ def ranking(de: pd.DataFrame, how: str) -> pd.Series:
 
 
 def contrasts(obs: pd.DataFrame, mask: np.ndarray, cfg: Config, min_cells: int):
-    """(cluster, timepoint, case cells, control cells) for every testable combination."""
+    """(cluster, timepoint, case cells, control cells) for every testable combination.
+    Without a time-point column, each cluster's cells of all time points ("pooled")."""
     st = cfg.study
-    for col in ("cluster", st.condition, st.timepoint):
+    for col in ("cluster", st.condition):
         if col not in obs:
             raise InputError("config", f"obs column {col!r} needed by gsea is missing")
     cluster = obs["cluster"].astype(str).to_numpy()
     cond = obs[st.condition].astype(str).to_numpy()
-    tp = obs[st.timepoint].astype(str).to_numpy()
+    if st.timepoint in obs:
+        tp, timepoints = obs[st.timepoint].astype(str).to_numpy(), list(st.timepoints)
+    else:
+        tp, timepoints = np.full(len(obs), POOLED, dtype=object), [POOLED]
     levels = list(obs["cluster"].cat.categories) if hasattr(obs["cluster"], "cat") else \
         sorted(set(cluster[mask]))
     wanted = cfg.gsea.clusters or levels
@@ -59,7 +72,7 @@ def contrasts(obs: pd.DataFrame, mask: np.ndarray, cfg: Config, min_cells: int):
         raise InputError("config", f"gsea.clusters: unknown cluster(s) {unknown}")
     skipped = []
     for c in wanted:
-        for t in st.timepoints:
+        for t in timepoints:
             sel = mask & (cluster == c) & (tp == t)
             case, ctrl = sel & (cond == st.case), sel & (cond == st.control)
             if case.sum() < min_cells or ctrl.sum() < min_cells:
@@ -75,11 +88,18 @@ def contrasts(obs: pd.DataFrame, mask: np.ndarray, cfg: Config, min_cells: int):
 def run_gsea(ctx: Context) -> None:
     from cellmill.engine.gsea import fgsea, to_csv_frame
     from cellmill.engine.markers import find_markers_many
+    from cellmill.engine.preflight import study_columns
     from cellmill.io.gmt import read_gmt
 
     cfg, store = ctx.cfg, ctx.store
-    pathways = read_gmt(_gmt_path(cfg))
     have = store.obs_columns()  # only the columns the contrasts need, not every cell name
+    ranks_dir = ctx.tables / "gsea_ranks"
+    if not study_columns(cfg, have)[0]:  # GSEA is per condition: no condition, no GSEA
+        (ctx.tables / "gsea.csv").unlink(missing_ok=True)  # an earlier run's would mislead
+        shutil.rmtree(ranks_dir, ignore_errors=True)
+        log.info("gsea: no %r column in the cells' metadata: GSEA skipped", cfg.study.condition)
+        return
+    pathways = read_gmt(_gmt_path(cfg))
     obs = pd.DataFrame({c: store.obs_column(c) for c in
                         dict.fromkeys(("cluster", cfg.study.condition, cfg.study.timepoint))
                         if c in have}, index=range(store.n_cells))
@@ -87,7 +107,6 @@ def run_gsea(ctx: Context) -> None:
     del obs
     columns = ["pathway", "pval", "padj", "log2err", "ES", "NES", "size", "leadingEdge",
                "cluster", "timepoint"]
-    ranks_dir = ctx.tables / "gsea_ranks"
     ranks_dir.mkdir(exist_ok=True)
     tables = []
     if pairs:

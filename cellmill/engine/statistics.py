@@ -1,5 +1,6 @@
 """Stage `statistics`: grouped moments of the log-normalised counts in one pass, and the study's
-Welch t-tests of the target genes (tables/target_tests.csv).
+Welch t-tests of the target genes (tables/target_tests.csv; not written when the cells have no
+study.condition column: no study, no target tests).
 
 The grouped statistics are an xarray Dataset stored at uns/grouped_stats (read it with
 `load_grouped_stats(store)`):
@@ -292,9 +293,16 @@ def _group_by(cfg: Config, obs_columns) -> list[str]:
         + ["cluster", st.condition, st.timepoint]))
     cols = [c for c in wanted if c in obs_columns]
     dropped = [c for c in st.group_by if c not in obs_columns and alias.get(c) not in obs_columns]
-    if dropped:
+    # an absent condition / time-point column is the study being off: preflight's warning
+    # says so once, for every stage
+    study = {"condition", "timepoint", st.condition, st.timepoint}
+    other = [c for c in dropped if c not in study]
+    if other:
         log.warning("statistics: grouping columns absent from the cells' metadata, left out: %s",
-                    ", ".join(dropped))
+                    ", ".join(other))
+    if len(other) < len(dropped):
+        log.info("statistics: study columns absent from the cells' metadata, left out: %s",
+                 ", ".join(c for c in dropped if c in study))
     return cols
 
 
@@ -308,19 +316,32 @@ def _params(cfg: Config) -> dict:
 
 @stage("statistics", after=("qc", "cluster"), params=_params)
 def run_statistics(ctx: Context) -> None:
+    from cellmill.engine.preflight import study_columns, study_warning
     from cellmill.engine.stage_ingest import qc_passed, write_table
 
     store, cfg = ctx.store, ctx.cfg
-    genes = set(store.var().index)
-    unknown = [g for g in cfg.study.target_genes if g not in genes]
-    if unknown:  # before the pass, not after it
-        raise ConfigError(f"study.target_genes: gene {unknown[0]!r} is not in the store "
-                          f"({len(genes)} genes)")
     obs_cols = store.obs_columns()
+    # without the condition column there is no study: the grouped statistics (by cluster,
+    # sample, ...) are still computed; the target tests, and so the target genes, are not
+    study, _ = study_columns(cfg, obs_cols)
+    msg = study_warning(cfg, obs_cols)
+    if msg:  # the one line saying so in a run (gsea and the report follow quietly)
+        log.warning(msg)
+    if study:
+        genes = set(store.var().index)
+        unknown = [g for g in cfg.study.target_genes if g not in genes]
+        if unknown:  # before the pass, not after it
+            raise ConfigError(f"study.target_genes: gene {unknown[0]!r} is not in the store "
+                              f"({len(genes)} genes)")
     columns = _group_by(cfg, obs_cols)
     ds = grouped_statistics(store, columns, cfg.normalize.scale_factor, mask=qc_passed(store),
                             memory_bytes=cfg.compute.memory_bytes, scheduler=ctx.scheduler(),
                             progress=ctx.progress)
     write_grouped_stats(store, ds)
-    table = target_tests(ds, cfg)
-    write_table(table, ctx.tables / "target_tests.csv")
+    out = ctx.tables / "target_tests.csv"
+    if not study:  # no table at all (an earlier run's would contradict this one)
+        out.unlink(missing_ok=True)
+        log.info("statistics: no %r column in the cells' metadata: target tests skipped",
+                 cfg.study.condition)
+        return
+    write_table(target_tests(ds, cfg), out)

@@ -23,31 +23,59 @@ class SampleSpec:
     metadata: dict = field(default_factory=dict)
 
 
+# obs columns cellmill writes itself (ingest, qc, cluster) and the name anndata gives the obs
+# index: a manifest column of one of these names would overwrite them or be dropped
+RESERVED_OBS = ("barcode", "sample", "n_counts", "n_features", "qc_pass", "cluster", "_index")
+
+
 def read_manifest(path: str | Path) -> list[SampleSpec]:
+    """The samples of a manifest CSV (columns sample, path, then any metadata columns).
+
+    Refused (InputError naming the manifest): a missing or unreadable file, no sample/path
+    column, no rows, a duplicate or empty sample id, an empty path, two samples with the same
+    file (it would count its cells twice, as if from two animals), a metadata column whose name
+    cellmill writes itself (RESERVED_OBS). Whether the sample files exist is not checked here.
+    """
     path = Path(path)
     if not path.is_file():
-        raise InputError(path, "manifest not found")
+        raise InputError(path, "manifest not found" if not path.exists()
+                         else "manifest is a folder, expected a CSV file")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
         raise InputError(path, f"not a readable CSV manifest ({e})") from None
     missing = [c for c in ("sample", "path") if c not in df.columns]
     if missing:
-        raise InputError(path, f"manifest lacks column(s) {', '.join(missing)}")
+        have = ", ".join(map(str, df.columns[:8])) or "none"
+        raise InputError(path, f"manifest lacks column(s) {', '.join(missing)} "
+                         f"(columns: {have}); expected a CSV with columns sample,path,...")
     if df.empty:
         raise InputError(path, "manifest lists no samples")
     dup = df["sample"][df["sample"].duplicated()]
     if len(dup):
         raise InputError(path, f"duplicate sample id {dup.iloc[0]!r}")
-    if (df["sample"].str.strip() == "").any():
-        raise InputError(path, "empty sample id")
     meta_cols = [c for c in df.columns if c not in ("sample", "path")]
-    specs = []
-    for _, row in df.iterrows():
-        p = Path(row["path"]).expanduser()
+    reserved = [c for c in meta_cols if c in RESERVED_OBS]
+    if reserved:
+        raise InputError(path, f"column {reserved[0]!r} is a name cellmill writes itself "
+                         f"(reserved: {', '.join(RESERVED_OBS)}); rename the column")
+    specs, seen = [], {}
+    for i, row in enumerate(df.itertuples(index=False), start=2):  # line 1 is the header
+        name, text = str(row[df.columns.get_loc("sample")]), row[df.columns.get_loc("path")]
+        if not name.strip():
+            raise InputError(path, f"line {i}: empty sample id")
+        if not str(text).strip():
+            raise InputError(path, f"line {i} (sample {name!r}): empty path")
+        p = Path(str(text).strip()).expanduser()
         if not p.is_absolute():
             p = path.resolve().parent / p
-        specs.append(SampleSpec(row["sample"], p, {c: row[c] for c in meta_cols}))
+        key = p.resolve()
+        if key in seen:
+            raise InputError(path, f"samples {seen[key]!r} and {name!r} have the same path "
+                             f"{text!r}")
+        seen[key] = name
+        meta = {c: row[df.columns.get_loc(c)] for c in meta_cols}
+        specs.append(SampleSpec(name, p, meta))
     return specs
 
 

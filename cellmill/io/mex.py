@@ -30,6 +30,7 @@ from cellmill.io.sample import (
     Sample,
     build_var,
     canonical,
+    check_not_empty,
     integer_counts,
     keep_mask,
     make_sample,
@@ -45,6 +46,38 @@ def read_mex(
     genome: str | None = None,
 ) -> Sample:
     """Read a Matrix Market folder (or the path of its ``matrix.mtx[.gz]``)."""
+    folder, mtx, barcodes_file, features_file = _layout(path, genome)
+    barcodes = _read_column_table(barcodes_file, 1)[0]
+    table = _read_column_table(features_file, 3)
+    counts = _read_mtx(mtx, n_features=table[0].size, n_barcodes=barcodes.size,
+                       features_name=features_file.name, barcodes_name=barcodes_file.name)
+    var, mask = _features(folder, table, feature_types)
+    return make_sample(folder, take_features(counts, mask), barcodes, var)
+
+
+def read_mex_header(
+    path: str | os.PathLike,
+    feature_types: Iterable[str] | str | None = (GENE_EXPRESSION,),
+) -> pd.DataFrame:
+    """The genes (``Sample.var``) of a Matrix Market folder without reading its entries: the
+    feature and barcode tables and the matrix's header lines, checked against each other."""
+    folder, mtx, barcodes_file, features_file = _layout(path, None)
+    table = _read_column_table(features_file, 3)
+    _, n_rows, n_cols, _, _ = _read_header(mtx)
+    if n_rows != table[0].size:
+        raise InputError(mtx, f"matrix has {n_rows} rows but {features_file.name} lists "
+                         f"{table[0].size} features")
+    n_barcodes = _read_column_table(barcodes_file, 1)[0].size
+    if n_cols != n_barcodes:
+        raise InputError(mtx, f"matrix has {n_cols} columns but {barcodes_file.name} lists "
+                         f"{n_barcodes} barcodes")
+    var, _ = _features(folder, table, feature_types)
+    check_not_empty(folder, n_barcodes, len(var))
+    return var
+
+
+def _layout(path: str | os.PathLike, genome: str | None) -> tuple[Path, Path, Path, Path]:
+    """(folder, matrix, barcodes, features) files of a folder or of its matrix file."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file or folder")
@@ -53,22 +86,22 @@ def read_mex(
     if genome is not None:
         raise InputError(folder, f"genome={genome!r} given but Matrix Market folders record "
                          "no genome")
-    barcodes = _read_column_table(barcodes_file, 1)[0]
-    table = _read_column_table(features_file, 3)
+    return folder, mtx, barcodes_file, features_file
+
+
+def _features(folder: Path, table: list[np.ndarray], feature_types):
+    """(var, mask of the kept features) from the columns of features.tsv / genes.tsv."""
     ids = table[0]
     names = fill_empty(table[1], ids) if len(table) > 1 else ids
     if len(table) > 2:
         types = table[2]
     else:
         types = np.full(ids.size, GENE_EXPRESSION, dtype=object)
-    counts = _read_mtx(mtx, n_features=ids.size, n_barcodes=barcodes.size,
-                       features_name=features_file.name, barcodes_name=barcodes_file.name)
     mask = keep_mask(folder, types, feature_types)
     unique = make_unique(names)  # Read10X: over the whole feature vector
     if mask is not None:
         unique, ids, types = unique[mask], ids[mask], types[mask]
-    var = build_var(seurat_clean(unique), ids, types, None)
-    return make_sample(folder, take_features(counts, mask), barcodes, var)
+    return build_var(seurat_clean(unique), ids, types, None), mask
 
 
 def _find_files(folder: Path, mtx: Path | None) -> tuple[Path, Path, Path]:

@@ -151,7 +151,12 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not (self.path / "zarr.json").exists():
-            raise FileNotFoundError(f"{self.path}: not a cellmill store")
+            if not self.path.exists():
+                raise FileNotFoundError(f"{self.path}: not a cellmill store")
+            what = "a Zarr v2 store" if (self.path / ".zgroup").exists() else "not a Zarr store"
+            raise StoreError(self.path, f"{what}, not written by cellmill; cellmill runs on "
+                             "stores it wrote: save the data as .h5ad and run "
+                             "`cellmill ingest FILE.h5ad -o NEW.zarr`")
         if not (self.path / "X").exists():
             raise StoreError(self.path, "a Zarr store without counts (no X): not a "
                              "cellmill store")

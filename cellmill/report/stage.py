@@ -28,6 +28,9 @@ from cellmill.report.figures import (
 log = logging.getLogger("cellmill")
 
 N_TABLE3 = 30
+N_PER_CLUSTER = 5  # markers per cluster shown when there is no study
+# figures of the study (they need its condition column)
+STUDY_FIGURES = ("fig1c", "fig1d", "fig1e", "fig2", "fig2b", "fig2c")
 
 
 def _params(cfg: Config) -> dict:
@@ -91,9 +94,12 @@ def table3(inp: ReportInputs) -> tuple[pd.DataFrame, str]:
 
 
 def cell_counts(inp: ReportInputs) -> pd.DataFrame:
-    """Cells per cluster (rows, cluster order) and condition x time point (columns)."""
+    """Cells per cluster (rows, cluster order) and condition x time point (columns); per
+    cluster and sample when the cells have no condition column (no study)."""
     s = inp.cfg.study
     lab = inp.clusters()
+    if s.condition not in inp.store.obs_columns():
+        return _counts_by_sample(inp, lab)
     cond = inp.meta(s.condition)
     tp = inp.meta(s.timepoint).reorder(inp.timepoints())
     present = cond.present()
@@ -110,6 +116,35 @@ def cell_counts(inp: ReportInputs) -> pd.DataFrame:
     out["total"] = out.sum(axis=1)
     out["%"] = (100 * out["total"] / out["total"].sum()).round(1)
     return out.reset_index()
+
+
+def _counts_by_sample(inp: ReportInputs, lab) -> pd.DataFrame:
+    sample = inp.meta("sample")
+    ok = sample.codes >= 0
+    n = len(sample.levels)
+    flat = lab.codes[ok].astype(np.int64) * n + sample.codes[ok]
+    counts = np.bincount(flat, minlength=len(lab.levels) * n).reshape(-1, n)
+    out = pd.DataFrame(counts, index=pd.Index(lab.levels, name="cluster"),
+                       columns=sample.levels)
+    out = out.loc[:, out.sum(axis=0) > 0]
+    if out.shape[1] > 1:
+        out["total"] = out.sum(axis=1)
+    total = out.iloc[:, -1]
+    out["%"] = (100 * total / total.sum()).round(1)
+    return out.reset_index()
+
+
+def markers_per_cluster(inp: ReportInputs, n: int = N_PER_CLUSTER) -> pd.DataFrame:
+    """The top `n` markers of every cluster (by p_val, then avg_log2FC)."""
+    mk = inp.table("markers.csv", ("gene", "cluster", "p_val", "avg_log2FC"))
+    if mk.empty:
+        raise Missing("tables/markers.csv has no rows")
+    order = {c: i for i, c in enumerate(sort_labels(mk["cluster"].unique()))}
+    mk = mk.iloc[np.lexsort((-mk["avg_log2FC"].to_numpy(float), mk["p_val"].to_numpy(float),
+                             mk["cluster"].map(order).to_numpy()))]
+    cols = [c for c in ("cluster", "gene", "avg_log2FC", "pct.1", "pct.2", "p_val", "p_val_adj")
+            if c in mk.columns]
+    return mk.groupby("cluster", sort=False).head(n)[cols]
 
 
 def gsea_significant(inp: ReportInputs) -> pd.DataFrame:
@@ -216,8 +251,20 @@ def build_report(ctx: Context, partial: str | None = None):
     inp = ReportInputs(cfg, store, ctx.outdir / "tables", scheduler=ctx.scheduler())
     figs = {f.key: f for f in make_figures(inp, ctx.figures)}
     notes: list[str] = []
+    # no condition column: the study parts (target tests, GSEA, their figures) did not run;
+    # one note says so instead of one per figure and table (no store: nothing is known yet)
+    study = store is None or s.condition in store.obs_columns()
+    off = "" if study else (f"study parts skipped: the cells' metadata has no {s.condition!r} "
+                            "column (study.condition), so there are no target gene tests, no "
+                            "per-condition GSEA and none of their figures")
+    whys: list[tuple[str, str | None]] = []
+    shown: list[str] = []  # figures placed in the page (their notes join the Notes)
 
     page = H.Page("cellmill report")
+
+    def figure(key: str) -> None:
+        shown.append(key)
+        page.figure(figs[key])
 
     # -- summary
     page.section("Summary")
@@ -231,65 +278,89 @@ def build_report(ctx: Context, partial: str | None = None):
             rows.append(("clusters", f"{len(inp.cluster_order())}"))
         except Missing:
             pass
-    rows.append(("target gene(s)", ", ".join(s.target_genes)))
-    rows.append(("contrast", f"{s.case} vs {s.control} ({s.condition}), time points "
-                             f"{', '.join(s.timepoints)} ({s.timepoint})"))
-    coi, why = _try(inp.cluster_of_interest)
+    if study:
+        rows.append(("target gene(s)", ", ".join(s.target_genes)))
+        rows.append(("contrast", f"{s.case} vs {s.control} ({s.condition}), time points "
+                                 f"{', '.join(s.timepoints)} ({s.timepoint})"))
+    else:
+        rows.append(("study", f"skipped (no {s.condition!r} column)"))
+    coi, why = _try(inp.cluster_of_interest) if study or s.cluster_of_interest else (None, "")
     if coi is not None:
         rows.append(("cluster of interest", f"{coi[0]}: {coi[1]}"))
-    else:
+    elif why:
         notes.append(f"cluster of interest: {why}")
     page.html(H.table(pd.DataFrame(rows, columns=["", "value"]).astype(str)))
     counts, why = _try(cell_counts, inp)
-    page.table("Cells per cluster, condition and time point", counts, missing=why)
+    page.table("Cells per cluster, condition and time point" if study
+               else "Cells per cluster and sample", counts, missing=why)
 
     # -- figure 1
-    page.section("Clusters and target gene expression")
+    page.section("Clusters and target gene expression" if study else "Clusters")
     for key in ("fig1a", "fig1b", "fig1c", "fig1d", "fig1e"):
-        page.figure(figs[key])
+        # no study: the target genes are drawn by cluster if the data has them, else left out
+        if study or (key not in STUDY_FIGURES and (key != "fig1b" or figs[key].path)):
+            figure(key)
 
     # -- tables 1, 2
     page.section("Target gene tests")
-    cap = (f"Welch t-tests on log-normalised expression (tables/target_tests.csv); one-tailed "
-           f"{s.case} > {s.control} unless the alternative says otherwise. p_adj_bh: "
-           "Benjamini-Hochberg (the paper reported raw p). Highlighted: p_value < 0.05.")
-    t1, why1 = _try(table1, inp)
-    page.table("Table 1: target gene(s), all cells", t1, cap, why1,
-               highlight=None if t1 is None else t1["p_value"] < SIG)
-    t2, why2 = _try(table2, inp)
-    page.table(f"Table 2: target gene(s), {s.case} vs {s.control} per cluster and time point",
-               t2, cap, why2, highlight=None if t2 is None else t2["p_value"] < SIG)
+    if study:
+        cap = (f"Welch t-tests on log-normalised expression (tables/target_tests.csv); "
+               f"one-tailed {s.case} > {s.control} unless the alternative says otherwise. "
+               "p_adj_bh: Benjamini-Hochberg (the paper reported raw p). Highlighted: "
+               "p_value < 0.05.")
+        t1, why1 = _try(table1, inp)
+        page.table("Table 1: target gene(s), all cells", t1, cap, why1,
+                   highlight=None if t1 is None else t1["p_value"] < SIG)
+        t2, why2 = _try(table2, inp)
+        page.table(f"Table 2: target gene(s), {s.case} vs {s.control} per cluster and time "
+                   "point", t2, cap, why2, highlight=None if t2 is None else t2["p_value"] < SIG)
+        whys += [("Table 1", why1), ("Table 2", why2)]
+    else:
+        page.note(off)
 
     # -- table 3, figure 3
-    page.section("Markers of the cluster of interest")
-    page.figure(figs["fig3"])
-    t3, why3 = _try(table3, inp)
-    if t3 is not None:
-        page.table(f"Table 3: top {N_TABLE3} markers of cluster {t3[1]}", t3[0],
+    if coi is not None or study:
+        page.section("Markers of the cluster of interest")
+        figure("fig3")
+        t3, why3 = _try(table3, inp)
+        if t3 is not None:
+            page.table(f"Table 3: top {N_TABLE3} markers of cluster {t3[1]}", t3[0],
+                       "Wilcoxon rank-sum, cluster vs all other cells (FindAllMarkers; "
+                       "tables/markers.csv), sorted by p_val.")
+        else:
+            page.table("Table 3: markers of the cluster of interest", None, missing=why3)
+    else:  # no study to choose a cluster of interest: every cluster's top markers
+        page.section("Markers")
+        t3, why3 = _try(markers_per_cluster, inp)
+        page.table(f"Table 3: top {N_PER_CLUSTER} markers of each cluster", t3,
                    "Wilcoxon rank-sum, cluster vs all other cells (FindAllMarkers; "
-                   "tables/markers.csv), sorted by p_val.")
-    else:
-        page.table("Table 3: markers of the cluster of interest", None, missing=why3)
+                   "tables/markers.csv has them all), sorted by p_val.", why3, max_rows=500)
+    whys.append(("Table 3", why3))
 
     # -- GSEA
     page.section("Gene set enrichment")
-    for key in ("fig2", "fig2b", "fig2c"):
-        page.figure(figs[key])
-    t4, why4 = _try(gsea_significant, inp)
-    page.table("Table 4: significant pathways (padj < 0.05)", t4,
-               f"Preranked GSEA of {s.case} vs {s.control} within each cluster and time point "
-               "(tables/gsea.csv has every pathway).", why4, max_rows=300)
-    t5, why5 = _try(gsea_cluster_table, inp)
-    if t5 is not None:
-        page.table(f"Table 5: every pathway in cluster {t5[1]} (cluster of interest)", t5[0],
-                   "NES and BH-adjusted p per time point; sorted by the smallest padj.")
+    if study:
+        for key in ("fig2", "fig2b", "fig2c"):
+            figure(key)
+        t4, why4 = _try(gsea_significant, inp)
+        page.table("Table 4: significant pathways (padj < 0.05)", t4,
+                   f"Preranked GSEA of {s.case} vs {s.control} within each cluster and time "
+                   "point (tables/gsea.csv has every pathway).", why4, max_rows=300)
+        t5, why5 = _try(gsea_cluster_table, inp)
+        if t5 is not None:
+            page.table(f"Table 5: every pathway in cluster {t5[1]} (cluster of interest)",
+                       t5[0], "NES and BH-adjusted p per time point; sorted by the smallest "
+                       "padj.")
+        else:
+            page.table("Table 5: pathways of the cluster of interest", None, missing=why5)
+        whys += [("Table 4", why4), ("Table 5", why5)]
     else:
-        page.table("Table 5: pathways of the cluster of interest", None, missing=why5)
+        page.note(off)
 
     # -- QC and preprocessing
     page.section("Quality control and preprocessing")
     for key in ("qc", "hvg", "pca"):
-        page.figure(figs[key])
+        figure(key)
 
     # -- the run
     page.section("Run")
@@ -303,9 +374,10 @@ def build_report(ctx: Context, partial: str | None = None):
     page.html(H.table(pd.DataFrame(sorted(versions().items()), columns=["package", "version"])))
 
     # -- notes
-    notes += [f"{f.title}: {f.note}" for f in figs.values() if f.path is None]
-    for title, why in (("Table 1", why1), ("Table 2", why2), ("Table 3", why3),
-                       ("Table 4", why4), ("Table 5", why5)):
+    if off:
+        notes.append(off)
+    notes += [f"{figs[k].title}: {figs[k].note}" for k in shown if figs[k].path is None]
+    for title, why in sorted(whys):
         if why:
             notes.append(f"{title}: {why}")
     page.section("Notes")
