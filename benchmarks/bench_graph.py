@@ -45,7 +45,7 @@ import numpy as np
 
 from cellmill.config import Config, parse_bytes
 from cellmill.engine.monitor import PeakMemory, current_rss
-from cellmill.engine.stages import Context
+from cellmill.engine.registry import Context
 
 
 class Step:
@@ -81,7 +81,7 @@ class Step:
 
 def prepare_study(args, out: Path) -> Context:
     """Simulated (or given) study -> store with qc and hvg done; a Context for the stages."""
-    from cellmill.engine.stages import run_stages
+    from cellmill.engine.registry import run_stages
 
     manifest = Path(args.study) if args.study else out / "sim" / "manifest.csv"
     if not args.study and not manifest.exists():
@@ -196,20 +196,13 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from cellmill.engine.graph import (
-        N_STARTS,
-        exact_knn,
-        modularity_clusters,
-        nndescent_knn,
-        obsm_rows,
-        recall,
-        run_cluster,
-        run_neighbors,
-        run_umap,
-        snn_graph,
-    )
-    from cellmill.engine.pca import run_pca
-    from cellmill.engine.stage_ingest import qc_passed
+    from cellmill.engine.cells import obsm_rows, qc_passed
+    from cellmill.stages.clustering.in_memory import N_STARTS, modularity_clusters
+    from cellmill.stages.clustering.stage import run_cluster
+    from cellmill.stages.neighbors import run_neighbors, snn_graph
+    from cellmill.stages.pca import run_pca
+    from cellmill.stages.shared.knn import exact_knn, nndescent_knn, recall
+    from cellmill.stages.umap.stage import run_umap
 
     if args.prepare_only:
         prepare_study(args, out)

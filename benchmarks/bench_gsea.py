@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellmill.engine import gsea as engine
+from cellmill.stages.gsea import fgsea as engine
 
 
 def make_data(n_genes: int, n_pathways: int, seed: int = 42):

@@ -40,15 +40,15 @@ import pandas as pd
 from numba import njit
 
 from cellmill.config import load_config, parse_bytes
-from cellmill.engine.cluster import close_clients, scheduler_for
-from cellmill.engine.markers import find_all_markers
 from cellmill.engine.monitor import PeakMemory, current_rss
 from cellmill.engine.passes import map_blocks
-from cellmill.engine.stage_ingest import qc_mask
-from cellmill.engine.statistics import grouped_statistics
+from cellmill.engine.schedulers import close_clients, scheduler_for
 from cellmill.io.gene_major import build_gene_major
 from cellmill.io.ingest import ingest, is_store
 from cellmill.io.store import Store
+from cellmill.stages.ingest import qc_mask
+from cellmill.stages.shared.findmarkers import find_all_markers
+from cellmill.stages.statistics.grouped import grouped_statistics
 
 
 @njit(nogil=True, cache=True)

@@ -32,10 +32,13 @@ import numpy as np
 from numba import njit
 
 from cellmill.config import load_config, parse_bytes
-from cellmill.engine.cluster import close_clients, scheduler_for
 from cellmill.engine.monitor import PeakMemory, current_rss
 from cellmill.engine.passes import block_cells_for_budget, map_blocks
-from cellmill.engine.preprocess import (
+from cellmill.engine.schedulers import close_clients, scheduler_for
+from cellmill.io.ingest import ingest, is_store
+from cellmill.io.store import Store
+from cellmill.stages.ingest import qc_mask
+from cellmill.stages.preprocess import (
     clipped_variance_from_sums,
     first_pass,
     loess_expected_variance,
@@ -43,9 +46,6 @@ from cellmill.engine.preprocess import (
     second_pass,
     vst,
 )
-from cellmill.engine.stage_ingest import qc_mask
-from cellmill.io.ingest import ingest, is_store
-from cellmill.io.store import Store
 
 
 @njit(nogil=True, cache=True)

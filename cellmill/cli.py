@@ -11,8 +11,8 @@ from cellmill.config import ConfigError
 
 
 def _cmd_ingest(args) -> None:
-    from cellmill.engine.progress import progress_enabled
     from cellmill.io.ingest import ingest
+    from cellmill.io.progress import progress_enabled
 
     ft = None if args.all_features else tuple(args.feature_type)
     store = ingest(args.source, args.output, overwrite=args.overwrite, feature_types=ft,
@@ -86,7 +86,7 @@ def _cmd_demo(args) -> None:
 
 
 def _cmd_gsea(args) -> None:
-    from cellmill.engine.gsea import gsea_command
+    from cellmill.stages.gsea.fgsea import gsea_command
 
     gsea_command(args.ranks, args.gmt, args.output, min_size=args.min_size,
                  max_size=args.max_size, seed=args.seed, nperm_simple=args.nperm_simple,
@@ -95,7 +95,7 @@ def _cmd_gsea(args) -> None:
 
 
 def _cmd_bench(args) -> None:
-    from cellmill.bench import main as bench_main
+    from cellmill.bench.suite import main as bench_main
 
     bench_main(args.rest)
 
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own parser: `cellmill bench --sizes 100k` as documented
-        from cellmill.bench import main as bench_main
+        from cellmill.bench.suite import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)

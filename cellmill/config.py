@@ -240,7 +240,7 @@ class ClusterConfig(_Section):
     n_iterations: int = -1
     # igraph's community_leiden and leidenalg's RBConfigurationVertexPartition optimise the same
     # objective (both by V. Traag) on the whole graph in memory, igraph's ~9x faster at 196k
-    # cells; "streamed" (engine/communities.py) reads the graph block by block and runs
+    # cells; "streamed" (stages/clustering/streamed.py) reads the graph block by block and runs
     # leidenalg on the graph of its first-level communities
     leiden_backend: str = "streamed"
 
@@ -258,7 +258,8 @@ class UMAPConfig(_Section):
     min_dist: float = 0.3
     seed: int = 42
     n_epochs: int = 0  # 0: as uwot (200 when N > 10,000, else 500)
-    # "streamed": the graph on disk, O(cells) memory (engine/layout.py); "umap-learn": in memory
+    # "streamed": the graph on disk, O(cells) memory (stages/umap/streamed.py);
+    # "umap-learn": in memory
     backend: str = "streamed"
 
     def _check_more(self) -> None:

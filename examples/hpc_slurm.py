@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from distributed import Client
 
     from cellmill.config import load_config
-    from cellmill.engine.cluster import close_clients
+    from cellmill.engine.schedulers import close_clients
     from cellmill.engine.workflow import run_workflow, timing_summary
 
     output = Path(args.output).resolve()  # workers open the store by this path

@@ -5,7 +5,9 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from cellmill.config import ConfigError, load_config
-from cellmill.engine.graph import cluster_labels, exact_knn, modularity_clusters, snn_graph
+from cellmill.stages.clustering.in_memory import cluster_labels, modularity_clusters
+from cellmill.stages.neighbors import snn_graph
+from cellmill.stages.shared.knn import exact_knn
 
 
 def test_leiden_backends_agree():

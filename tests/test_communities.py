@@ -1,20 +1,17 @@
-"""Leiden with the graph streamed from the store (engine/communities.py), checked against brute
-force (modularity, local optimality) and against igraph's Leiden on the whole graph."""
+"""Leiden with the graph streamed from the store (stages/clustering/streamed.py), checked
+against brute force (modularity, local optimality) and against igraph's Leiden on the whole
+graph."""
 
 import numpy as np
 import pytest
 from make_10x import barcodes, random_counts, write_10x_v3
 from sklearn.metrics import adjusted_rand_score
 
-import cellmill.engine.communities as comm
-from cellmill.engine.graph import (
-    cluster_labels,
-    exact_knn,
-    modularity_clusters,
-    snn_graph,
-    write_snn_graph,
-)
+import cellmill.stages.clustering.streamed as comm
 from cellmill.io.ingest import ingest
+from cellmill.stages.clustering.in_memory import cluster_labels, modularity_clusters
+from cellmill.stages.neighbors import snn_graph, write_snn_graph
+from cellmill.stages.shared.knn import exact_knn
 
 
 def modularity(a: np.ndarray, labels: np.ndarray, gamma: float) -> float:
@@ -73,7 +70,7 @@ def test_aggregated_graph_keeps_the_modularity(planted, monkeypatch, dense_pairs
     labels, _ = comm.local_moving(rows, 0.3)
     n_comm, edges, weights = comm.aggregate(rows, labels)
     assert n_comm == labels.max() + 1 and (edges[:, 0] <= edges[:, 1]).all()
-    from cellmill.engine.graph import _igraph
+    from cellmill.stages.clustering.in_memory import _igraph
 
     g = _igraph(n_comm, edges)
     a = snn.toarray()

@@ -9,7 +9,7 @@ import pytest
 from make_10x import barcodes, random_counts, write_10x_v3
 
 from cellmill.config import ConfigError, load_config
-from cellmill.engine.stages import Context, run_stages
+from cellmill.engine.registry import Context, run_stages
 from cellmill.io.store import Store
 
 

@@ -26,15 +26,15 @@ import pytest
 import scipy.sparse as sp
 
 from cellmill.config import load_config
-from cellmill.engine.cluster import (
+from cellmill.engine.passes import granules, map_blocks, ordered_sum
+from cellmill.engine.registry import Context, load_stages, run_stages
+from cellmill.engine.schedulers import (
     close_clients,
     compute,
     scheduler_for,
     share_constants,
     task_sizes,
 )
-from cellmill.engine.passes import granules, map_blocks, ordered_sum
-from cellmill.engine.stages import Context, load_stages, run_stages
 from cellmill.io.sample import Sample
 from cellmill.io.store import GRANULE, Store
 from cellmill.io.writer import StoreWriter
@@ -283,7 +283,7 @@ def test_tasks_on_the_scheduler_are_small(store, cluster):
 def test_streamed_umap_identical_on_cluster(cluster, tmp_path):
     """The streamed UMAP's kNN search runs as Dask tasks: the same layout, bit for bit, from
     threads and from the LocalCluster's worker processes."""
-    from cellmill.engine.layout import umap_streamed
+    from cellmill.stages.umap.streamed import umap_streamed
 
     rng = np.random.default_rng(4)
     points = rng.normal(size=(3000, 15)) + rng.integers(0, 4, 3000)[:, None] * 2.0

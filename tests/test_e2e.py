@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellmill.engine.stages import ORDER, load_stages
+from cellmill.engine.registry import ORDER, load_stages
 
 N_CELLS = 5000
 SEED = 3

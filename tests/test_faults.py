@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from cellmill.config import load_config
-from cellmill.engine import stages as stages_mod
-from cellmill.engine.stages import ORDER, dependants, load_stages
+from cellmill.engine import registry as stages_mod
+from cellmill.engine.registry import ORDER, dependants, load_stages
 from cellmill.engine.workflow import run_workflow
 from cellmill.io.store import Store
 
@@ -176,7 +176,7 @@ def test_code_digest_follows_the_modules_a_stage_uses():
             closure.add(m)
             todo.extend(stages_mod._imports(m))
     assert "cellmill.kernels.wilcoxon" in closure
-    assert "cellmill.engine.graph" not in closure and "cellmill.kernels.layout" not in closure
+    assert "cellmill.stages.neighbors" not in closure and "cellmill.kernels.layout" not in closure
     assert "cellmill.config" not in closure
 
 

@@ -12,29 +12,24 @@ from scipy.spatial.distance import cdist
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
 from cellmill.config import Config
-from cellmill.engine.graph import (
-    _igraph,
-    all_cells,
-    cluster_labels,
-    exact_knn,
-    group_singletons,
-    modularity_clusters,
-    obsm_rows,
-    order_by_size,
-    passed_snn,
-    r_sample_seed1,
-    recall,
-    run_cluster,
-    run_neighbors,
-    run_umap,
-    self_first,
-    snn_graph,
-    upper_triangle,
-)
-from cellmill.engine.stages import Context
+from cellmill.engine.cells import all_cells, obsm_rows
+from cellmill.engine.registry import Context
 from cellmill.io.ingest import ingest
 from cellmill.io.store import Store
 from cellmill.kernels.louvain import java_next_int, java_seed, random_permutation
+from cellmill.stages.clustering.in_memory import (
+    _igraph,
+    cluster_labels,
+    group_singletons,
+    modularity_clusters,
+    order_by_size,
+    r_sample_seed1,
+    upper_triangle,
+)
+from cellmill.stages.clustering.stage import passed_snn, run_cluster
+from cellmill.stages.neighbors import run_neighbors, snn_graph
+from cellmill.stages.shared.knn import exact_knn, recall, self_first
+from cellmill.stages.umap.stage import run_umap
 
 # ------------------------------------------------------------------ kNN
 
@@ -357,7 +352,7 @@ def test_snn_written_as_made_equals_the_graph(tmp_path, monkeypatch):
     from make_10x import barcodes, random_counts, write_10x_v3
 
     import cellmill.io.store as store_mod
-    from cellmill.engine.graph import write_snn_graph
+    from cellmill.stages.neighbors import write_snn_graph
 
     write_10x_v3(tmp_path / "a.h5", random_counts(800, 30, seed=1), barcodes(800, seed=1),
                  [f"G{i}" for i in range(30)])
@@ -375,7 +370,7 @@ def test_snn_written_as_made_equals_the_graph(tmp_path, monkeypatch):
     assert store.root["obsp"]["snn"]["data"].chunks == (101,)
     assert not list(store.path.glob("obsp/*.__new__"))
     # the kNN lists among all cells, written a block of cells at a time
-    from cellmill.engine.graph import write_all_cells
+    from cellmill.engine.cells import write_all_cells
 
     write_all_cells(store, "obsm", "knn_index", knn, cells, -1, lookup=cells.astype(np.int64),
                     block=33)

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from scipy import special, stats
 
-from cellmill.engine import gsea as engine
-from cellmill.engine.gsea import fgsea, gsea_command, read_ranks
 from cellmill.errors import InputError
 from cellmill.io.gmt import GmtError, matched_sizes, read_gmt
 from cellmill.kernels import gsea as kern
+from cellmill.stages.gsea import fgsea as engine
+from cellmill.stages.gsea.fgsea import fgsea, gsea_command, read_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore:There are ties")
 

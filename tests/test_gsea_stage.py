@@ -7,9 +7,9 @@ import scipy.sparse as sp
 from make_10x import barcodes, write_10x_v3
 
 from cellmill.config import load_config
-from cellmill.engine.gsea_stage import run_gsea
-from cellmill.engine.stages import Context
+from cellmill.engine.registry import Context
 from cellmill.io.ingest import ingest
+from cellmill.stages.gsea.stage import run_gsea
 
 N_GENES = 300
 PLANTED = [f"G{i}" for i in range(20)]  # shifted up in SNI, cluster "0", time point 3d
@@ -69,7 +69,7 @@ def test_gsea_stage_finds_planted_set(tmp_path):
 def test_gsea_missing_gmt_is_clear(tmp_path):
     """The stage's parameters need no GMT (a run without study columns has none, issue 18);
     the stage names the missing file when the study needs it (preflight, before any work)."""
-    from cellmill.engine.stages import load_stages, stage_hash
+    from cellmill.engine.registry import load_stages, stage_hash
     from cellmill.errors import InputError
 
     store, _ = _study(tmp_path)

@@ -14,7 +14,7 @@ from make_10x import barcodes, random_counts, write_10x_v3
 import cellmill.io.tenx as tenx
 from cellmill.errors import InputError
 from cellmill.io.ingest import ingest
-from cellmill.io.sample import open_sample, read_sample
+from cellmill.io.readers import open_sample, read_sample
 from cellmill.io.store import GRANULE
 from cellmill.io.writer import StoreWriter
 

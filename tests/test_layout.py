@@ -1,4 +1,4 @@
-"""Streamed UMAP (engine/layout.py): umap-learn's fuzzy graph bit for bit, its sampling
+"""Streamed UMAP (stages/umap/streamed.py): umap-learn's fuzzy graph bit for bit, its sampling
 schedule against a brute-force replay of its bookkeeping, the streamed spectral init against
 ARPACK in memory, and the embedding against umap-learn's on the same data."""
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cellmill.engine import layout
-from cellmill.engine.graph import cosine_knn, umap_embedding
 from cellmill.kernels.layout import sample_counts
+from cellmill.stages.umap import streamed as layout
+from cellmill.stages.umap.in_memory import cosine_knn, umap_embedding
 
 
 def mixture(n, dim=15, groups=6, seed=0, spread=3.0):

@@ -12,19 +12,19 @@ from make_10x import barcodes, write_10x_v3
 from scipy import stats
 
 from cellmill.config import Config
-from cellmill.engine.markers import (
+from cellmill.engine.registry import Context
+from cellmill.io.ingest import ingest
+from cellmill.io.store import Store
+from cellmill.kernels.wilcoxon import rank_slab, sort_pairs
+from cellmill.stages.markers import run_markers
+from cellmill.stages.shared.findmarkers import (
     ALL_COLUMNS,
     find_all_markers,
     find_markers,
     find_markers_many,
     r_round,
-    run_markers,
     wilcoxon_p,
 )
-from cellmill.engine.stages import Context
-from cellmill.io.ingest import ingest
-from cellmill.io.store import Store
-from cellmill.kernels.wilcoxon import rank_slab, sort_pairs
 
 N_CELLS, N_GENES, K = 1800, 80, 4
 

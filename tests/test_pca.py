@@ -14,9 +14,9 @@ import scipy.sparse as sp
 from make_10x import barcodes, write_10x_v3
 
 from cellmill.config import Config
-from cellmill.engine.pca import compute_pca, fold_aligned, orient, run_pca
-from cellmill.engine.stages import Context
+from cellmill.engine.registry import Context
 from cellmill.io.ingest import ingest
+from cellmill.stages.pca import compute_pca, fold_aligned, orient, run_pca
 
 N_CELLS, N_GENES = 5000, 300
 
@@ -104,7 +104,7 @@ def test_gram_any_dense_sparse_split_equals_dense_product(sim, monkeypatch, dens
     """The hybrid Gram kernel (often-detected genes dense, the rest sparse, the zero-count
     shift added at the end) against Z^T Z of the dense scaled matrix, for all-dense,
     mixed and all-sparse splits."""
-    from cellmill.engine import pca
+    from cellmill.stages import pca
 
     store, z, qc, _ = sim
     monkeypatch.setattr(pca, "DENSE_AT", dense_at)
@@ -122,7 +122,7 @@ def test_gram_any_dense_sparse_split_equals_dense_product(sim, monkeypatch, dens
 
 
 def test_pca_bit_identical_across_blocks_and_schedulers(sim):
-    from cellmill.engine.cluster import close_clients, scheduler_for
+    from cellmill.engine.schedulers import close_clients, scheduler_for
 
     store = sim[0]
     ref = compute_pca(store, n_components=20, block_cells=1024, scheduler=("sync", 1))

@@ -262,10 +262,11 @@ def _store(study: Path):
 def test_stages_skip_the_study_without_condition(study, caplog):
     """Stages decide from the store's obs (no preflight): grouped statistics yes, target
     tests, GSEA and their tables no (an earlier run's are removed); no GMT needed."""
-    from cellmill.engine.gsea_stage import run_gsea
-    from cellmill.engine.stages import Context, load_stages, stage_hash
-    from cellmill.engine.statistics import load_grouped_stats, run_statistics
+    from cellmill.engine.registry import Context, load_stages, stage_hash
     from cellmill.report.stage import build_report
+    from cellmill.stages.gsea.stage import run_gsea
+    from cellmill.stages.statistics.grouped import load_grouped_stats
+    from cellmill.stages.statistics.stage import run_statistics
 
     _edit(study, lambda m: m.drop(columns=["condition"], inplace=True))
     store = _store(study)
@@ -285,9 +286,9 @@ def test_stages_skip_the_study_without_condition(study, caplog):
 
 
 def test_stages_pool_time_points_without_their_column(study, sim):
-    from cellmill.engine.gsea_stage import run_gsea
-    from cellmill.engine.stages import Context
-    from cellmill.engine.statistics import run_statistics
+    from cellmill.engine.registry import Context
+    from cellmill.stages.gsea.stage import run_gsea
+    from cellmill.stages.statistics.stage import run_statistics
 
     _edit(study, lambda m: m.drop(columns=["timepoint"], inplace=True))
     store = _store(study)

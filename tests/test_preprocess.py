@@ -17,8 +17,14 @@ import pytest
 import scipy.sparse as sp
 
 from cellmill.config import ConfigError, load_config
-from cellmill.engine.cluster import close_clients, scheduler_for
-from cellmill.engine.preprocess import (
+from cellmill.engine.registry import Context, run_stages
+from cellmill.engine.schedulers import close_clients, scheduler_for
+from cellmill.errors import InputError
+from cellmill.io.sample import Sample
+from cellmill.io.store import GRANULE, Store
+from cellmill.io.writer import StoreWriter
+from cellmill.kernels.lognorm import lognorm_values, lognorm_values_by_cell, row_totals
+from cellmill.stages.preprocess import (
     HVG_COLUMNS,
     SCALE_FACTOR_KEY,
     exact_count_variance,
@@ -28,12 +34,6 @@ from cellmill.engine.preprocess import (
     seurat_scale_factor,
     vst,
 )
-from cellmill.engine.stages import Context, run_stages
-from cellmill.errors import InputError
-from cellmill.io.sample import Sample
-from cellmill.io.store import GRANULE, Store
-from cellmill.io.writer import StoreWriter
-from cellmill.kernels.lognorm import lognorm_values, lognorm_values_by_cell, row_totals
 
 PBMC = "10x/pbmc_1k_citeseq_v3.h5"
 MOUSE = "mex/mouse_brain_10k_x_1k"
@@ -467,8 +467,8 @@ def test_clipped_variance_from_pass_one_or_a_second_pass(tmp_path, synth, monkey
     """Pass 2 is skipped when pass 1 kept every clipped count (the synthetic store); a gene
     with more clipped counts than pass 1 keeps makes vst read the counts again. Both give
     the dense reference's values."""
-    from cellmill.engine import preprocess
-    from cellmill.engine.preprocess import clipped_variance_from_sums, first_pass
+    from cellmill.stages import preprocess
+    from cellmill.stages.preprocess import clipped_variance_from_sums, first_pass
 
     store, counts, mask = synth
     p1 = first_pass(store, mask, 1e4)

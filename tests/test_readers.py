@@ -23,7 +23,8 @@ from cellmill.errors import InputError
 from cellmill.io.h5ad import read_h5ad
 from cellmill.io.mex import read_mex
 from cellmill.io.names import make_unique, seurat_clean, seurat_feature_names
-from cellmill.io.sample import Sample, read_sample
+from cellmill.io.readers import read_sample
+from cellmill.io.sample import Sample
 from cellmill.io.tenx import read_10x_h5
 
 GEX = "Gene Expression"

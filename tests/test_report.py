@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from make_10x import barcodes, write_10x_v3  # noqa: E402
 
 from cellmill.config import load_config  # noqa: E402
-from cellmill.engine.stages import Context, run_stages  # noqa: E402
+from cellmill.engine.registry import Context, run_stages
 
 N_GENES = 300
 TARGET = "Sigmar1"

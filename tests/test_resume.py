@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cellmill.config import load_config
-from cellmill.engine.stages import ORDER, load_stages
+from cellmill.engine.registry import ORDER, load_stages
 from cellmill.engine.workflow import run_workflow
 
 N_CELLS = 1200

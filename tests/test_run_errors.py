@@ -14,7 +14,7 @@ import pytest
 from make_10x import barcodes, random_counts, write_10x_v3
 
 from cellmill import cli
-from cellmill.engine import stages as stages_mod
+from cellmill.engine import registry as stages_mod
 from cellmill.errors import InputError
 from cellmill.io.lock import StoreLock
 

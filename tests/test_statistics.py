@@ -14,18 +14,17 @@ from make_10x import barcodes, write_10x_v3
 from scipy import stats
 
 from cellmill.config import Config, ConfigError
-from cellmill.engine.stages import Context
-from cellmill.engine.statistics import (
+from cellmill.engine.registry import Context
+from cellmill.io.ingest import ingest
+from cellmill.io.store import Store
+from cellmill.stages.statistics.grouped import (
     TARGET_COLUMNS,
     grouped_statistics,
     load_grouped_stats,
-    run_statistics,
-    target_tests,
     write_grouped_stats,
 )
-from cellmill.engine.welch import bh_adjust, contrast, welch
-from cellmill.io.ingest import ingest
-from cellmill.io.store import Store
+from cellmill.stages.statistics.stage import run_statistics, target_tests
+from cellmill.stages.statistics.welch import bh_adjust, contrast, welch
 
 COLS = ["cluster", "condition", "timepoint", "sample"]
 N_GENES = 60
@@ -238,7 +237,7 @@ def test_unknown_target_gene_is_a_config_error(grouped):
 
 
 def test_grouping_follows_the_study_columns():
-    from cellmill.engine.statistics import _group_by
+    from cellmill.stages.statistics.stage import _group_by
 
     cfg = Config()
     assert _group_by(cfg, ["cluster", "condition", "timepoint", "sample", "sex"]) == COLS
@@ -249,7 +248,7 @@ def test_grouping_follows_the_study_columns():
 
 
 def test_stage_refuses_unknown_gene_before_the_pass(study, tmp_path, monkeypatch):
-    import cellmill.engine.statistics as mod
+    import cellmill.stages.statistics.stage as mod
 
     def no_pass(*a, **k):
         raise AssertionError("the pass ran")

@@ -236,15 +236,16 @@ def test_peak_memory_sees_peaks_the_sampler_misses():
 
 def test_qc_table_written_in_pieces(tmp_path, monkeypatch):
     """tables/qc.csv, written a few cells at a time, is the table of the whole obs."""
-    import cellmill.engine.stage_ingest as si
+    import cellmill.engine.tables as tables
+    import cellmill.stages.ingest as si
     from cellmill.config import Config
-    from cellmill.engine.stages import Context
+    from cellmill.engine.registry import Context
 
     manifest, _ = _study(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         store = ingest(manifest, tmp_path / "s.zarr")
-    monkeypatch.setattr(si, "QC_ROWS", 7)
+    monkeypatch.setattr(tables, "QC_ROWS", 7)
     cfg = Config()
     cfg.qc.min_features, cfg.qc.max_features = 10, 40
     ctx = Context(cfg=cfg, outdir=tmp_path / "out", store=store, progress=False)
@@ -262,19 +263,19 @@ def test_qc_table_written_in_pieces(tmp_path, monkeypatch):
 
 def test_cell_table_of_some_cells_written_in_pieces(tmp_path, monkeypatch):
     """A table of selected cells (as clusters.csv), a few store cells at a time."""
-    import cellmill.engine.stage_ingest as si
+    import cellmill.engine.tables as tables
 
     manifest, _ = _study(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         store = ingest(manifest, tmp_path / "s.zarr")
-    monkeypatch.setattr(si, "QC_ROWS", 7)
+    monkeypatch.setattr(tables, "QC_ROWS", 7)
     rng = np.random.default_rng(4)
     cells = np.flatnonzero(rng.random(store.n_cells) < 0.3)
     cells = cells[(cells < 20) | (cells > 40)]  # some pieces without a listed cell
     labels = rng.integers(0, 5, len(cells))
     path = tmp_path / "t.csv"
-    si.write_cell_table(store, path, {"cluster": labels}, cells)
+    tables.write_cell_table(store, path, {"cluster": labels}, cells)
     got = pd.read_csv(path)
     names = store.obs().index.to_numpy()
     assert list(got.columns) == ["cell", "cluster"]

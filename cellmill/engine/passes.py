@@ -45,7 +45,7 @@ def map_blocks(store: Store, func: Callable[..., Any], *args, mask: np.ndarray |
     `ranges`: only these (start, stop) blocks, e.g. a window of `store.block_ranges(...)`."""
     import dask
 
-    from cellmill.engine.cluster import compute
+    from cellmill.engine.schedulers import compute
 
     if ranges is None:
         ranges = store.block_ranges(block_cells)

@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from cellmill.config import Config, load_config
-from cellmill.engine.progress import progress_enabled
-from cellmill.engine.stages import ORDER, Context, run_stages
+from cellmill.engine.provenance import versions
+from cellmill.engine.registry import ORDER, Context, run_stages
 from cellmill.errors import InputError
+from cellmill.io.progress import progress_enabled
 
 log = logging.getLogger("cellmill")
-
-PACKAGES = ["cellmill", "numpy", "scipy", "pandas", "zarr", "numcodecs", "anndata", "dask",
-            "distributed", "numba", "pynndescent", "igraph", "leidenalg", "umap-learn",
-            "xarray", "scikit-misc", "h5py", "matplotlib"]
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
 
 def run_workflow(cfg: Config, outdir: Path, until: str | None = None) -> Context:
     from cellmill.engine.monitor import PeakMemory

@@ -76,7 +76,7 @@ def build_gene_major(store: Store, memory_bytes: int, progress: bool = False,
     """Write layers/counts_gene_major (CSC copy of X, all cells) with memory bounded by
     memory_bytes: slab buffers take 40% of it, decoded blocks in flight and the rest of the
     process the remainder. X is decoded once per slab."""
-    from cellmill.engine.progress import bar
+    from cellmill.io.progress import bar
 
     n_cells, n_genes = store.shape
     per_gene = gene_nnz(store)

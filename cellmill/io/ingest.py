@@ -87,7 +87,7 @@ def ingest(source: str | Path, out: str | Path, overwrite: bool = False,
            feature_types: tuple[str, ...] | None = ("Gene Expression",),
            block_cells: int = DEFAULT_BLOCK_CELLS, progress: bool = False) -> Store:
     """Ingest a manifest CSV, or a single .h5 / .h5ad / Matrix Market folder, into a store."""
-    from cellmill.engine.progress import bar
+    from cellmill.io.progress import bar
 
     source = Path(source)
     if not source.exists():
@@ -111,7 +111,7 @@ def ingest(source: str | Path, out: str | Path, overwrite: bool = False,
 
 def _add(writer: StoreWriter, spec: SampleSpec, feature_types, prefix: bool) -> None:
     """Stream one sample into the writer (its barcodes and genes are freed on return)."""
-    from cellmill.io.sample import open_sample
+    from cellmill.io.readers import open_sample
 
     with open_sample(spec.path, feature_types=feature_types) as sample:
         if sample.n_cells == 0 or sample.n_genes == 0:

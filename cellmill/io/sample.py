@@ -1,6 +1,7 @@
-"""One sample read from any supported file: the common return type and the dispatcher.
+"""One sample read from any supported file: the common types and checks every reader uses
+(the readers import this module; ``cellmill.io.readers`` picks the reader for a path).
 
-Supported inputs (``read_sample`` picks the reader by what the path is):
+Supported inputs:
 
 - a 10x Cell Ranger HDF5 file, v3 (``matrix/``) or v2 (one group per genome): ``cellmill.io.tenx``
 - a Matrix Market folder (``matrix.mtx[.gz]``, ``barcodes.tsv[.gz]``, ``features.tsv[.gz]`` or
@@ -21,8 +22,7 @@ one slice.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,34 +63,6 @@ class Sample:
         return self.counts.shape[1]
 
 
-def read_sample(
-    path: str | os.PathLike,
-    feature_types: Iterable[str] | str | None = (GENE_EXPRESSION,),
-    layer: str | None = None,
-    genome: str | None = None,
-) -> Sample:
-    """Read one sample from a 10x HDF5 file, a Matrix Market folder or an ``.h5ad`` file.
-
-    feature_types: feature types to keep (default "Gene Expression"); ``None`` keeps all.
-    layer: ``.h5ad`` only; read counts from ``layers[layer]`` instead of ``X``.
-    genome: keep the features of this genome only. ``None`` keeps every genome; for a v2 10x file
-        with several genome groups that means the groups concatenated feature-wise in file order
-        (they must share their barcodes), with the ``genome`` column telling them apart.
-    Raises InputError (one line naming the file and the problem) for any bad input.
-    """
-    from cellmill.io.h5ad import read_h5ad
-    from cellmill.io.mex import read_mex
-    from cellmill.io.tenx import read_10x_h5
-
-    p = Path(path)
-    kind = sample_kind(p, layer)
-    if kind == "mex":
-        return read_mex(p, feature_types=feature_types, genome=genome)
-    if kind == "h5ad":
-        return read_h5ad(p, layer=layer, feature_types=feature_types, genome=genome)
-    return read_10x_h5(p, feature_types=feature_types, genome=genome)
-
-
 @dataclass
 class SampleStream:
     """A sample whose counts come as CSR slices of consecutive cells (see the module docstring).
@@ -117,25 +89,6 @@ class SampleStream:
     @classmethod
     def whole(cls, sample: Sample) -> SampleStream:
         return cls(sample.barcodes, sample.var, sample.source, (sample.counts,))
-
-
-@contextmanager
-def open_sample(
-    path: str | os.PathLike,
-    feature_types: Iterable[str] | str | None = (GENE_EXPRESSION,),
-    layer: str | None = None,
-    genome: str | None = None,
-) -> Iterator[SampleStream]:
-    """Like :func:`read_sample`, as a context manager giving a :class:`SampleStream`; the file
-    stays open until the block ends."""
-    from cellmill.io.tenx import open_10x_h5
-
-    p = Path(path)
-    if sample_kind(p, layer) != "10x":
-        yield SampleStream.whole(read_sample(p, feature_types, layer, genome))
-        return
-    with open_10x_h5(p, feature_types=feature_types, genome=genome) as stream:
-        yield stream
 
 
 def sample_kind(p: Path, layer: str | None) -> str:

@@ -490,20 +490,58 @@ class Store:
         return self.root["layers"][GENE_MAJOR]["indptr"][:]
 
 
+class Appender:
+    """Append to a 1-d zarr array, writing whole chunks only (no read-modify-write)."""
+
+    def __init__(self, group: zarr.Group, name: str, dtype, chunk: int):
+        self.arr = group.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk,),
+                                      compressors=codec())
+        self.chunk = chunk
+        self.buf: list[np.ndarray] = []
+        self.buffered = 0
+        self.written = 0
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=self.arr.dtype)
+        if self.buffered:  # complete the pending partial chunk first
+            take = min(self.chunk - self.buffered, len(values))
+            self.buf.append(values[:take].copy())
+            self.buffered += take
+            values = values[take:]
+            if self.buffered < self.chunk:
+                return
+            self._write(np.concatenate(self.buf))
+            self.buf, self.buffered = [], 0
+        n = (len(values) // self.chunk) * self.chunk
+        if n:  # whole chunks straight from the caller's array, no copy of the sample
+            self._write(values[:n])
+        if len(values) > n:
+            self.buf = [values[n:].copy()]
+            self.buffered = len(values) - n
+
+    def _write(self, values: np.ndarray) -> None:
+        self.arr.resize((self.written + len(values),))
+        self.arr[self.written: self.written + len(values)] = values
+        self.written += len(values)
+
+    def close(self) -> None:
+        if self.buffered:
+            self._write(np.concatenate(self.buf))
+            self.buf, self.buffered = [], 0
+
+
 class SparseRowWriter:
     """A CSR matrix written under slot/name.__new__ row block by row block: `append` the
     indices and values of consecutive rows (whole chunks go to disk as they fill), `commit`
     with the full indptr writes it and swaps the matrix in. Only one chunk is buffered."""
 
     def __init__(self, store: Store, slot: str, name: str, shape: tuple[int, int], dtype):
-        from cellmill.io.writer import _Appender
-
         self.store, self.slot, self.name, self.shape = store, slot, name, tuple(shape)
         parent = _empty_dict_group(store.root, slot)
         shutil.rmtree(store.path / slot / (name + ".__new__"), ignore_errors=True)
         self.group = parent.create_group(name + ".__new__", overwrite=True)
-        self.data = _Appender(self.group, "data", dtype, CHUNK_NNZ)
-        self.indices = _Appender(self.group, "indices", np.int32, CHUNK_NNZ)
+        self.data = Appender(self.group, "data", dtype, CHUNK_NNZ)
+        self.indices = Appender(self.group, "indices", np.int32, CHUNK_NNZ)
 
     def append(self, indices: np.ndarray, data: np.ndarray) -> None:
         self.indices.append(indices)

@@ -15,60 +15,21 @@ import scipy.sparse as sp
 import zarr
 
 from cellmill.errors import InputError
-from cellmill.heap import release_heap
 from cellmill.io import faults
+from cellmill.io.heap import release_heap
 from cellmill.io.sample import SampleStream
 from cellmill.io.store import (
     CHUNK_NNZ,
     DEFAULT_BLOCK_CELLS,
     FORMAT,
     GRANULE,
+    Appender,
     Store,
     _empty_dict_group,
     codec,
     write_json_atomic,
 )
 from cellmill.kernels.ingest import remap_and_count, sort_rows
-
-
-class _Appender:
-    """Append to a 1-d zarr array, writing whole chunks only (no read-modify-write)."""
-
-    def __init__(self, group: zarr.Group, name: str, dtype, chunk: int):
-        self.arr = group.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk,),
-                                      compressors=codec())
-        self.chunk = chunk
-        self.buf: list[np.ndarray] = []
-        self.buffered = 0
-        self.written = 0
-
-    def append(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=self.arr.dtype)
-        if self.buffered:  # complete the pending partial chunk first
-            take = min(self.chunk - self.buffered, len(values))
-            self.buf.append(values[:take].copy())
-            self.buffered += take
-            values = values[take:]
-            if self.buffered < self.chunk:
-                return
-            self._write(np.concatenate(self.buf))
-            self.buf, self.buffered = [], 0
-        n = (len(values) // self.chunk) * self.chunk
-        if n:  # whole chunks straight from the caller's array, no copy of the sample
-            self._write(values[:n])
-        if len(values) > n:
-            self.buf = [values[n:].copy()]
-            self.buffered = len(values) - n
-
-    def _write(self, values: np.ndarray) -> None:
-        self.arr.resize((self.written + len(values),))
-        self.arr[self.written: self.written + len(values)] = values
-        self.written += len(values)
-
-    def close(self) -> None:
-        if self.buffered:
-            self._write(np.concatenate(self.buf))
-            self.buf, self.buffered = [], 0
 
 
 class StoreWriter:
@@ -89,8 +50,8 @@ class StoreWriter:
         self.root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         x = self.root.create_group("X")
         self.x = x
-        self.data = _Appender(x, "data", np.int32, CHUNK_NNZ)
-        self.indices = _Appender(x, "indices", np.int32, CHUNK_NNZ)
+        self.data = Appender(x, "data", np.int32, CHUNK_NNZ)
+        self.indices = Appender(x, "indices", np.int32, CHUNK_NNZ)
         self.indptr = [np.zeros(1, dtype=np.int64)]
         self.nnz = 0
         self.gene_index: dict[str, int] = {}

@@ -1,4 +1,4 @@
-"""Kernels of the streamed UMAP (engine/layout.py): umap-learn's fuzzy graph and its layout
+"""Kernels of the streamed UMAP (stages/umap/streamed.py): umap-learn's fuzzy graph and its layout
 optimiser, one block of rows at a time.
 
 The fuzzy-graph kernels follow umap-learn's smooth_knn_dist / compute_membership_strengths

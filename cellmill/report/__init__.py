@@ -1,0 +1,1 @@
+"""The report stage: figures (matplotlib) and one self-contained report.html."""

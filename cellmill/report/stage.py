@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cellmill.config import Config
-from cellmill.engine.stages import ORDER, Context, stage
+from cellmill.engine.registry import ORDER, Context, stage
 from cellmill.report import html as H
 from cellmill.report.figures import (
     SIG,
@@ -238,7 +238,7 @@ def timings_table(ctx: Context) -> tuple[pd.DataFrame, float]:
 
 def build_report(ctx: Context, partial: str | None = None):
     """Draw the figures and write OUTDIR/report.html; returns its path."""
-    from cellmill.engine.workflow import versions
+    from cellmill.engine.provenance import versions
     from cellmill.io.store import Store
 
     store = ctx.store

@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 
 from cellmill.config import Config
-from cellmill.engine.stage_ingest import qc_passed, write_table
-from cellmill.engine.stages import Context, stage
+from cellmill.engine.cells import qc_passed
+from cellmill.engine.registry import Context, stage
+from cellmill.engine.tables import write_table
 from cellmill.errors import InputError
 
 log = logging.getLogger("cellmill")
@@ -86,10 +87,10 @@ def contrasts(obs: pd.DataFrame, mask: np.ndarray, cfg: Config, min_cells: int):
 
 @stage("gsea", after=("qc", "cluster"), params=_params)
 def run_gsea(ctx: Context) -> None:
-    from cellmill.engine.gsea import fgsea, to_csv_frame
-    from cellmill.engine.markers import find_markers_many
     from cellmill.engine.preflight import study_columns
     from cellmill.io.gmt import read_gmt
+    from cellmill.stages.gsea.fgsea import fgsea, to_csv_frame
+    from cellmill.stages.shared.findmarkers import find_markers_many
 
     cfg, store = ctx.cfg, ctx.store
     have = store.obs_columns()  # only the columns the contrasts need, not every cell name

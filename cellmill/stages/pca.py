@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cellmill.engine.stages import Context, stage
+from cellmill.engine.registry import Context, stage
 from cellmill.io.store import GRANULE, Store
 from cellmill.kernels.gram import scaled_block, shifted_gram, zero_values
 
@@ -223,7 +223,7 @@ def gram_matrix(store: Store, mask: np.ndarray, sc: _Scaling, n_counts: np.ndarr
     """A^T A over the masked cells, bit-identical for any leaf size and scheduler."""
     import dask
 
-    from cellmill.engine.cluster import in_waves
+    from cellmill.engine.schedulers import in_waves
 
     n_gran = (store.n_cells + GRANULE - 1) // GRANULE
     d_mask, d_nc, d_sc = (dask.delayed(x, pure=True) for x in (mask, n_counts, sc))
@@ -287,7 +287,7 @@ def _fit(store: Store, n_components: int, clip: float, scale_factor: float, mask
 
 
 def _mask(store: Store, mask) -> np.ndarray:
-    from cellmill.engine.stage_ingest import qc_passed
+    from cellmill.engine.cells import qc_passed
 
     return np.asarray(qc_passed(store) if mask is None else mask, dtype=bool)
 
@@ -374,7 +374,7 @@ def run_pca(ctx: Context) -> None:
     store.write_array("uns", "pca_stdev", res.stdev)
     log.info("pca: %d components of %d genes x %d cells; stdev %s", nc, len(res.genes),
              len(res.cells), np.array2string(res.stdev[:5], precision=3))
-    from cellmill.heap import release_heap
+    from cellmill.io.heap import release_heap
 
     del res, pcs
     release_heap()

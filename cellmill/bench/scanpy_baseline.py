@@ -1,6 +1,6 @@
 """The scanpy 1.11 baseline: the same study, the same steps, in memory, timed step by step.
 
-    python benchmarks/scanpy_baseline.py MANIFEST.csv --out scanpy.json [--until STEP]
+    python -m cellmill.bench.scanpy_baseline MANIFEST.csv --out scanpy.json [--until STEP]
 
 `cellmill bench` runs this in a child process so that its peak RSS is its own. Steps, named
 after the cellmill stages they correspond to:

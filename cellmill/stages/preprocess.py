@@ -28,9 +28,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cellmill.config import Config, ConfigError
-from cellmill.engine.cluster import n_workers
 from cellmill.engine.passes import block_cells_for_budget, granules, map_blocks
-from cellmill.engine.stages import Context, stage
+from cellmill.engine.registry import Context, stage
+from cellmill.engine.schedulers import n_workers
 from cellmill.errors import InputError
 from cellmill.io.store import GRANULE, Store
 from cellmill.kernels.lognorm import lognorm_values
@@ -84,7 +84,7 @@ def _normalize_params(cfg: Config):
 
 @stage("normalize", after=("qc",), params=_normalize_params)
 def run_normalize(ctx: Context) -> None:
-    from cellmill.engine.stage_ingest import qc_passed
+    from cellmill.engine.cells import qc_passed
 
     store = ctx.store
     sf = seurat_scale_factor(ctx.cfg.normalize.scale_factor)
@@ -133,7 +133,7 @@ def stream_blocks(store: Store, func, *args, mask: np.ndarray, block_cells: int 
     """map_blocks window by window: yields ((start, stop), result) in block order, holding
     at most ~RESULT_BUDGET of results (`result_bytes` per block) but at least 8 blocks per
     worker in flight."""
-    from cellmill.engine.progress import bar
+    from cellmill.io.progress import bar
 
     ranges = store.block_ranges(block_cells)
     window = max(8 * n_workers(scheduler), RESULT_BUDGET // max(result_bytes, 1))
@@ -347,7 +347,8 @@ def _hvg_params(cfg: Config):
 
 @stage("hvg", after=("normalize",), params=_hvg_params)
 def run_hvg(ctx: Context) -> None:
-    from cellmill.engine.stage_ingest import qc_passed, write_table
+    from cellmill.engine.cells import qc_passed
+    from cellmill.engine.tables import write_table
 
     store = ctx.store
     mask = qc_passed(store)

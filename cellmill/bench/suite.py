@@ -7,7 +7,7 @@ the workflow through `run_stages`, each stage in a fresh child process (so a sta
 its own and not what an earlier stage left behind), and read its timings from the store's stage
 record (wall seconds, CPU seconds, peak RSS). Then a read-only decode pass over the store (the
 ceiling a streaming pass can reach), and scanpy on the same files and the same steps in its own
-child process (benchmarks/scanpy_baseline.py) when it fits in memory. Writes OUT/bench.json and
+child process (cellmill/bench/scanpy_baseline.py) when it fits in memory. Writes OUT/bench.json and
 OUT/bench.md after every size.
 
 Headline: qc..cluster (qc, normalize, hvg, pca, neighbors, cluster) wall time and peak RSS against
@@ -30,7 +30,7 @@ from pathlib import Path
 
 DEFAULT_SIZES = "25k,50k,100k,196k"
 HEADLINE = ["qc", "normalize", "hvg", "pca", "neighbors", "cluster"]
-# cellmill stage -> scanpy step (benchmarks/scanpy_baseline.py names its steps the same way)
+# cellmill stage -> scanpy step (bench/scanpy_baseline.py names its steps the same way)
 SCANPY_STEPS = ["ingest", "qc", "hvg", "normalize", "pca", "neighbors", "cluster", "umap",
                 "markers"]
 REFERENCE_SIZE = 196_000
@@ -58,13 +58,10 @@ def _label(n: int) -> str:
     return f"{n // 1000}k" if n % 1000 == 0 else str(n)
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
+def scanpy_installed() -> bool:
+    import importlib.util
 
-
-def scanpy_script() -> Path | None:
-    p = _repo_root() / "benchmarks" / "scanpy_baseline.py"
-    return p if p.exists() else None
+    return importlib.util.find_spec("scanpy") is not None
 
 
 # ------------------------------------------------------------------ child processes
@@ -75,7 +72,7 @@ def _child_env() -> dict:
 
 
 def _run_child(args: list[str], result: Path, log: Path, timeout: float | None) -> dict:
-    """Run `python -m cellmill.bench <args>` (or a script); its JSON result, or an error."""
+    """Run `python -m <module> <args>`; its JSON result, or an error."""
     result.unlink(missing_ok=True)
     t0 = time.perf_counter()
     with open(log, "a") as lf:
@@ -97,8 +94,8 @@ def _run_child(args: list[str], result: Path, log: Path, timeout: float | None) 
 def _child_stage(config: str, outdir: str, stage: str, result: str) -> int:
     """One stage (earlier stages must be up to date) in this fresh process."""
     from cellmill.config import load_config
-    from cellmill.engine.cluster import close_clients
-    from cellmill.engine.stages import Context, run_stages
+    from cellmill.engine.registry import Context, run_stages
+    from cellmill.engine.schedulers import close_clients
 
     cfg = load_config(config)
     ctx = Context(cfg=cfg, outdir=Path(outdir), progress=False)
@@ -195,7 +192,7 @@ def bench_size(n: int, args, stages: list[str], log) -> dict:
     res: dict = {"cells": n, "simulate_seconds": sim_s, "stages": {}}
     for stage in stages:
         log(f"{_label(n)}: stage {stage} ...")
-        r = _run_child(["-m", "cellmill.bench", "_stage", str(cfg), str(run), stage,
+        r = _run_child(["-m", "cellmill.bench.suite", "_stage", str(cfg), str(run), stage,
                         str(run / "child.json")], run / "child.json", logf, args.timeout)
         if "error" in r:
             res["stages"][stage] = {"error": r["error"]}
@@ -215,7 +212,7 @@ def bench_size(n: int, args, stages: list[str], log) -> dict:
     store = run / "study.zarr"
     if store.exists() and "error" not in res["stages"].get("ingest", {"error": 1}):
         log(f"{_label(n)}: read-only decode pass ...")
-        d = _run_child(["-m", "cellmill.bench", "_decode", str(store), args.memory,
+        d = _run_child(["-m", "cellmill.bench.suite", "_decode", str(store), args.memory,
                         str(args.workers), str(run / "child.json")], run / "child.json", logf,
                        args.timeout)
         res["decode"] = d
@@ -232,9 +229,8 @@ def run_scanpy(n: int, sim: Path, res: dict, args, run: Path, log) -> dict:
 
     if args.no_scanpy:
         return {"skipped": "--no-scanpy"}
-    script = scanpy_script()
-    if script is None:
-        return {"skipped": "benchmarks/scanpy_baseline.py not found (run from a source checkout)"}
+    if not scanpy_installed():
+        return {"skipped": "scanpy is not installed (pip install 'cellmill[bench]')"}
     if args.scanpy_max_cells is not None and n > args.scanpy_max_cells:
         return {"skipped": f"{n} cells > --scanpy-max-cells {args.scanpy_max_cells}"}
     nnz = res.get("nnz") or 0
@@ -245,8 +241,9 @@ def run_scanpy(n: int, sim: Path, res: dict, args, run: Path, log) -> dict:
             return {"skipped": why}
     until = "markers" if n <= args.scanpy_full_max_cells else "cluster"
     log(f"{_label(n)}: scanpy (up to {until}) ...")
-    r = _run_child([str(script), str(sim / "manifest.csv"), "--out", str(run / "scanpy.json"),
-                    "--until", until], run / "scanpy.json", run / "bench.log", args.timeout)
+    r = _run_child(["-m", "cellmill.bench.scanpy_baseline", str(sim / "manifest.csv"),
+                    "--out", str(run / "scanpy.json"), "--until", until],
+                   run / "scanpy.json", run / "bench.log", args.timeout)
     if until != "markers" and "error" not in r:
         r["not_run"] = (f"umap and markers not run above {args.scanpy_full_max_cells:,} cells "
                         "(--scanpy-full-max-cells): they are not part of the headline and take "
@@ -442,7 +439,7 @@ def rerun_scanpy(sizes: list[int], args, out: Path, log) -> int:
 
 
 def _stage_list(text: str) -> list[str]:
-    from cellmill.engine.stages import ORDER, load_stages
+    from cellmill.engine.registry import ORDER, load_stages
 
     available = load_stages()
     if text == "all":
@@ -494,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "no_scanpy": True, "resume": False,
                                       "keep_stores": False})
         bench_size(WARMUP_CELLS, wargs, stages, lambda m: None)
-    from cellmill.engine.workflow import versions
+    from cellmill.engine.provenance import versions
 
     doc = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),

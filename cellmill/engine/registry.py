@@ -32,17 +32,17 @@ log = logging.getLogger("cellmill")
 ORDER = ["ingest", "qc", "normalize", "hvg", "pca", "neighbors", "cluster", "umap",
          "statistics", "markers", "gsea", "report"]
 MODULES = {
-    "ingest": "cellmill.engine.stage_ingest",
-    "qc": "cellmill.engine.stage_ingest",
-    "normalize": "cellmill.engine.preprocess",
-    "hvg": "cellmill.engine.preprocess",
-    "pca": "cellmill.engine.pca",
-    "neighbors": "cellmill.engine.graph",
-    "cluster": "cellmill.engine.graph",
-    "umap": "cellmill.engine.graph",
-    "statistics": "cellmill.engine.statistics",
-    "markers": "cellmill.engine.markers",
-    "gsea": "cellmill.engine.gsea_stage",
+    "ingest": "cellmill.stages.ingest",
+    "qc": "cellmill.stages.ingest",
+    "normalize": "cellmill.stages.preprocess",
+    "hvg": "cellmill.stages.preprocess",
+    "pca": "cellmill.stages.pca",
+    "neighbors": "cellmill.stages.neighbors",
+    "cluster": "cellmill.stages.clustering.stage",
+    "umap": "cellmill.stages.umap.stage",
+    "statistics": "cellmill.stages.statistics.stage",
+    "markers": "cellmill.stages.markers",
+    "gsea": "cellmill.stages.gsea.stage",
     "report": "cellmill.report.stage",
 }
 
@@ -78,7 +78,7 @@ class Context:
 
     def scheduler(self):
         """The dask scheduler settings for passes (see engine/cluster.py)."""
-        from cellmill.engine.cluster import get_scheduler
+        from cellmill.engine.schedulers import get_scheduler
 
         return get_scheduler(self)
 
@@ -123,9 +123,10 @@ def load_stages() -> dict[str, Stage]:
 
 # Modules that shape no result (configuration, plumbing, the CLI): left out of code digests
 # so that, say, a clearer error message does not rerun a study.
-PLUMBING = {"cellmill.config", "cellmill.errors", "cellmill.engine.stages",
-            "cellmill.engine.progress", "cellmill.engine.monitor", "cellmill.engine.preflight",
-            "cellmill.engine.workflow", "cellmill.io.faults", "cellmill.io.lock", "cellmill.cli",
+PLUMBING = {"cellmill.config", "cellmill.errors", "cellmill.engine.registry",
+            "cellmill.io.progress", "cellmill.engine.monitor", "cellmill.engine.preflight",
+            "cellmill.engine.workflow", "cellmill.engine.provenance", "cellmill.io.faults",
+            "cellmill.io.lock", "cellmill.cli",
             "cellmill"}
 # report.html names the folder it was written in: rebuilt, not copied, in a new OUTDIR
 NOT_RELOCATABLE = {"report"}

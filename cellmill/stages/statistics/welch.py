@@ -108,7 +108,7 @@ def select_groups(coords: pd.DataFrame, **where) -> np.ndarray:
 def contrast(ds, case: dict, control: dict, genes=None, alternative: str = "two.sided",
              ) -> pd.DataFrame:
     """Welch test of case vs control cells for every gene (or `genes`), from a grouped-statistics
-    Dataset (see engine/statistics.py). case / control: {obs column: value or list of values};
+    Dataset (see statistics/grouped.py). case / control: {obs column: value or list of values};
     the matching groups are pooled (Chan's formula, in group order). Also gives Seurat's fold
     change on the CP10k scale (avg_log2FC, from the sums of expm1(y)) and the fractions of
     cells with y > 0 (pct_case, pct_control; not rounded)."""

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import scipy.sparse as sp
 
-from cellmill.engine.progress import bar
+from cellmill.io.progress import bar
 from cellmill.kernels.moving import community_edges, move_rows, row_strengths
 
 ROWS = 32_768  # rows per block: fixed, so sums are added in the same order for any budget
@@ -144,7 +144,7 @@ def streamed_leiden(rows: GraphRows, resolution: float = 0.3, seed: int = 0,
     """Raw community membership of the nodes (0..K-1) and its modularity with resolution."""
     import leidenalg as la
 
-    from cellmill.engine.graph import _igraph
+    from cellmill.stages.clustering.in_memory import _igraph
 
     level1, _ = local_moving(rows, resolution, progress)
     n_comm, edges, weights = aggregate(rows, level1, progress)
@@ -180,7 +180,7 @@ def streamed_cluster_labels(store, cells: np.ndarray, resolution: float = 0.3, s
                             n_iterations: int = -1, progress: bool = False) -> np.ndarray:
     """Final labels of `cells` as cluster_labels gives them (renumbered by size, singletons
     grouped as Seurat does), with the graph streamed."""
-    from cellmill.engine.graph import group_singletons, order_by_size
+    from cellmill.stages.clustering.in_memory import group_singletons, order_by_size
 
     rows = GraphRows(store, cells)
     raw, _ = streamed_leiden(rows, resolution, seed, n_iterations, progress)

@@ -164,7 +164,7 @@ def compute(tasks: list, scheduler=None, desc: str = "pass", progress: bool = Tr
     """Compute a list of dask.delayed tasks; results in task order, with a progress bar."""
     import dask
 
-    from cellmill.engine.progress import bar
+    from cellmill.io.progress import bar
 
     if not tasks:
         return []
@@ -197,7 +197,7 @@ def compute(tasks: list, scheduler=None, desc: str = "pass", progress: bool = Tr
 def _compute_distributed(client, tasks: list, desc: str, progress: bool) -> list:
     from distributed import as_completed
 
-    from cellmill.engine.progress import bar
+    from cellmill.io.progress import bar
 
     futures = client.compute(share_constants(tasks))
     pbar = bar(total=len(futures), desc=desc, enabled=progress)

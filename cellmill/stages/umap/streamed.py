@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cellmill.engine.progress import bar
-from cellmill.heap import release_heap
+from cellmill.io.heap import release_heap
+from cellmill.io.progress import bar
 from cellmill.io.scratch import Buckets, DiskGraph
 from cellmill.kernels import layout as kern
 
@@ -40,7 +40,8 @@ GAMMA = 1.0  # umap-learn's repulsion_strength
 
 def _knn_to_buckets(points, k, root: Path, scheduler, progress) -> tuple[Buckets, float]:
     """Step 1: the cosine kNN lists, bucketed by row block. Returns (buckets, mean distance)."""
-    from cellmill.engine.graph import knn_chunks, knn_index, unit_rows
+    from cellmill.stages.shared.knn import knn_chunks, knn_index
+    from cellmill.stages.umap.in_memory import unit_rows
 
     n = points.shape[0]
     index = knn_index(unit_rows(points))  # holds its own copy
@@ -124,7 +125,7 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
     import scipy.sparse.linalg as sla
     from umap.umap_ import noisy_scale_coords
 
-    from cellmill.engine.graph import spectral_vectors
+    from cellmill.stages.umap.in_memory import spectral_vectors
 
     n, dim = graph.n, 2
     n_comp, deg = _components_and_degrees(graph, keep_from)
@@ -177,7 +178,7 @@ def umap_streamed(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 0
 
     from umap.umap_ import find_ab_params
 
-    from cellmill.engine.graph import umap_epochs
+    from cellmill.stages.umap.in_memory import umap_epochs
 
     n = points.shape[0]
     k = min(n_neighbors, n)

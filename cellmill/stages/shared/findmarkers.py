@@ -1,4 +1,4 @@
-"""Stage `markers` and the FindMarkers / FindAllMarkers API (Seurat 4.3.0 with limma installed).
+"""The FindMarkers / FindAllMarkers method (Seurat 4.3.0 with limma installed).
 
 Per gene, on the log-normalised values y = log1p(x / n_counts * scale_factor) of the cells in
 the test (QC-passed cells by default):
@@ -30,8 +30,6 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from cellmill.config import Config
-from cellmill.engine.stages import Context, stage
 from cellmill.io.store import Store
 from cellmill.kernels import wilcoxon as kern
 
@@ -130,7 +128,7 @@ def rank_pass(store: Store, label_of_cell: np.ndarray, stratum_of_label: np.ndar
     Labels: 0..L-1 per cell, -1 = not in any group."""
     import dask
 
-    from cellmill.engine.cluster import compute
+    from cellmill.engine.schedulers import compute
     from cellmill.io.gene_major import plan_slabs
 
     workers = scheduler[1] if isinstance(scheduler, tuple) else 2
@@ -250,7 +248,7 @@ def find_markers(store: Store, cells_1, cells_2=None, logfc_threshold: float = 0
     default to 0 (every gene is tested), as the GSEA rankings need.
     """
     if cells_2 is None:
-        from cellmill.engine.stage_ingest import qc_passed
+        from cellmill.engine.cells import qc_passed
 
         rest = qc_passed(store).copy()
         rest[_cell_index(store, cells_1)] = False
@@ -262,7 +260,7 @@ def find_markers(store: Store, cells_1, cells_2=None, logfc_threshold: float = 0
 
 def cluster_labels(store: Store, column: str = "cluster") -> tuple[np.ndarray, list[str]]:
     """Codes of obs[column] for QC-passed cells (-1 elsewhere) and the level names."""
-    from cellmill.engine.stage_ingest import qc_passed
+    from cellmill.engine.cells import qc_passed
 
     if column not in store.obs_columns():
         raise ValueError(f"no {column!r} column in the cells' metadata (run the cluster stage)")
@@ -328,26 +326,3 @@ def find_all_markers(store: Store, labels: np.ndarray | None = None,
     out = out[ALL_COLUMNS].reset_index(drop=True)
     out["cluster"] = pd.Categorical(out["cluster"], categories=list(levels))
     return out
-
-
-# ------------------------------------------------------------------------------- the stage
-
-def _params(cfg: Config) -> dict:
-    m = cfg.markers
-    return {"logfc_threshold": m.logfc_threshold, "min_pct": m.min_pct, "only_pos": m.only_pos,
-            "return_thresh": m.return_thresh, "min_cells_group": m.min_cells_group,
-            "scale_factor": cfg.normalize.scale_factor}
-
-
-@stage("markers", after=("qc", "cluster"), params=_params)
-def run_markers(ctx: Context) -> None:
-    from cellmill.engine.stage_ingest import write_table
-
-    cfg, m = ctx.cfg, ctx.cfg.markers
-    table = find_all_markers(ctx.store, logfc_threshold=m.logfc_threshold, min_pct=m.min_pct,
-                             only_pos=m.only_pos, return_thresh=m.return_thresh,
-                             min_cells_group=m.min_cells_group,
-                             scale_factor=cfg.normalize.scale_factor,
-                             memory_bytes=cfg.compute.memory_bytes,
-                             scheduler=ctx.scheduler(), progress=ctx.progress)
-    write_table(table, ctx.tables / "markers.csv")

@@ -1,0 +1,1 @@
+"""The benchmark suite (`cellmill bench`, `python benchmarks/run_suite.py`)."""

@@ -1,0 +1,1 @@
+"""Stage `cluster`: its stage module and its backends (in memory, streamed)."""

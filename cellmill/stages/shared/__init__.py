@@ -1,0 +1,1 @@
+"""Methods used by more than one stage."""

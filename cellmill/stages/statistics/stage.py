@@ -1,0 +1,143 @@
+"""Stage `statistics`: the grouped moments pass (statistics/grouped.py) and the study's
+one-tailed Welch tests of the target genes (statistics/welch.py) into tables/target_tests.csv."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from cellmill.config import Config, ConfigError
+from cellmill.engine.registry import Context, stage
+from cellmill.stages.statistics.grouped import (
+    TARGET_COLUMNS,
+    grouped_statistics,
+    write_grouped_stats,
+)
+from cellmill.stages.statistics.welch import bh_adjust, contrast, group_coords
+
+log = logging.getLogger("cellmill")
+
+
+def target_tests(ds, cfg: Config) -> pd.DataFrame:
+    """One-tailed Welch tests (case > control) of every target gene, per cluster x time point,
+    per cluster with time points pooled, for all cells ("all"), plus the time-point contrasts
+    (each time point but the last vs the last, case and control conditions pooled).
+
+    p_adj_bh: Benjamini-Hochberg over all rows of this table that have a p-value (all target
+    genes, clusters, time points and contrasts together), as R's p.adjust(p, "BH").
+    """
+    st = cfg.study
+    genes = np.asarray(ds["gene"].values).astype(str)
+    known = set(genes)
+    for g in st.target_genes:
+        if g not in known:
+            raise ConfigError(f"study.target_genes: gene {g!r} is not in the store "
+                              f"({len(genes)} genes)")
+    by = list(ds.attrs["group_by"])
+    if st.condition not in by:
+        warnings.warn(f"statistics: no {st.condition!r} column among the grouping columns "
+                      f"({by}); target tests skipped", stacklevel=2)
+        return pd.DataFrame(columns=TARGET_COLUMNS)
+    sub = ds.sel(gene=list(st.target_genes)).load()
+    coords = group_coords(sub)
+    clusters = list(dict.fromkeys(coords["cluster"])) if "cluster" in by else []
+    has_tp = st.timepoint in by
+    tps = list(st.timepoints) if has_tp else []
+    pooled_tps = tps or None
+    rows = []
+
+    def add(cluster, tp_label, name, case, control):
+        where_c = {} if cluster == "all" else {"cluster": cluster}
+        res = contrast(sub, {**where_c, **case}, {**where_c, **control},
+                       alternative="greater")
+        res.insert(1, "cluster", cluster)
+        res.insert(2, "timepoint", tp_label)
+        res.insert(3, "contrast", name)
+        rows.append(res)
+
+    name = f"{st.case}_vs_{st.control}"
+    for cluster in ["all"] + clusters:
+        for tp in tps + ["pooled"]:
+            tsel = {st.timepoint: pooled_tps if tp == "pooled" else tp} if has_tp else {}
+            add(cluster, tp, name, {st.condition: st.case, **tsel},
+                {st.condition: st.control, **tsel})
+    both = [st.case, st.control]
+    for tp in tps[:-1]:
+        last = tps[-1]
+        for cluster in ["all"] + clusters:
+            add(cluster, f"{tp}_vs_{last}", f"{tp}_vs_{last}",
+                {st.timepoint: tp, st.condition: both}, {st.timepoint: last, st.condition: both})
+    table = pd.concat(rows, ignore_index=True)
+    order = {g: i for i, g in enumerate(st.target_genes)}
+    table = table.sort_values("gene", key=lambda s: s.map(order), kind="stable")
+    table["p_adj_bh"] = bh_adjust(table["p_value"].to_numpy())
+    return table[TARGET_COLUMNS].reset_index(drop=True)
+
+
+def _group_by(cfg: Config, obs_columns) -> list[str]:
+    """study.group_by's columns present in obs; the study's condition and time-point columns
+    (named by study.condition / study.timepoint) join when present, so the target tests work
+    whatever the metadata columns are called."""
+    st = cfg.study
+    alias = {"condition": st.condition, "timepoint": st.timepoint}
+    wanted = list(dict.fromkeys(
+        [alias.get(c, c) if c not in obs_columns else c for c in st.group_by]
+        + ["cluster", st.condition, st.timepoint]))
+    cols = [c for c in wanted if c in obs_columns]
+    dropped = [c for c in st.group_by if c not in obs_columns and alias.get(c) not in obs_columns]
+    # an absent condition / time-point column is the study being off: preflight's warning
+    # says so once, for every stage
+    study = {"condition", "timepoint", st.condition, st.timepoint}
+    other = [c for c in dropped if c not in study]
+    if other:
+        log.warning("statistics: grouping columns absent from the cells' metadata, left out: %s",
+                    ", ".join(other))
+    if len(other) < len(dropped):
+        log.info("statistics: study columns absent from the cells' metadata, left out: %s",
+                 ", ".join(c for c in dropped if c in study))
+    return cols
+
+
+def _params(cfg: Config) -> dict:
+    st = cfg.study
+    return {"group_by": list(st.group_by), "scale_factor": cfg.normalize.scale_factor,
+            "target_genes": list(st.target_genes), "condition": st.condition,
+            "case": st.case, "control": st.control, "timepoint": st.timepoint,
+            "timepoints": list(st.timepoints)}
+
+
+@stage("statistics", after=("qc", "cluster"), params=_params)
+def run_statistics(ctx: Context) -> None:
+    from cellmill.engine.cells import qc_passed
+    from cellmill.engine.preflight import study_columns, study_warning
+    from cellmill.engine.tables import write_table
+
+    store, cfg = ctx.store, ctx.cfg
+    obs_cols = store.obs_columns()
+    # without the condition column there is no study: the grouped statistics (by cluster,
+    # sample, ...) are still computed; the target tests, and so the target genes, are not
+    study, _ = study_columns(cfg, obs_cols)
+    msg = study_warning(cfg, obs_cols)
+    if msg:  # the one line saying so in a run (gsea and the report follow quietly)
+        log.warning(msg)
+    if study:
+        genes = set(store.var().index)
+        unknown = [g for g in cfg.study.target_genes if g not in genes]
+        if unknown:  # before the pass, not after it
+            raise ConfigError(f"study.target_genes: gene {unknown[0]!r} is not in the store "
+                              f"({len(genes)} genes)")
+    columns = _group_by(cfg, obs_cols)
+    ds = grouped_statistics(store, columns, cfg.normalize.scale_factor, mask=qc_passed(store),
+                            memory_bytes=cfg.compute.memory_bytes, scheduler=ctx.scheduler(),
+                            progress=ctx.progress)
+    write_grouped_stats(store, ds)
+    out = ctx.tables / "target_tests.csv"
+    if not study:  # no table at all (an earlier run's would contradict this one)
+        out.unlink(missing_ok=True)
+        log.info("statistics: no %r column in the cells' metadata: target tests skipped",
+                 cfg.study.condition)
+        return
+    write_table(target_tests(ds, cfg), out)

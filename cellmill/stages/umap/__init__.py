@@ -1,0 +1,1 @@
+"""Stage `umap`: its stage module and its backends (umap-learn in memory, streamed)."""

@@ -1,0 +1,42 @@
+"""Stage `umap` (Seurat's RunUMAP): umap-learn's method on the PCs of the QC-passed cells;
+spectral init, min_dist 0.3, 200 epochs when N > 10,000 else 500, seeded. By default with the
+graph on disk (umap/streamed.py); `umap.backend = "umap-learn"` runs umap-learn in memory
+(umap/in_memory.py). Stored: obsm/X_umap (NaN rows for failed cells).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from cellmill.engine.cells import passed_pcs, write_all_cells
+from cellmill.engine.registry import Context, stage
+from cellmill.io.heap import release_heap
+from cellmill.stages.umap.in_memory import umap_embedding
+
+log = logging.getLogger("cellmill")
+def _umap_params(cfg):
+    u = cfg.umap
+    return {"n_neighbors": u.n_neighbors, "min_dist": u.min_dist, "seed": u.seed,
+            "n_epochs": u.n_epochs, "n_pcs": cfg.neighbors.n_pcs, "metric": "cosine",
+            "backend": u.backend}
+
+
+@stage("umap", after=("pca",), params=_umap_params)
+def run_umap(ctx: Context) -> None:
+    u, store = ctx.cfg.umap, ctx.store
+    cells, pcs = passed_pcs(ctx.store, ctx.cfg.neighbors.n_pcs)
+    if u.backend == "streamed":
+        from cellmill.io.scratch import scratch_dir
+        from cellmill.stages.umap.streamed import umap_streamed
+
+        emb = umap_streamed(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
+                            scratch=scratch_dir(store.path, "umap"), scheduler=ctx.scheduler(),
+                            progress=ctx.progress)
+    else:
+        emb = umap_embedding(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
+                             scheduler=ctx.scheduler(), progress=ctx.progress)
+    del pcs
+    write_all_cells(store, "obsm", "X_umap", emb, cells, np.nan)
+    release_heap()
