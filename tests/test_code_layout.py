@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 import cellmill
-from cellmill.engine.registry import ORDER, load_stages
+from cellmill.engine.registry import ORDER, _imports, load_stages
 
 PACKAGE = Path(cellmill.__file__).resolve().parent
 
@@ -30,25 +30,10 @@ def _modules() -> dict[str, Path]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """module -> the cellmill modules it imports, at the top or inside a function."""
+    """module -> the cellmill modules it imports, at the top or inside a function (the same
+    reading of the source that code digests use)."""
     mods = _modules()
-    graph = {}
-    for name, path in mods.items():
-        pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = pkg.split(".")
-                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-                for a in node.names:
-                    full = f"{base}.{a.name}"
-                    found.add(full if full in mods else base)
-        graph[name] = {m for m in found if m in mods and m != name}
-    return graph
+    return {name: {m for m in _imports(name) if m in mods and m != name} for name in mods}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

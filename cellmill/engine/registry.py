@@ -148,8 +148,9 @@ def _imports(module: str) -> set[str]:
             if node.level:
                 parts = pkg.split(".")
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            out.add(base)
-            out.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+            for a in node.names:  # `from pkg import module` imports the module
+                full = f"{base}.{a.name}"
+                out.add(full if full.startswith("cellmill") and _is_module(full) else base)
     return {m for m in out if m.startswith("cellmill") and _is_module(m)}
 
 
