@@ -169,7 +169,7 @@ def test_code_change_reruns_that_stage_and_its_dependants(study, tmp_path, monke
 def test_code_digest_follows_the_modules_a_stage_uses():
     """The digest of a stage covers the modules it imports, transitively, and not others."""
     closure = set()
-    todo = ["cellmill.engine.markers"]
+    todo = ["cellmill.stages.markers"]
     while todo:
         m = todo.pop()
         if m not in closure and m not in stages_mod.PLUMBING:
