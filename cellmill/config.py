@@ -301,7 +301,7 @@ class MarkersConfig(_Section):
 
 @dataclass
 class GSEAConfig(_Section):
-    gmt: str = "mh.all.v2022.1.Mm.symbols.gmt"
+    gmt: str = "hallmark"  # built in (cellmill/genesets): "hallmark:mouse", ":human"; or a file
     ranking: str = "avg_log2FC"
     min_size: int = 15
     max_size: int = 500
@@ -310,6 +310,10 @@ class GSEAConfig(_Section):
     nperm_simple: int = 1000
 
     def _check_more(self) -> None:
+        if self.gmt.strip().startswith("hallmark:") and \
+                self.gmt.strip() not in ("hallmark:mouse", "hallmark:human"):
+            raise _bad("gsea.gmt", f'{self.gmt!r} names no built-in gene sets; use "hallmark", '
+                       '"hallmark:mouse", "hallmark:human" or a GMT file')
         if self.ranking not in ("avg_log2FC", "signed_log10_p"):
             raise _bad("gsea.ranking", f"{self.ranking!r} is not avg_log2FC or signed_log10_p")
         if self.max_size < self.min_size:

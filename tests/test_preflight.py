@@ -184,10 +184,17 @@ def test_target_gene_absent_with_case_hint(study):
              "study.target_genes", "'SIGMAR1'", "did you mean 'Sigmar1'?", "manifest.csv")
 
 
-def test_default_gmt_missing(study):
-    text = _refused(_manifest_config(study, gmt=False), InputError,
-                    "mh.all.v2022.1.Mm.symbols.gmt", "gsea.gmt")
+def test_gmt_missing(study):
+    text = _refused(_manifest_config(study, '[gsea]\ngmt = "no_such_sets.gmt"', gmt=False),
+                    InputError, "no_such_sets.gmt", "gsea.gmt")
     assert "not found" in text
+
+
+def test_default_hallmark_without_a_clear_organism(study):
+    """The default gsea.gmt = "hallmark" on the simulator's mostly invented genes: which
+    organism cannot be told, and the message says what to set (tests/test_genesets.py)."""
+    _refused(_manifest_config(study, gmt=False), ConfigError, 'gsea.gmt = "hallmark"',
+             "manifest.csv", '"hallmark:mouse", "hallmark:human" or a GMT file')
 
 
 def test_gmt_unreadable(study):

@@ -212,14 +212,15 @@ def check_target_genes(cfg: Config, inp: Inputs) -> None:
 def check_gmt(cfg: Config, inp: Inputs) -> None:
     """The GMT is readable and at least one set has gsea.min_size..max_size genes of the data
     (fgsea's filter): else the per-condition GSEA would write an empty table."""
+    from cellmill.genesets import gmt_path
     from cellmill.io.gmt import matched_sizes, read_gmt
 
-    path = cfg.resolve(cfg.gsea.gmt)
+    genes = inp.genes
+    path = gmt_path(cfg, genes, inp.source)  # "hallmark": the organism of these genes
     if not path.is_file():
         raise InputError(path, "gsea.gmt: gene set file not found; set gsea.gmt to a GMT file "
                          "(the per-condition GSEA needs one)")
     sets = read_gmt(path)
-    genes = inp.genes
     sizes = matched_sizes(sets, genes)
     lo, hi = cfg.gsea.min_size, cfg.gsea.max_size
     matched = sizes["matched"].to_numpy()

@@ -17,7 +17,7 @@ from matplotlib import patheffects
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
-from cellmill.config import Config
+from cellmill.config import Config, ConfigError
 from cellmill.report.raster import dot_image
 
 log = logging.getLogger("cellmill")
@@ -684,6 +684,7 @@ def running_es(stats: pd.Series, genes: set[str]) -> tuple[np.ndarray, np.ndarra
 
 
 def fig_enrichment_curves(inp: ReportInputs, out: Path) -> FigureResult:
+    from cellmill.genesets import gmt_path
     from cellmill.io.gmt import GmtError, read_gmt
 
     g = _gsea(inp)
@@ -694,8 +695,8 @@ def fig_enrichment_curves(inp: ReportInputs, out: Path) -> FigureResult:
     if not rank_dir.is_dir():
         raise Missing("tables/gsea_ranks/ not found (the gsea stage did not write rankings)")
     try:
-        sets = read_gmt(inp.cfg.resolve(inp.cfg.gsea.gmt))
-    except GmtError as e:
+        sets = read_gmt(gmt_path(inp.cfg, inp.var_names, "the store"))
+    except (GmtError, ConfigError) as e:
         raise Missing(f"gene sets not readable: {e}") from None
     try:
         coi = inp.cluster_of_interest()[0]

@@ -5,7 +5,6 @@ time-point column: per cluster, time points pooled (timepoint "pooled")."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import warnings
@@ -18,14 +17,16 @@ from cellmill.engine.cells import qc_passed
 from cellmill.engine.registry import Context, stage
 from cellmill.engine.tables import write_table
 from cellmill.errors import InputError
+from cellmill.genesets import gmt_digest, gmt_path
 
 log = logging.getLogger("cellmill")
 
 POOLED = "pooled"  # the time point of contrasts over all time points (no time-point column)
 
 
-def _gmt_path(cfg: Config):
-    path = cfg.resolve(cfg.gsea.gmt)
+def _gmt_path(cfg: Config, genes):
+    """The GMT file gsea.gmt names ("hallmark": the organism of the store's genes)."""
+    path = gmt_path(cfg, genes, "the store")
     if not path.is_file():
         raise InputError(path, "gsea.gmt: gene set file not found (set gsea.gmt in the config)")
     return path
@@ -34,10 +35,10 @@ def _gmt_path(cfg: Config):
 def _params(cfg: Config) -> dict:
     # computed from the config alone, before the data exists: a run without study columns
     # needs no GMT, so an absent file is recorded by its path (it reruns the stage once the
-    # file is there) and reported by preflight or the stage when the study needs it
-    path = cfg.resolve(cfg.gsea.gmt)
-    gmt = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else f"absent: {path}"
-    return {"gsea": vars(cfg.gsea) | {"gmt": gmt},
+    # file is there) and reported by preflight or the stage when the study needs it; the
+    # built-in "hallmark" is recorded by both collections' content (the store's genes, an
+    # upstream of this stage, pick one)
+    return {"gsea": vars(cfg.gsea) | {"gmt": gmt_digest(cfg)},
             "study": [cfg.study.condition, cfg.study.case, cfg.study.control,
                       cfg.study.timepoint, cfg.study.timepoints],
             "scale_factor": cfg.normalize.scale_factor,
@@ -100,7 +101,7 @@ def run_gsea(ctx: Context) -> None:
         shutil.rmtree(ranks_dir, ignore_errors=True)
         log.info("gsea: no %r column in the cells' metadata: GSEA skipped", cfg.study.condition)
         return
-    pathways = read_gmt(_gmt_path(cfg))
+    pathways = read_gmt(_gmt_path(cfg, store.var().index))
     obs = pd.DataFrame({c: store.obs_column(c) for c in
                         dict.fromkeys(("cluster", cfg.study.condition, cfg.study.timepoint))
                         if c in have}, index=range(store.n_cells))
