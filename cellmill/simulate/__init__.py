@@ -11,6 +11,22 @@ genes (gene universe), model (expression parameters, planted biology), kernels (
 tenx (HDF5 writer), study (the driver).
 """
 
+import sys
+import types
+
 from .study import simulate_study
 
 __all__ = ["simulate_study"]
+
+
+class _CallableModule(types.ModuleType):
+    """`cellmill.simulate(outdir, n_cells=..., seed=...)` is `cellmill.api.simulate`: this
+    package and the API function share the name, so the package itself is callable."""
+
+    def __call__(self, outdir, **kwargs):
+        from cellmill.api import simulate
+
+        return simulate(outdir, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
