@@ -198,11 +198,21 @@ def main(argv: list[str] | None = None) -> int:
         args.feature_type = ["Gene Expression"]
     if args.quiet and args.verbose:
         build_parser().error("-q and -v: pick one")
+    quiet_env = os.environ.get("CELLMILL_QUIET")
     if args.quiet:
         os.environ["CELLMILL_QUIET"] = "1"  # no progress bars either (workers inherit it)
-    from cellmill.engine.runlog import configure
+    from cellmill.engine.runlog import configure, unconfigure
 
-    configure(-1 if args.quiet else args.verbose or 0)
+    handler = configure(-1 if args.quiet else args.verbose or 0)
+    try:
+        return _call(args)
+    finally:  # main() called in-process (tests) leaves logging and the environment as they were
+        unconfigure(handler)
+        if quiet_env is None:
+            os.environ.pop("CELLMILL_QUIET", None)
+
+
+def _call(args) -> int:
     if args.debug:
         args.func(args)
         return 0

@@ -90,7 +90,7 @@ class _Formatter(logging.Formatter):
         return text
 
 
-def configure(verbosity: int = 0, stream=None) -> None:
+def configure(verbosity: int = 0, stream=None) -> logging.Handler:
     """Logging for the command line: -1 (-q) warnings and errors only; 0 the run lines;
     1 (-v) the stages' INFO logs too; 2 (-vv) DEBUG. Timestamps when `stream` (stderr) is
     not a terminal."""
@@ -101,14 +101,24 @@ def configure(verbosity: int = 0, stream=None) -> None:
         tty = False
     handler = logging.StreamHandler(stream)
     handler.setFormatter(_Formatter(timestamps=not tty))
+    handler._cellmill = True
     root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
+    for h in list(root.handlers):  # ours from an earlier call (main() called twice in a test)
+        if getattr(h, "_cellmill", False):
+            root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     levels = {-1: logging.WARNING, 0: logging.WARNING, 1: logging.INFO}
     logging.getLogger("cellmill").setLevel(levels.get(verbosity, logging.DEBUG))
     log.setLevel(logging.WARNING if verbosity < 0 else logging.INFO)
+    return handler
+
+
+def unconfigure(handler: logging.Handler) -> None:
+    """Undo `configure`: the handler goes, the loggers' levels are reset."""
+    logging.getLogger().removeHandler(handler)
+    logging.getLogger("cellmill").setLevel(logging.NOTSET)
+    log.setLevel(logging.NOTSET)
 
 
 class notebook_lines:
