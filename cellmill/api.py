@@ -81,14 +81,10 @@ def simulate(outdir: str | Path, n_cells: int = 20_000, seed: int = 0, n_genes: 
     """Simulate a study with planted truth into `outdir` (`cellmill simulate`): `n_cells`
     cells pass QC. Returns the simulator's summary plus the paths "manifest", "gmt" (the
     planted gene sets, or `gmt` when given), "truth" and "planted"."""
-    from cellmill.simulate.study import simulate_study
+    from cellmill.simulate import simulate_with_paths
 
-    outdir = Path(outdir)
-    info = simulate_study(outdir, n_cells=n_cells, seed=seed, n_genes=n_genes, gmt=gmt,
-                          progress=progress)
-    return {**info, "manifest": outdir / "manifest.csv",
-            "gmt": Path(gmt) if gmt is not None else outdir / "planted.gmt",
-            "truth": outdir / "truth.csv", "planted": outdir / "planted.json"}
+    return simulate_with_paths(outdir, n_cells=n_cells, seed=seed, n_genes=n_genes, gmt=gmt,
+                               progress=progress)
 
 
 def open_store(path: str | Path):
