@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 from pathlib import Path
 
@@ -100,11 +100,26 @@ def _cmd_bench(args) -> None:
     bench_main(args.rest)
 
 
+def _output_options(suppress: bool) -> argparse.ArgumentParser:
+    """-q / -v / --debug, accepted before and after the subcommand (after: SUPPRESS defaults,
+    so that `cellmill -v run x` is not reset by the subcommand's parser)."""
+    kw = {"default": argparse.SUPPRESS} if suppress else {}
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="only warnings and errors (no stage lines, no progress bars)", **kw)
+    g.add_argument("-v", "--verbose", action="count",
+                   help="the stages' own logs too (-vv: debug)", **kw)
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors", **kw)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cellmill", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true", help="log each stage")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="cellmill", description=__doc__,
+                                parents=[_output_options(suppress=False)])
+    p.set_defaults(verbose=0)
+    sub = _SubParsers(p.add_subparsers(dest="command", required=True),
+                      _output_options(suppress=True))
 
     s = sub.add_parser("ingest", help="10x .h5 / Matrix Market / .h5ad / manifest -> store")
     s.add_argument("source", help="manifest CSV (sample,path,...) or one .h5 / .h5ad / folder")
@@ -162,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _SubParsers:
+    """add_parser with the output options as a parent of every subcommand."""
+
+    def __init__(self, action, common: argparse.ArgumentParser):
+        self.action, self.common = action, common
+
+    def add_parser(self, name: str, **kw) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, parents=[self.common], **kw)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own parser: `cellmill bench --sizes 100k` as documented
@@ -171,8 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "ingest" and args.feature_type is None:
         args.feature_type = ["Gene Expression"]
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
+    if args.quiet and args.verbose:
+        build_parser().error("-q and -v: pick one")
+    quiet_env = os.environ.get("CELLMILL_QUIET")
+    if args.quiet:
+        os.environ["CELLMILL_QUIET"] = "1"  # no progress bars either (workers inherit it)
+    from cellmill.engine.runlog import configure, unconfigure
+
+    handler = configure(-1 if args.quiet else args.verbose or 0)
+    try:
+        return _call(args)
+    finally:  # main() called in-process (tests) leaves logging and the environment as they were
+        unconfigure(handler)
+        if quiet_env is None:
+            os.environ.pop("CELLMILL_QUIET", None)
+
+
+def _call(args) -> int:
     if args.debug:
         args.func(args)
         return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 from collections import Counter
@@ -454,18 +455,37 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a TOML config (or defaults when path is None), apply `section.key=value` overrides."""
+    if path is None:
+        return _build(None, ".", "", overrides)
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return _build(data, str(path.resolve().parent), str(path), overrides)
+
+
+def config_from_dict(data: dict[str, Any], base_dir: str | Path = ".",
+                     overrides: list[str] | None = None) -> Config:
+    """A config from the TOML structure as a dict (``{"input": {"manifest": ...}}``), checked
+    exactly like a file; relative paths are resolved against `base_dir`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a dict of sections, got {type(data).__name__}")
+    data = {name: ({k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                    for k, v in values.items()} if isinstance(values, dict) else values)
+            for name, values in data.items()}  # Path values are paths, as strings in TOML
+    return _build(data, str(Path(base_dir).resolve()), "config", overrides)
+
+
+def _build(data: dict[str, Any] | None, base_dir: str, origin: str,
+           overrides: list[str] | None) -> Config:
     cfg = Config()
     origins: dict[str, str] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
-        cfg.base_dir = str(path.resolve().parent)
-        _apply(cfg, data, str(path), origins)
+    cfg.base_dir = base_dir
+    if data is not None:
+        _apply(cfg, data, origin, origins)
     for text in overrides or []:
         section, key, value = _parse_override(text)
         _apply(cfg, {section: {key: value}}, f"--set {text}", origins)

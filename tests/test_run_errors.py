@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,10 @@ def tiny_h5(tmp_path) -> Path:
 
 
 def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
+    """The error line: one line, after the run log's stage lines (a batch log)."""
+    err = capsys.readouterr().err
+    err = "\n".join(line for line in err.splitlines()
+                    if not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d stage ", line)).strip()
     assert err.count("\n") == 0, err
     assert err.startswith("cellmill: error:"), err
     return err

@@ -24,7 +24,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cellmill.config import Config
+from cellmill.engine import runlog
 
 log = logging.getLogger("cellmill")
 
@@ -126,7 +129,7 @@ def load_stages() -> dict[str, Stage]:
 PLUMBING = {"cellmill.config", "cellmill.errors", "cellmill.engine.registry",
             "cellmill.io.progress", "cellmill.engine.monitor", "cellmill.engine.preflight",
             "cellmill.engine.workflow", "cellmill.engine.provenance", "cellmill.io.faults",
-            "cellmill.io.lock", "cellmill.cli",
+            "cellmill.io.lock", "cellmill.cli", "cellmill.engine.runlog", "cellmill.api",
             "cellmill"}
 # report.html names the folder it was written in: rebuilt, not copied, in a new OUTDIR
 NOT_RELOCATABLE = {"report"}
@@ -194,6 +197,34 @@ def stage_hash(st: Stage, cfg: Config, upstream: dict[str, str]) -> str:
            "params": st.params(cfg), "after": {a: upstream.get(a, "") for a in st.after}}
     text = json.dumps(doc, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def param_digests(st: Stage, cfg: Config) -> dict[str, str]:
+    """A digest per parameter (one for the lot where params is not a dict): stored in the
+    record so that a rerun can say which parameters changed."""
+    params = st.params(cfg)
+    if isinstance(params, dict):
+        return {str(k): _digest(v) for k, v in params.items()}
+    return {"params": _digest(params)}
+
+
+def _cells(ctx: Context, name: str) -> int | None:
+    """The cells a stage worked on: all of them for ingest and qc, the QC-passed ones after."""
+    store = ctx.store
+    if store is None:
+        return None
+    try:
+        if name in ("ingest", "qc") or "qc_pass" not in store.obs_columns():
+            return int(store.n_cells)
+        return int(np.count_nonzero(np.asarray(store.obs_column("qc_pass"), dtype=bool)))
+    except Exception:  # a count for the log is never worth failing a run over
+        log.debug("cell count of stage %s not available", name, exc_info=True)
+        return None
 
 
 def dependants(name: str, stages: dict[str, Stage]) -> list[str]:
@@ -303,6 +334,7 @@ def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
             hashes["ingest"] = ingested
             for name in wanted[1:]:
                 hashes[name] = stage_hash(stages[name], ctx.cfg, hashes)
+    before_run = ctx.store.stage_records() if ctx.store is not None else {}
     for name in wanted:
         st = stages[name]
         h = hashes[name]
@@ -310,25 +342,39 @@ def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
         rec = records.get(name)
         if rec is not None and rec.get("hash") == h and _outputs_in_place(ctx, name, rec):
             ctx.timings[name] = {"skipped": True, **rec}
-            log.info("stage %s: up to date", name)
+            runlog.skipped(name)
             continue
+        new = {"hash": h, "code": stage_code(st), "params": param_digests(st, ctx.cfg),
+               "inputs": {a: hashes.get(a, "") for a in st.after}}
+        old = before_run.get(name)
+        if rec is None and old is not None and old.get("hash") == h:
+            reason = "an upstream stage ran again"
+        else:
+            reason = runlog.why_run(rec if rec is not None else old, new)
         _invalidate(ctx, dependants(name, stages))
-        log.info("stage %s: running", name)
+        runlog.started(name, reason)
         faults.stage_started(name)
         before = _output_files(ctx.outdir)
         t0, c0 = time.perf_counter(), time.process_time()
-        with PeakMemory() as mem:
-            st.func(ctx)
+        try:
+            with PeakMemory() as mem:
+                st.func(ctx)
+        except BaseException as e:
+            runlog.failed(name, time.perf_counter() - t0, e)
+            raise
         after = _output_files(ctx.outdir)
         outputs = {rel: _sha(ctx.outdir / rel) for rel, sig in after.items()
                    if before.get(rel) != sig}
-        rec = {"hash": h, "code": stage_code(st), "seconds": round(time.perf_counter() - t0, 3),
-               "cpu_seconds": round(time.process_time() - c0, 3),
-               "peak_rss_mb": round(mem.peak / 2**20, 1), "finished": time.time(),
-               "outdir": str(ctx.outdir.resolve()), "outputs": outputs}
+        seconds = time.perf_counter() - t0
         if ctx.store is None:
             ctx.store = Store(ctx.store_path)
+        cells = _cells(ctx, name)
+        rec = {**new, "seconds": round(seconds, 3),
+               "cpu_seconds": round(time.process_time() - c0, 3),
+               "peak_rss_mb": round(mem.peak / 2**20, 1), "finished": time.time(),
+               "cells": cells, "outdir": str(ctx.outdir.resolve()), "outputs": outputs}
         ctx.store.set_stage_record(name, rec)
         faults.stage_finished()
+        runlog.done(name, seconds, rec["peak_rss_mb"], cells)
         ctx.timings[name] = {"skipped": False, **rec}
     return ctx.timings

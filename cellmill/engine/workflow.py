@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from cellmill.config import Config, load_config
+from cellmill.engine import runlog
 from cellmill.engine.provenance import versions
 from cellmill.engine.registry import ORDER, Context, run_stages
 from cellmill.errors import InputError
@@ -42,7 +43,18 @@ def run_workflow(cfg: Config, outdir: Path, until: str | None = None) -> Context
            "wall_seconds": round(time.perf_counter() - t0, 3),
            "peak_rss_mb": round(mem.peak / 2**20, 1), "finished": time.time()}
     write_json_atomic(outdir / "run.json", run)
+    runlog.summary(run["wall_seconds"], run["peak_rss_mb"], ctx.timings, output_paths(ctx))
     return ctx
+
+
+def output_paths(ctx: Context) -> list[tuple[str, str]]:
+    """(what, path) of the results of a run that exist: report, tables, figures, store, run.json."""
+    out = ctx.outdir.resolve()
+    candidates = [("report", out / "report.html"), ("tables", out / "tables"),
+                  ("figures", out / "figures"), ("store", ctx.store_path.resolve()),
+                  ("run.json", out / "run.json")]
+    return [(what, str(p) + ("/" if p.is_dir() and what in ("tables", "figures") else ""))
+            for what, p in candidates if p.exists()]
 
 
 def _tidy(outdir: Path) -> None:
