@@ -80,7 +80,7 @@ class Context:
         return self.outdir / "study.zarr"
 
     def scheduler(self):
-        """The dask scheduler settings for passes (see engine/cluster.py)."""
+        """The dask scheduler settings for passes (see engine/schedulers.py)."""
         from cellmill.engine.schedulers import get_scheduler
 
         return get_scheduler(self)
@@ -192,16 +192,15 @@ def stage_code(st: Stage) -> str:
     return code_digest(MODULES[st.name])
 
 
+def _digest(value: Any, length: int = 12) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
 def stage_hash(st: Stage, cfg: Config, upstream: dict[str, str]) -> str:
     doc = {"stage": st.name, "version": st.version, "code": stage_code(st),
            "params": st.params(cfg), "after": {a: upstream.get(a, "") for a in st.after}}
-    text = json.dumps(doc, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _digest(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return _digest(doc, 16)
 
 
 def param_digests(st: Stage, cfg: Config) -> dict[str, str]:
@@ -323,18 +322,15 @@ def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
         raise RuntimeError(f"stage(s) not available in this build: {', '.join(missing)}")
     if ctx.store is None:
         ctx.store = _open_store(ctx)
+    before_run = ctx.store.stage_records() if ctx.store is not None else {}
+    # the store as input: its own ingest record is its provenance
+    ingested = before_run.get("ingest", {}).get("hash") if ctx.cfg.input.store else None
     # every stage's parameters are read (and validated) before anything runs
     hashes: dict[str, str] = {}
     for name in wanted:
         hashes[name] = stage_hash(stages[name], ctx.cfg, hashes)
-    if ctx.cfg.input.store and ctx.store is not None:
-        # the store is the input: its own ingest record is its provenance
-        ingested = ctx.store.stage_records().get("ingest", {}).get("hash")
-        if ingested:
-            hashes["ingest"] = ingested
-            for name in wanted[1:]:
-                hashes[name] = stage_hash(stages[name], ctx.cfg, hashes)
-    before_run = ctx.store.stage_records() if ctx.store is not None else {}
+        if name == "ingest" and ingested:
+            hashes[name] = ingested
     for name in wanted:
         st = stages[name]
         h = hashes[name]

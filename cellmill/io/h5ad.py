@@ -172,12 +172,22 @@ def _open(path: Path, f: h5py.File, layer, feature_types, genome, slice_nnz: int
     n_cells, n_genes = barcodes.size, len(var)
     matrix, indptr = _matrix(path, elem, what, (n_cells, n_genes))
 
+    out_var, mask = gene_table(path, var, feature_types, genome)
+    check_not_empty(path, n_cells, len(out_var))
+    slices = _slices(path, matrix, indptr, (n_cells, n_genes), slice_nnz, mask)
+    stored = int(indptr[-1]) if indptr is not None and matrix.format == "csr" else None
+    return SampleStream(barcodes, out_var, os.fspath(path), slices), stored
+
+
+def gene_table(path: Path, var: pd.DataFrame, feature_types, genome=None):
+    """(the genes kept, named as the store names them, and the mask of kept rows of `var`;
+    None: all) from an h5ad file's `var` table: Seurat's names, the feature types kept."""
     original = decode_strings(var.index.to_numpy())
     ids = decode_strings(var["gene_ids"].to_numpy()) if "gene_ids" in var else original
     if "feature_types" in var:
         types = decode_strings(var["feature_types"].astype(str).to_numpy())
     else:
-        types = np.full(n_genes, GENE_EXPRESSION, dtype=object)
+        types = np.full(len(var), GENE_EXPRESSION, dtype=object)
     genomes = decode_strings(var["genome"].astype(str).to_numpy()) if "genome" in var else None
 
     mask = select(keep_mask(path, types, feature_types), genome_mask(path, genomes, genome))
@@ -187,11 +197,7 @@ def _open(path: Path, f: h5py.File, layer, feature_types, genome, slice_nnz: int
     if mask is not None:
         unique, ids, types = unique[mask], ids[mask], types[mask]
         genomes = genomes[mask] if genomes is not None else None
-    out_var = build_var(seurat_clean(unique), ids, types, genomes)
-    check_not_empty(path, n_cells, len(out_var))
-    slices = _slices(path, matrix, indptr, (n_cells, n_genes), slice_nnz, mask)
-    stored = int(indptr[-1]) if indptr is not None and matrix.format == "csr" else None
-    return SampleStream(barcodes, out_var, os.fspath(path), slices), stored
+    return build_var(seurat_clean(unique), ids, types, genomes), mask
 
 
 def _read_elem(path: Path, elem, what: str):

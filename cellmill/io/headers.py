@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cellmill.errors import InputError
-from cellmill.io.sample import GENE_EXPRESSION, decode_strings, keep_mask, sample_kind
+from cellmill.io.sample import GENE_EXPRESSION, sample_kind
 
 
 def gene_names(path: str | os.PathLike,
@@ -37,12 +37,10 @@ def gene_names(path: str | os.PathLike,
 
 
 def _h5ad_names(path: Path, feature_types) -> np.ndarray:
-    """As ``cellmill.io.h5ad.read_h5ad`` names the genes (its ``var`` index, Seurat's rules,
-    the ``feature_types`` column when present), from ``var`` alone."""
+    """As ``cellmill.io.h5ad`` names the genes, from ``var`` alone."""
     import h5py
-    from anndata.io import read_elem
 
-    from cellmill.io.names import make_unique, seurat_clean
+    from cellmill.io.h5ad import gene_table
 
     try:
         with h5py.File(path, "r") as f:
@@ -51,22 +49,15 @@ def _h5ad_names(path: Path, feature_types) -> np.ndarray:
                     raise InputError(path, f"not an h5ad file with counts: no '{key}'")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # anndata's OldFormatWarning on older files
+                from anndata.io import read_elem
+
                 var = read_elem(f["var"])
     except InputError:
         raise
     except Exception as e:  # h5py and anndata raise many types for damaged or foreign data
         raise InputError(path, f"cannot read the h5ad file's var ({type(e).__name__}: {e})") \
             from e
-    original = decode_strings(var.index.to_numpy())
-    if "feature_types" in var:
-        types = decode_strings(var["feature_types"].astype(str).to_numpy())
-    else:
-        types = np.full(len(var), GENE_EXPRESSION, dtype=object)
-    mask = keep_mask(path, types, feature_types)
-    unique = make_unique(original)
-    if mask is not None:
-        unique = unique[mask]
-    names = seurat_clean(unique)
+    names = np.asarray(gene_table(path, var, feature_types)[0].index, dtype=object)
     if names.size == 0:
         raise InputError(path, "empty sample: no genes")
     return names
