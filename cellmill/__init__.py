@@ -1,14 +1,15 @@
 """cellmill: an out-of-core engine for single-cell RNA-seq (see README.md and CONTRIBUTING.md).
 
-The Python API (`cellmill/api.py`): `run`, `simulate`, `open_store`, `to_anndata`, `load`,
-`Result`; its modules are imported on first use, so `import cellmill` stays light.
+The Python API (`cellmill/api.py`): `run`, `simulate`, `fetch`, `open_store`, `to_anndata`,
+`load`, `Result`; its modules are imported on first use, so `import cellmill` stays light.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["Result", "load", "open_store", "run", "simulate", "to_anndata", "__version__"]
+__all__ = ["Result", "fetch", "load", "open_store", "run", "simulate", "to_anndata",
+           "__version__"]
 
-_API = {"Result", "load", "open_store", "run", "to_anndata"}
+_API = {"Result", "fetch", "load", "open_store", "run", "to_anndata"}
 
 
 def __getattr__(name: str):

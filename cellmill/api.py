@@ -87,6 +87,20 @@ def simulate(outdir: str | Path, n_cells: int = 20_000, seed: int = 0, n_genes: 
                                progress=progress)
 
 
+def fetch(accession: str, outdir: str | Path, samples: list[str] | None = None,
+          where: str | None = None, dry_run: bool = False,
+          geo_url: str = "https://ftp.ncbi.nlm.nih.gov/geo", progress: bool = False):
+    """Download a GEO series' count files into `outdir` and write `outdir/manifest.csv`, as
+    `cellmill fetch` does: `samples` (GSM accessions) and `where` (``"condition != Naive"``)
+    select samples, `dry_run` only lists them. Returns a `cellmill.io.fetch.FetchResult`
+    (`.manifest`, `.rows`, `.frame()` a DataFrame of the samples and their metadata).
+    Raises `cellmill.errors.InputError` for bad input (unknown accession, a cut download)."""
+    from cellmill.io.fetch import fetch as fetch_series
+
+    return fetch_series(accession, outdir, samples=samples, where=where, dry_run=dry_run,
+                        geo_url=geo_url, progress=progress)
+
+
 def open_store(path: str | Path):
     """The `cellmill.io.store.Store` at `path` (e.g. ``Result.store``)."""
     from cellmill.io.store import Store

@@ -20,6 +20,19 @@ def _cmd_ingest(args) -> None:
     print(f"{store.path}: {store.n_cells} cells x {store.n_genes} genes, {store.nnz} nonzeros")
 
 
+def _cmd_fetch(args) -> None:
+    from cellmill.io.fetch import fetch
+    from cellmill.io.progress import progress_enabled
+
+    res = fetch(args.accession, args.output, samples=args.samples, where=args.where,
+                dry_run=args.dry_run, geo_url=args.geo_url, progress=progress_enabled())
+    print(res.table())
+    if res.manifest is None:
+        print(f"{res.accession}: {len(res.rows)} samples (dry run: nothing downloaded)")
+    else:
+        print(f"{res.manifest}: {len(res.rows)} samples; next: cellmill run {res.manifest}")
+
+
 def _cmd_info(args) -> None:
     from cellmill.io.info import describe
 
@@ -129,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help='feature types to keep (default "Gene Expression"; repeatable)')
     s.add_argument("--all-features", action="store_true", help="keep every feature type")
     s.set_defaults(func=_cmd_ingest)
+
+    s = sub.add_parser("fetch", help="a GEO series' count files and a manifest.csv")
+    s.add_argument("accession", help="the GEO series, e.g. GSE162807")
+    s.add_argument("-o", "--output", required=True, help="folder for the files and manifest")
+    s.add_argument("--samples", nargs="+", metavar="GSM", help="only these samples")
+    s.add_argument("--where", help='only samples matching, e.g. "condition != Naive and '
+                   'sex == female" (keys: the manifest columns)')
+    s.add_argument("--dry-run", action="store_true", help="list the samples, download nothing")
+    s.add_argument("--geo-url", default="https://ftp.ncbi.nlm.nih.gov/geo",
+                   help="GEO's file tree (a mirror; default: %(default)s)")
+    s.set_defaults(func=_cmd_fetch)
 
     s = sub.add_parser("info", help="what is in a store, which stages are done")
     s.add_argument("store")

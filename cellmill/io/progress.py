@@ -13,8 +13,8 @@ def progress_enabled(requested: bool = True) -> bool:
 
 
 def bar(iterable=None, desc: str = "", total: int | None = None, unit: str = "block",
-        enabled: bool = True):
+        enabled: bool = True, **kw):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False,
-                disable=not progress_enabled(enabled))
+                disable=not progress_enabled(enabled), **kw)
