@@ -25,8 +25,8 @@ def _cmd_fetch(args) -> None:
     from cellmill.io.progress import progress_enabled
 
     res = fetch(args.accession, args.output, samples=args.samples, where=args.where,
-                dry_run=args.dry_run, geo_url=args.geo_url, progress=progress_enabled())
-    print(res.table())
+                dry_run=args.dry_run, geo_url=args.geo_url, progress=progress_enabled(),
+                on_list=lambda r: print(r.table(), flush=True))  # before the downloads
     if res.manifest is None:
         print(f"{res.accession}: {len(res.rows)} samples (dry run: nothing downloaded)")
     else:

@@ -65,7 +65,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
             return
         data = path.read_bytes()
         start, stop, status = 0, len(data), 200
-        if rng:
+        if rng and not srv.ignore_range:
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng)
             start = int(m.group(1))
             stop = int(m.group(2)) + 1 if m.group(2) else len(data)
@@ -97,6 +97,7 @@ def server(tmp_path):
     httpd = ThreadingHTTPServer(("127.0.0.1", 0),
                                 functools.partial(RangeHandler, directory=str(root)))
     httpd.requests, httpd.cut, httpd.root = [], {}, root / "geo"
+    httpd.ignore_range = False
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/geo"
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
@@ -370,6 +371,20 @@ def test_resume_after_a_cut(server, tmp_path, capsys):
     ranged = [(p, r) for _, p, r in server.requests if r]
     assert ranged == [(f"/geo/samples/GSM4960nnn/{gsm}/suppl/{name}", "bytes=3000-")]
     assert (out / "manifest.csv").exists()
+
+
+def test_resume_from_a_server_without_range_support_starts_over(server, tmp_path):
+    h5_series(server.root)
+    gsm, name = "GSM4960305", "GSM4960305_Naive_naive_filtered_feature_bc_matrix.h5"
+    src = sample_dir(server.root, gsm) / name
+    server.cut[name] = 1000
+    out = tmp_path / "o"
+    assert run_cli("GSE162807", "-o", out, "--geo-url", server.url, "--samples", gsm) == 2
+    server.cut.clear()
+    server.ignore_range = True  # answers 200 with the whole file: the .part is rewritten
+    assert run_cli("GSE162807", "-o", out, "--geo-url", server.url, "--samples", gsm) == 0
+    assert (out / gsm / name).read_bytes() == src.read_bytes()
+    assert [r for _, _, r in server.requests if r] == ["bytes=1000-"]
 
 
 def test_part_already_complete_is_finished_with_a_416(server, tmp_path):

@@ -62,8 +62,8 @@ class FetchResult:
     def table(self, width: int = 28) -> str:
         """The rows as a plain text table (what `cellmill fetch` prints)."""
         keys = ["sample", "title", *self.columns, "files"]
-        cells = [[k for k in keys]] + [[_clip(r.get(k, ""), width) for k in keys]
-                                       for r in self.rows]
+        cells = [list(keys)] + [[_clip(r.get(k, ""), width if k != "files" else 200)
+                                 for k in keys] for r in self.rows]
         widths = [max(len(row[i]) for row in cells) for i in range(len(keys))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                          for row in cells)
@@ -75,11 +75,12 @@ def _clip(text: str, width: int) -> str:
 
 def fetch(accession: str, outdir: str | os.PathLike, samples: list[str] | None = None,
           where: str | None = None, dry_run: bool = False, geo_url: str = geo.GEO_URL,
-          progress: bool = False) -> FetchResult:
+          progress: bool = False, on_list=None) -> FetchResult:
     """List a GEO series' samples, download the selected ones' count files into `outdir` and
     write ``outdir/manifest.csv`` (see the module docstring). `samples`: GSM accessions to
     keep; `where`: 'key == value' / 'key != value' joined with 'and' over the manifest
-    columns; `dry_run`: list only, write nothing. Raises InputError (one line) for bad input."""
+    columns; `dry_run`: list only, write nothing; `on_list`: called with the FetchResult once
+    the samples are chosen, before any download. Raises InputError (one line) for bad input."""
     acc = geo.series_accession(accession)
     base = geo_url.rstrip("/")
     found, series_files = read_series(base, acc)
@@ -91,6 +92,8 @@ def fetch(accession: str, outdir: str | os.PathLike, samples: list[str] | None =
         cf = plans[s.accession]
         row["files"] = f"{cf.kind}: {cf.main}" if cf else f"{acc}_RAW.tar"
     result = FetchResult(acc, [row for _, row in chosen], columns)
+    if on_list is not None:
+        on_list(result)
     if dry_run:
         return result
     out = Path(outdir)
@@ -120,8 +123,9 @@ def _fetch_files(acc, base, out, chosen, plans, tar_url, progress, result) -> No
             for name in cf.names:
                 dest = out / s.accession / name
                 dest.parent.mkdir(exist_ok=True)
+                had = dest.exists()
                 size = download(links[name], dest, progress=progress)
-                log.info("fetched %s (%s bytes)", dest, f"{size:,}")
+                log.info("%s %s (%s bytes)", "have" if had else "fetched", dest, f"{size:,}")
                 result.downloaded.append(dest)
         row["path"] = f"{s.accession}/{cf.main}"
         row["files"] = f"{cf.kind}: {cf.main}"
