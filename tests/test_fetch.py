@@ -29,6 +29,7 @@ import cellmill
 from cellmill.cli import main
 from cellmill.errors import InputError
 from cellmill.io import geo
+from cellmill.io.fetch import count_files
 from cellmill.io.ingest import ingest, read_manifest
 
 FTP = "ftp://ftp.ncbi.nlm.nih.gov/geo"
@@ -349,7 +350,8 @@ def test_dry_run_lists_and_writes_nothing(server, tmp_path, capsys):
     assert [p for _, p, _ in server.requests if not p.endswith("matrix.txt.gz")] == []
 
 
-def test_resume_after_a_cut(server, tmp_path, capsys):
+def test_resume_after_a_cut(server, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("cellmill.io.progress.progress_enabled", lambda requested=True: requested)
     h5_series(server.root)
     gsm, name = "GSM4960307", "GSM4960307_SNI_3d_filtered_feature_bc_matrix.h5"
     src = sample_dir(server.root, gsm) / name
@@ -357,8 +359,8 @@ def test_resume_after_a_cut(server, tmp_path, capsys):
     server.cut[name] = 3000
     out = tmp_path / "cut"
     assert run_cli("GSE162807", "-o", out, "--geo-url", server.url) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert err.startswith("cellmill: error: ")
     assert f"cut short: 3,000 of {size:,} bytes" in err and "resume" in err
     part = out / gsm / (name + ".part")
     assert part.stat().st_size == 3000
@@ -492,6 +494,16 @@ def test_bad_count_file_is_caught_by_its_header(server, tmp_path, capsys):
     assert not (out / gsm / name).exists()
 
 
+def test_a_missing_sample_file_names_its_url(server, tmp_path, capsys):
+    h5_series(server.root)
+    gsm, name = "GSM4960305", "GSM4960305_Naive_naive_filtered_feature_bc_matrix.h5"
+    (sample_dir(server.root, gsm) / name).unlink()
+    out = tmp_path / "o"
+    _fails(capsys, out, "GSE162807", "-o", out, "--geo-url", server.url,
+           match=rf"/geo/samples/GSM4960nnn/{gsm}/suppl/{name}: not found \(HTTP 404\)$",
+           complete=["GSM4960303/GSM4960303_Naive_naive_filtered_feature_bc_matrix.h5"])
+
+
 def test_not_a_series_matrix(server, tmp_path, capsys):
     path = server.root / "series/GSE162nnn/GSE162807/matrix/GSE162807_series_matrix.txt.gz"
     path.parent.mkdir(parents=True)
@@ -530,3 +542,16 @@ def test_column_names_normalise_only_clear_keys():
                                                 "condition": "sick", "sample": "x"})
     assert geo.column_names([s2]) == {"gender": "sex", "treatment": "treatment",
                                       "condition": "condition", "sample": "char_sample"}
+
+
+def test_count_files_picks_one_set_per_sample():
+    mex = ["G_filtered_matrix.mtx.gz", "G_filtered_barcodes.tsv.gz", "G_filtered_genes.tsv.gz"]
+    cf = count_files(["G_raw_feature_bc_matrix.h5", "G_unfiltered_feature_bc_matrix.h5",
+                      "G_filtered_feature_bc_matrix.h5", "G_metrics.csv"])
+    assert (cf.kind, cf.names) == ("h5", ["G_filtered_feature_bc_matrix.h5"])
+    cf = count_files(mex + ["G_loupe.cloupe"])
+    assert (cf.kind, cf.main, sorted(cf.names)) == ("mex", mex[0], sorted(mex))
+    assert count_files(mex[:2]) is None  # no features / genes table: not a triplet
+    assert count_files(["G_counts.csv.gz"]) is None
+    with pytest.raises(InputError, match="several count files"):
+        count_files(["G_a.h5", "G_b.h5"])

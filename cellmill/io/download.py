@@ -32,8 +32,8 @@ class HTTPStatusError(InputError):
 
 def open_url(url: str, headers: dict | None = None, method: str = "GET",
              what: str | None = None):
-    """urlopen with one-line errors: HTTP 404 -> '<what or url>: not found at URL (HTTP 404)',
-    other HTTP errors and unreachable hosts name the URL."""
+    """urlopen with one-line errors: HTTP 404 -> 'WHAT: not found at URL (HTTP 404)' (or
+    'URL: not found (HTTP 404)'); other HTTP errors and unreachable hosts name the URL."""
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})},
                                  method=method)
     try:
@@ -41,7 +41,8 @@ def open_url(url: str, headers: dict | None = None, method: str = "GET",
     except urllib.error.HTTPError as e:
         e.close()
         if e.code == 404:
-            raise HTTPStatusError(what or url, f"not found at {url} (HTTP 404)", 404) from None
+            where = f"not found at {url}" if what else "not found"
+            raise HTTPStatusError(what or url, f"{where} (HTTP 404)", 404) from None
         raise HTTPStatusError(url, f"HTTP {e.code} {e.reason}", e.code) from None
     except urllib.error.URLError as e:
         raise InputError(url, f"cannot reach the server ({e.reason})") from None

@@ -14,6 +14,7 @@ import gzip
 import io
 import logging
 import os
+import re
 import shutil
 import tarfile
 import zlib
@@ -111,7 +112,7 @@ def fetch(accession: str, outdir: str | os.PathLike, samples: list[str] | None =
 
 
 def _fetch_files(acc, base, out, chosen, plans, tar_url, progress, result) -> None:
-    """Download (or extract) every chosen sample's count files, then check their headers."""
+    """Download (or extract) every chosen sample's count files and check their headers."""
     in_tar = [s for s, _ in chosen if plans[s.accession] is None]
     if in_tar:  # first: a series without count files fails before any other download
         _from_tar(acc, tar_url, out / f"{acc}_RAW.tar", in_tar, plans, out, progress, result)
@@ -209,7 +210,7 @@ def count_files(names: list[str]) -> CountFiles | None:
                 cands.append(CountFiles("mex", [n, parts[0], parts[1] or parts[2]], n))
     if not cands:
         return None
-    filtered = [c for c in cands if "filtered" in c.main.lower()]
+    filtered = [c for c in cands if re.search(r"(?<!un)filtered", c.main.lower())]
     cands = filtered or cands
     best = min(KIND_ORDER[c.kind] for c in cands)
     cands = [c for c in cands if KIND_ORDER[c.kind] == best]
