@@ -433,6 +433,12 @@ def test_network_unreachable_names_the_url(tmp_path, capsys):
                  r"GSE162807_series_matrix\.txt\.gz: cannot reach the server")
 
 
+def test_geo_url_that_is_not_a_url(tmp_path, capsys):
+    out = tmp_path / "o"
+    _fails(capsys, out, "GSE162807", "-o", out, "--geo-url", "mirror/geo",
+           match="mirror/geo/series/GSE162nnn/.*: not a URL cellmill can fetch")
+
+
 def test_series_without_count_files(server, tmp_path, capsys):
     gsm = [s[0] for s in SAMPLES]
     for g in gsm:

@@ -34,9 +34,9 @@ def open_url(url: str, headers: dict | None = None, method: str = "GET",
              what: str | None = None):
     """urlopen with one-line errors: HTTP 404 -> 'WHAT: not found at URL (HTTP 404)' (or
     'URL: not found (HTTP 404)'); other HTTP errors and unreachable hosts name the URL."""
-    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})},
-                                 method=method)
     try:
+        req = urllib.request.Request(url, method=method,
+                                     headers={"User-Agent": USER_AGENT, **(headers or {})})
         return urllib.request.urlopen(req, timeout=TIMEOUT)
     except urllib.error.HTTPError as e:
         e.close()
@@ -46,6 +46,9 @@ def open_url(url: str, headers: dict | None = None, method: str = "GET",
         raise HTTPStatusError(url, f"HTTP {e.code} {e.reason}", e.code) from None
     except urllib.error.URLError as e:
         raise InputError(url, f"cannot reach the server ({e.reason})") from None
+    except ValueError:  # "unknown url type": a --geo-url without http(s)://
+        raise InputError(url, "not a URL cellmill can fetch (give --geo-url as https://...)") \
+            from None
     except (OSError, http.client.HTTPException) as e:  # timeouts, resets before any header
         raise InputError(url, f"cannot reach the server ({type(e).__name__}: {e})") from None
 

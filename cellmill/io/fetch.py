@@ -296,10 +296,14 @@ def write_manifest(path: Path, rows: list[dict[str, str]], columns: list[str]) -
     """manifest.csv (sample, path, title, the metadata columns), written atomically."""
     keys = ["sample", "path", "title", *columns]
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(keys)
-        for r in rows:
-            w.writerow([r.get(k, "") for k in keys])
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(keys)
+            for r in rows:
+                w.writerow([r.get(k, "") for k in keys])
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
