@@ -136,7 +136,9 @@ def simulate_study(out_dir, n_cells: int = 20_000, seed: int = 0, n_genes: int =
 
     n_cells cells pass QC (500 < detected genes < 4000); about 4.5% more fail it. Writes one Cell
     Ranger v3 HDF5 per sample, manifest.csv, truth.csv, planted.json and (without gmt) planted.gmt.
-    The files are identical for a given seed whatever `threads` is.
+    The files are identical for a given seed whatever `threads` is. Doublet-like cells (some
+    from a few hundred cells on) detect more than 4000 genes, so such studies need
+    n_genes > 4000 (5000 or more runs fast); fewer is refused with a ValueError.
     """
     if n_cells < 12:
         raise ValueError("n_cells must be at least 12 (one cell per sample)")
