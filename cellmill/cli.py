@@ -33,6 +33,15 @@ def _cmd_fetch(args) -> None:
         print(f"{res.manifest}: {len(res.rows)} samples; next: cellmill run {res.manifest}")
 
 
+def _cmd_export(args) -> None:
+    from cellmill.io.export import export_h5ad
+
+    n, g = export_h5ad(args.store, args.output, cells=args.cells, layers=args.layers,
+                       overwrite=args.overwrite)
+    extra = f" (layers: {args.layers})" if args.layers else ""
+    print(f"{args.output}: {n} cells x {g} genes{extra}")
+
+
 def _cmd_info(args) -> None:
     from cellmill.io.info import describe
 
@@ -157,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="what is in a store, which stages are done")
     s.add_argument("store")
     s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("export", help="store -> .h5ad (counts, obs, var, obsm) for scanpy / R")
+    s.add_argument("store")
+    s.add_argument("-o", "--output", required=True, help="the new .h5ad file")
+    s.add_argument("--cells", default="all", metavar="all|qc-passed",
+                   help="every cell (default), or only those passing QC (any case)")
+    s.add_argument("--layers", default=None, metavar="lognorm",
+                   help="extra layers, comma-separated: lognorm (LogNormalize values, CSR "
+                   "float32); X always holds the raw counts")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("run", help="run the workflow: a TOML config, or data with defaults")
     s.add_argument("config", nargs="?", help="study.toml, or a 10x .h5 / .h5ad / Matrix "

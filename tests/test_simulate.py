@@ -364,6 +364,33 @@ def test_bad_arguments(tmp_path):
         simulate_study(tmp_path / "y", n_cells=100, n_genes=50)
 
 
+def test_too_few_genes_for_doublets_refused_fast(tmp_path):
+    """2000 genes cannot hold the doublet-like cells' > 4000 detected genes: a clear error at once
+    (it used to redraw those cells forever), nothing written; 60 cells have no doublets and run."""
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="n_genes=2000 is too small"):
+        simulate_study(tmp_path / "big", n_cells=600, seed=3, n_genes=2000)
+    assert time.perf_counter() - t0 < 5 and not (tmp_path / "big").exists()
+    info = simulate_study(tmp_path / "small", n_cells=60, seed=1, n_genes=2000)
+    assert info["n_cells_total"] == 60
+
+
+def test_kernel_refuses_a_band_beyond_the_genes():
+    """The kernel's own guard: a cell asking for more detected genes than exist raises instead of
+    nudging its depth up without end."""
+    from cellmill.simulate.kernels import simulate_chunk
+
+    rel = np.full((1, 3), 1 / 3)
+    cum = np.cumsum(rel, axis=1)
+    with pytest.raises(ValueError, match="more detected genes"):
+        simulate_chunk(np.uint64(1), np.zeros(1, np.int64), np.full(1, -1, np.int64),
+                       np.full(1, np.log(100.0)), 0.0, np.array([4]), np.array([9]), rel,
+                       np.full(3, 0.1), np.array([[0]]), np.array([0]), cum,
+                       np.zeros((1, 4), np.int64), cum[:, -1] / 4)
+
+
 def test_kernel_draws_negative_binomial_counts():
     """Both sampling paths (direct inverse-CDF and thinned compound Poisson) give NB counts:
     goodness of fit against scipy's negative binomial, gene by gene."""

@@ -210,6 +210,9 @@ def simulate_chunk(seed, prof_a, prof_b, log_depth, depth_sd, lo, hi, rel, phi, 
     b_cnt = np.empty(n_genes, dtype=np.int32)
     m_idx = np.empty(n_genes, dtype=np.int32)
     m_cnt = np.empty(n_genes, dtype=np.int32)
+    for i in range(n_cells):
+        if lo[i] > n_genes:  # the band cannot be met: the redraws below would never end
+            raise ValueError("a cell needs more detected genes than the study has genes")
     pos = 0
     for i in range(n_cells):
         nudge = 0.0

@@ -136,18 +136,26 @@ def simulate_study(out_dir, n_cells: int = 20_000, seed: int = 0, n_genes: int =
 
     n_cells cells pass QC (500 < detected genes < 4000); about 4.5% more fail it. Writes one Cell
     Ranger v3 HDF5 per sample, manifest.csv, truth.csv, planted.json and (without gmt) planted.gmt.
-    The files are identical for a given seed whatever `threads` is.
+    The files are identical for a given seed whatever `threads` is. Doublet-like cells (some
+    from a few hundred cells on) detect more than 4000 genes, so such studies need
+    n_genes > 4000 (5000 or more runs fast); fewer is refused with a ValueError.
     """
     if n_cells < 12:
         raise ValueError("n_cells must be at least 12 (one cell per sample)")
     t0 = time.perf_counter()
+    root = np.random.SeedSequence(seed)
+    design_seq, model_seq, samples_seq = root.spawn(3)
+    samples = ds.make_samples(n_cells, np.random.default_rng(design_seq))
+    if n_genes <= ds.QC_MAX_FEATURES and any(x.n_doublet for x in samples):
+        # doublet-like cells must detect more than QC_MAX_FEATURES genes; with fewer genes the
+        # kernel's redraws (depth nudged ever higher) would never meet that band
+        raise ValueError(f"n_genes={n_genes} is too small for {n_cells} cells: the doublet-like "
+                         f"cells need more than {ds.QC_MAX_FEATURES} detected genes (use "
+                         "n_genes >= 5000, or fewer cells)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # planted.json is written last and marks a complete study: remove an old one first
     (out / "planted.json").unlink(missing_ok=True)
-    root = np.random.SeedSequence(seed)
-    design_seq, model_seq, samples_seq = root.spawn(3)
-    samples = ds.make_samples(n_cells, np.random.default_rng(design_seq))
 
     gene_sets = read_gmt(gmt) if gmt is not None else None
     extra = [] if gene_sets is None else [g for s in gene_sets.values() for g in s]
