@@ -256,7 +256,7 @@ ebayes_case("weighted", E, design, weights = W)
 # identical residual variance for every gene: evar < 0, df.prior = Inf
 res <- c(0.3, -0.1, -0.2, 0.25, -0.05, 0.4, -0.6)
 res <- res - mean(res)
-E2 <- outer(seq_len(g), seq_len(n), function(i, j) i / 7 + (j > 3) * (i %% 4) * 0.1) +
+E2 <- outer(seq_len(g), seq_len(n), function(i, j) i / 7 + (j > 3) * (i %% 4 + 1) * 0.1) +
   matrix(res, g, n, byrow = TRUE)
 write_ref(data.frame(E2), file.path(out_dir, "ebayes_input_E2.csv"))
 ebayes_case("dfinf", E2, design[, 1:2])
