@@ -97,8 +97,10 @@ def animals_verdict(t2: pd.DataFrame, case: str, control: str) -> str:
     untested = [i for i in found if not np.isfinite(p_anim[i])]
 
     def names(idx):
-        return "; ".join(f"{t2['gene'].iloc[i]} in cluster {t2['cluster'].iloc[i]} at "
-                         f"{t2['timepoint'].iloc[i]}" for i in idx)
+        def when(tp):
+            return "time points pooled" if tp == "pooled" else f"at {tp}"
+        return "; ".join(f"{t2['gene'].iloc[i]} in cluster {t2['cluster'].iloc[i]} "
+                         f"{when(t2['timepoint'].iloc[i])}" for i in idx)
 
     text = (f"{len(found)} row(s) of Table 2 show {case} > {control} at cell-level p < {SIG}. "
             "The cell-level test counts every cell as a replicate, but cells of one animal are "

@@ -30,7 +30,8 @@ OUT = Path(__file__).resolve().parent / "pseudobulk" / "sim"
 
 
 def make(study: Path) -> None:
-    simulate_study(study, n_cells=N_CELLS, seed=SEED, threads=1)
+    # replicate_sd 0: the study the references were made from (before animal variation)
+    simulate_study(study, n_cells=N_CELLS, seed=SEED, threads=1, replicate_sd=0.0)
     manifest = pd.read_csv(study / "manifest.csv")
     truth = pd.read_csv(study / "truth.csv")
     sums = {p: {} for p in POPULATIONS}

@@ -175,53 +175,72 @@ def _cell_selectors(cfg, cluster: str, tp: str, name: str) -> tuple[dict, dict]:
             {**where, st.timepoint: b, st.condition: both})
 
 
-def pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None):
+def pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 1):
     """Every planned contrast as rows of COLUMNS (a skipped contrast: one row, no gene, the
     reason); with the grouped statistics `ds`, each gene's cell-level Welch p beside it. Also
     returns {(cluster, timepoint, contrast): (table, n_case, n_control)} of the contrasts that
-    ran."""
-    from cellmill.stages.statistics.welch import contrast
+    ran. Contrasts run on `workers` threads; the result is the same for any number."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cellmill.stages.statistics.welch import group_coords, pool_moments, select_groups, welch
+
     genes = pb["gene"].values.astype(str)
     counts = pb["counts"].values
+    totals = counts.sum(axis=1)  # per sample, all clusters ("all")
     meta = pd.DataFrame({c[len("sample_"):]: pb[c].values.astype(str)
                          for c in pb.coords if c.startswith("sample_")})
     clusters = list(pb["cluster"].values.astype(str))
-    frames, fitted = [], {}
-    for cluster, tp, name, case, ctrl, covs in plan(pb, cfg, min_cells):
+    if ds is not None:  # the grouped moments once, as arrays (xarray's sel per contrast is slow)
+        coords = group_coords(ds)
+        g_n = np.asarray(ds["n"].values, dtype=np.float64)
+        g_sum, g_m2 = ds["sum"].values, ds["m2"].values
+        if list(ds["gene"].values.astype(str)) != list(genes):
+            raise ValueError("grouped statistics and pseudobulk genes differ")
+
+    def cell_pvalues(cluster, tp, name, cols):
+        moments = []
+        for where in _cell_selectors(cfg, cluster, tp, name):
+            idx = select_groups(coords, **where)
+            nn, sm, q = pool_moments(g_n[idx], g_sum[np.ix_(idx, cols)],
+                                     g_m2[np.ix_(idx, cols)], range(len(idx)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                moments.append((nn, sm / nn, q / (nn - 1)))
+        return welch(*moments[0], *moments[1], "two.sided")["p_value"]
+
+    def one(item):
+        cluster, tp, name, case, ctrl, covs = item
         n_case, n_ctrl = int(case.sum()), int(ctrl.sum())
         row = dict(cluster=cluster, timepoint=tp, contrast=name, n_samples_case=n_case,
                    n_samples_control=n_ctrl)
-        reason = ""
         if min(n_case, n_ctrl) < MIN_SAMPLES:
-            reason = (f"fewer than {MIN_SAMPLES} samples with >= {min_cells} cells in a group "
-                      f"(case {n_case}, control {n_ctrl})")
-        else:
-            sel = case | ctrl
-            x = counts[sel].sum(axis=1) if cluster == ALL else \
-                counts[sel, clusters.index(cluster)]
-            try:
-                table, _ = run_contrast(np.ascontiguousarray(x.T), meta[sel].reset_index(
-                    drop=True), case[sel], [c for c in covs if c in meta])
-            except ValueError as e:
-                reason = f"not estimable: {e}"
-        if reason:
-            frames.append(pd.DataFrame([{**row, "gene": "", "reason": reason}]))
-            continue
-        fitted[(cluster, tp, name)] = (table, n_case, n_ctrl)
-        out = pd.DataFrame({"gene": genes[table.index],
+            why = (f"fewer than {MIN_SAMPLES} samples with >= {min_cells} cells in a group "
+                   f"(case {n_case}, control {n_ctrl})")
+            return pd.DataFrame([{**row, "gene": "", "reason": why}]), None
+        sel = case | ctrl
+        x = totals[sel] if cluster == ALL else counts[sel, clusters.index(cluster)]
+        try:
+            table, _ = run_contrast(np.ascontiguousarray(x.T), meta[sel].reset_index(drop=True),
+                                    case[sel], [c for c in covs if c in meta])
+        except ValueError as e:
+            return pd.DataFrame([{**row, "gene": "", "reason": f"not estimable: {e}"}]), None
+        cols = np.asarray(table.index)
+        out = pd.DataFrame({"gene": genes[cols],
                             **{k: table[k].to_numpy() for k in
                                ("logFC", "AveExpr", "t", "P.Value", "adj.P.Val")}})
         for k, v in row.items():
             out[k] = v
-        out["p_value_cells"] = np.nan
-        if ds is not None:
-            case_sel, ctrl_sel = _cell_selectors(cfg, cluster, tp, name)
-            cells = contrast(ds, case_sel, ctrl_sel, genes=out["gene"].to_numpy())
-            out["p_value_cells"] = cells["p_value"].to_numpy()
+        out["p_value_cells"] = np.nan if ds is None else cell_pvalues(cluster, tp, name, cols)
         out["reason"] = ""
-        frames.append(out)
+        return out, (table, n_case, n_ctrl)
+
+    items = plan(pb, cfg, min_cells)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(one, items))  # in plan order
+    frames = [f for f, _ in results]
+    fitted = {item[:3]: fit for item, (_, fit) in zip(items, results, strict=True)
+              if fit is not None}
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
-    return table[COLUMNS], fitted
+    return table.reindex(columns=COLUMNS), fitted
 
 
 def one_sided(t: np.ndarray, p_two: np.ndarray, alternative: str = "greater") -> np.ndarray:

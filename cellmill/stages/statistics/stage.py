@@ -192,7 +192,7 @@ def run_statistics(ctx: Context) -> None:
         log.info("statistics: no %r column in the cells' metadata: target tests skipped",
                  cfg.study.condition)
         return
-    pb_table, why = _pseudobulk(store, ds, cfg, columns)
+    pb_table, why = _pseudobulk(store, ds, cfg, columns, ctx.scheduler())
     if pb_table is None:
         pb_out.unlink(missing_ok=True)
     else:
@@ -200,7 +200,7 @@ def run_statistics(ctx: Context) -> None:
     write_table(add_pseudobulk(target_tests(ds, cfg), pb_table, why), out)
 
 
-def _pseudobulk(store, ds, cfg: Config, columns: list[str]):
+def _pseudobulk(store, ds, cfg: Config, columns: list[str], scheduler=None):
     """The pseudobulk Dataset (stored) and its tests; (None, why) when there are none."""
     import time
 
@@ -231,7 +231,9 @@ def _pseudobulk(store, ds, cfg: Config, columns: list[str]):
         return None, f"{st.condition!r} varies within samples"
     pb = pseudobulk_dataset(ds, "sample", meta)
     write_pseudobulk(store, pb)
-    table, fitted = pseudobulk_tests(pb, cfg, st.pseudobulk_min_cells, ds=ds)
+    workers = scheduler[1] if isinstance(scheduler, tuple) else cfg.compute.workers
+    table, fitted = pseudobulk_tests(pb, cfg, st.pseudobulk_min_cells, ds=ds,
+                                     workers=workers)
     ran = len(fitted)
     log.info("statistics: pseudobulk: %d samples x %d clusters, %d contrasts tested, %d "
              "skipped (%.1f s)", pb.sizes["sample"], pb.sizes["cluster"], ran,
