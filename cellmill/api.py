@@ -77,14 +77,18 @@ def run(config: str | Path | dict, outdir: str | Path, until: str | None = None,
 
 
 def simulate(outdir: str | Path, n_cells: int = 20_000, seed: int = 0, n_genes: int = 27_998,
-             gmt: str | Path | None = None, progress: bool = False) -> dict:
+             gmt: str | Path | None = None, progress: bool = False, replicates: int = 1,
+             replicate_sd: float | None = None) -> dict:
     """Simulate a study with planted truth into `outdir` (`cellmill simulate`): `n_cells`
-    cells pass QC. Returns the simulator's summary plus the paths "manifest", "gmt" (the
+    cells pass QC, in 12 x `replicates` samples (animals), each gene's log expression varying
+    between animals with sd about `replicate_sd` (None: the simulator's default, 0.2; 0: no
+    animal variation). Returns the simulator's summary plus the paths "manifest", "gmt" (the
     planted gene sets, or `gmt` when given), "truth" and "planted"."""
     from cellmill.simulate import simulate_with_paths
 
     return simulate_with_paths(outdir, n_cells=n_cells, seed=seed, n_genes=n_genes, gmt=gmt,
-                               progress=progress)
+                               progress=progress, replicates=replicates,
+                               **({} if replicate_sd is None else {"replicate_sd": replicate_sd}))
 
 
 def fetch(accession: str, outdir: str | Path, samples: list[str] | None = None,

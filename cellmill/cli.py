@@ -95,8 +95,11 @@ def _cmd_run(args) -> None:
 def _cmd_simulate(args) -> None:
     from cellmill.simulate import simulate_study
 
+    extra = {} if args.replicate_sd is None else {"replicate_sd": args.replicate_sd}
+    if args.replicates < 1 or extra.get("replicate_sd", 0) < 0:
+        raise ConfigError("simulate: --replicates must be >= 1 and --replicate-sd >= 0")
     info = simulate_study(args.output, n_cells=args.n, seed=args.seed, n_genes=args.genes,
-                          gmt=args.gmt, progress=True)
+                          gmt=args.gmt, progress=True, replicates=args.replicates, **extra)
     print(f"{args.output}: simulated {info.get('n_cells_total', args.n)} cells "
           f"in {info.get('n_samples', '?')} samples")
 
@@ -192,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--genes", type=int, default=27998)
     s.add_argument("--gmt", help="gene sets whose genes get real names (planted pathways)")
+    s.add_argument("--replicates", type=int, default=1,
+                   help="animals per condition x time point x sex (default 1: the study's 12 "
+                        "samples; 3 gives a design with power)")
+    s.add_argument("--replicate-sd", type=float, default=None,
+                   help="animal-to-animal sd of each gene's log expression (biological CV; "
+                        "default 0.2; 0 = none)")
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=_cmd_simulate)
 

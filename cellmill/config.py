@@ -61,6 +61,7 @@ RANGES = {
     "markers.min_pct": "[0, 1]",
     "markers.return_thresh": "(0, 1]",  # a p-value cut-off
     "markers.min_cells_group": "[1, inf)",
+    "study.pseudobulk_min_cells": "[1, inf)",  # samples with fewer cells leave a contrast
     "gsea.min_size": "[1, inf)",  # and <= gsea.max_size
     "gsea.max_size": "[1, inf)",
     "gsea.seed": SEED,
@@ -280,6 +281,10 @@ class StudyConfig(_Section):
     group_by: list[str] = field(
         default_factory=lambda: ["cluster", "condition", "timepoint", "sample"]
     )
+    # edgeR + limma-voom on per-sample sums beside the cell-level tests (needs a "sample"
+    # grouping column); a sample with fewer QC-passed cells in a cluster is left out there
+    pseudobulk: bool = True
+    pseudobulk_min_cells: int = 10
 
     def _check_more(self) -> None:
         if self.case == self.control:
@@ -300,6 +305,11 @@ class MarkersConfig(_Section):
     min_cells_group: int = 3
 
 
+# avg_log2FC / signed_log10_p: from the cell-level FindMarkers table; pseudobulk_t: limma's
+# moderated t of the pseudobulk contrast (animals as replicates)
+RANKINGS = ("avg_log2FC", "signed_log10_p", "pseudobulk_t")
+
+
 @dataclass
 class GSEAConfig(_Section):
     gmt: str = "hallmark"  # built in (cellmill/genesets): "hallmark:mouse", ":human"; or a file
@@ -315,8 +325,8 @@ class GSEAConfig(_Section):
                 self.gmt.strip() not in ("hallmark:mouse", "hallmark:human"):
             raise _bad("gsea.gmt", f'{self.gmt!r} names no built-in gene sets; use "hallmark", '
                        '"hallmark:mouse", "hallmark:human" or a GMT file')
-        if self.ranking not in ("avg_log2FC", "signed_log10_p"):
-            raise _bad("gsea.ranking", f"{self.ranking!r} is not avg_log2FC or signed_log10_p")
+        if self.ranking not in RANKINGS:
+            raise _bad("gsea.ranking", f"{self.ranking!r} is not one of {', '.join(RANKINGS)}")
         if self.max_size < self.min_size:
             raise ConfigError(f"gsea.min_size ({self.min_size}) must be <= gsea.max_size "
                               f"({self.max_size}): need 1 <= min_size <= max_size",
@@ -345,6 +355,10 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "check"):
                 section.check()
+        if self.gsea.ranking == "pseudobulk_t" and not self.study.pseudobulk:
+            raise ConfigError('gsea.ranking = "pseudobulk_t" ranks by the pseudobulk tests, '
+                              "which study.pseudobulk = false turns off",
+                              ("gsea.ranking", "study.pseudobulk"))
         # the neighbour graph and the UMAP read the first n_pcs columns of the PCA
         if self.neighbors.n_pcs > self.pca.n_components:
             raise ConfigError(f"neighbors.n_pcs ({self.neighbors.n_pcs}) must be <= "

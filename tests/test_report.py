@@ -95,10 +95,22 @@ def _stand_ins(ctx: Context, truth: pd.DataFrame) -> None:
                          else 0.1, 70.0, 1e-6 if up else 0.45, 1e-5 if up else 0.6, "greater"))
     rows.append((TARGET, "all", "pooled", "3d vs 5mo", 0.5, 0.4, 80, 80, 1.0, 150.0, 0.3, 0.3,
                  "two.sided"))
-    pd.DataFrame(rows, columns=["gene", "cluster", "timepoint", "contrast", "mean_case",
-                                "mean_control", "n_case", "n_control", "t", "df", "p_value",
-                                "p_adj_bh", "alternative"]).to_csv(tables / "target_tests.csv",
-                                                                   index=False)
+    tt = pd.DataFrame(rows, columns=["gene", "cluster", "timepoint", "contrast", "mean_case",
+                                     "mean_control", "n_case", "n_control", "t", "df",
+                                     "p_value", "p_adj_bh", "alternative"])
+    # with the animals as replicates, cluster 1's finding holds at 5mo only
+    tt["p_value_pseudobulk"] = np.where(tt["cluster"] != "1", 0.5,
+                                        np.where(tt["timepoint"] == "5mo", 0.004, 0.2))
+    tt["n_samples_case"], tt["n_samples_control"] = 3, 3
+    tt.to_csv(tables / "target_tests.csv", index=False)
+    pb = []
+    for cl in ["0", "1", "2"]:
+        for tp in ["3d", "14d", "5mo"]:
+            p = rng.uniform(size=len(var))
+            pb.append(pd.DataFrame({"gene": var.index, "cluster": cl, "timepoint": tp,
+                                    "contrast": "SNI_vs_Sham", "P.Value": p,
+                                    "p_value_cells": p ** 3}))
+    pd.concat(pb).to_csv(tables / "pseudobulk.csv", index=False)
     mk = []
     for k in range(3):
         for j in range(10):
@@ -243,11 +255,17 @@ def test_full_report(study, report):
                  "fig1d_target_by_timepoint", "fig1e_target_cluster_of_interest",
                  "fig2_gsea_nes_heatmap", "fig2b_gsea_nes_bars", "fig2c_enrichment_curves",
                  "fig3_markers_cluster_of_interest", "qc_distributions", "hvg_mean_variance",
-                 "pca_elbow"):
+                 "pca_elbow", "calibration_qq"):
         png = ctx.figures / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     imgs = _imgs(text)
-    assert len(imgs) == 12 and all(b[:4] == b"\x89PNG" for b in imgs)
+    assert len(imgs) == 13 and all(b[:4] == b"\x89PNG" for b in imgs)
+    # Table 2 has both p-values and says in words which findings need the cells as replicates
+    assert "p_value_pseudobulk" in text
+    assert ("3 do NOT hold with the animals as the unit (pseudobulk p &gt;= 0.05): "
+            f"{TARGET} in cluster 1 at 3d; {TARGET} in cluster 1 at 14d; {TARGET} in cluster "
+            "1 time points pooled") in text
+    assert f"1 hold with the animals as the unit ({TARGET} in cluster 1 at 5mo)" in text
     # self-contained: nothing fetched from elsewhere
     assert not re.search(r'(src|href)="(?!data:|#)', text)
     for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Table 5", "Parameters",

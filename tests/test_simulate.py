@@ -45,7 +45,9 @@ def read_10x(path: Path):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim20k")
-    info = simulate_study(out, n_cells=N, seed=0)
+    # no animal variation: these tests check the cell-level calibration of unplanted contrasts
+    # (test_replicates_vary_as_planted covers the variation)
+    info = simulate_study(out, n_cells=N, seed=0, replicate_sd=0.0)
     manifest = pd.read_csv(out / "manifest.csv")
     truth = pd.read_csv(out / "truth.csv")
     planted = json.loads((out / "planted.json").read_text())
@@ -425,3 +427,65 @@ def test_kernel_draws_negative_binomial_counts():
         exp *= obs.sum() / exp.sum()
         assert stats.chisquare(obs, exp).pvalue > 1e-4, (g, mu[g], phi[g])
         assert abs(X[g].mean() - mu[g]) < 5 * np.sqrt(dist.var() / n)
+
+
+def _population_pseudobulk(out: Path, population: str):
+    """Per sample: the summed counts of one population's QC-passing cells (genes x samples), read
+    straight from the HDF5 files and truth.csv."""
+    manifest = pd.read_csv(out / "manifest.csv")
+    truth = pd.read_csv(out / "truth.csv").set_index("cell")["population"]
+    cols = []
+    for row in manifest.itertuples():
+        X, _, _, barcodes = read_10x(out / row.path)
+        pop = truth.loc[[f"{row.sample}_{b}" for b in barcodes]].to_numpy()
+        cols.append(np.asarray(X[:, np.flatnonzero(pop == population)].sum(axis=1)).ravel())
+    return manifest, np.stack(cols, axis=1).astype(np.float64)
+
+
+def _within_group_log_var(manifest, counts, genes):
+    """Per gene: the pooled variance of log CPM between animals of the same condition x time
+    point x sex (groups of replicates), natural log."""
+    logcpm = np.log((counts[genes] + 0.5) / counts.sum(axis=0) * 1e6)
+    key = manifest["condition"] + manifest["timepoint"] + manifest["sex"]
+    ss, df = 0.0, 0
+    for _, idx in manifest.groupby(key).indices.items():
+        block = logcpm[:, idx]
+        ss = ss + ((block - block.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+        df += len(idx) - 1
+    return ss / df
+
+
+def test_replicates_vary_as_planted(tmp_path):
+    """--replicates 3 gives 36 animals; with --replicate-sd every gene's log expression varies
+    between animals of one group by the sd planted.json records (the same study without animal
+    variation is the baseline: what cell sampling alone gives)."""
+    runs = {}
+    for sd in (0.5, 0.0):
+        out = tmp_path / f"sd{sd}"
+        simulate_study(out, n_cells=6000, seed=5, replicates=3, replicate_sd=sd)
+        runs[sd] = (out, json.loads((out / "planted.json").read_text()))
+    out, planted = runs[0.5]
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert len(manifest) == 36 and manifest["sample"].is_unique
+    assert manifest.groupby(["condition", "timepoint", "sex"]).size().eq(3).all()
+    rep = planted["replicates"]
+    assert rep["per_group"] == 3 and rep["replicate_sd"] == 0.5
+    gene_sd = np.asarray(rep["gene_sd"])
+    assert gene_sd.size == 27_998
+    # the per-gene sds follow the stated prior: sd^2 * d0 / replicate_sd^2 ~ chi2(d0) inverted
+    scaled = rep["prior_df"] * rep["replicate_sd"] ** 2 / gene_sd[gene_sd < rep["sd_max"]] ** 2
+    assert stats.kstest(scaled, stats.chi2(rep["prior_df"]).cdf).statistic < 0.02
+    assert runs[0.0][1]["replicates"]["gene_sd"] == [0.0] * 27_998
+
+    manifest, with_var = _population_pseudobulk(out, "MG_homeostatic_1")
+    _, without = _population_pseudobulk(runs[0.0][0], "MG_homeostatic_1")
+    # genes with >= 50 counts in every animal: sampling noise not far above sd^2 (it cancels in
+    # the difference on average; 316 genes, measured ratio 1.03, Spearman 0.81)
+    genes = np.flatnonzero(without.min(axis=1) >= 50)
+    assert genes.size >= 200
+    excess = (_within_group_log_var(manifest, with_var, genes)
+              - _within_group_log_var(manifest, without, genes))
+    planted_var = gene_sd[genes] ** 2
+    ratio = excess.mean() / planted_var.mean()
+    assert 0.85 <= ratio <= 1.15, ratio
+    assert stats.spearmanr(excess, planted_var).statistic > 0.5

@@ -89,6 +89,7 @@ def grouped(study):
 
 def test_grouped_matches_brute_force(study, grouped):
     y, obs = _lognorm(study)
+    x = study.read_rows(0, study.n_cells).toarray()
     ds = grouped
     qc = obs["qc_pass"].to_numpy()
     # str() of each value: pandas 3's astype(str) keeps NaN (the cluster of QC-failed cells)
@@ -103,6 +104,7 @@ def test_grouped_matches_brute_force(study, grouped):
         np.testing.assert_allclose(ds["sum_sq"].values[g], (v * v).sum(0), rtol=1e-13)
         np.testing.assert_allclose(ds["sum_expm1"].values[g], np.expm1(v).sum(0), rtol=1e-13)
         assert np.array_equal(ds["nnz"].values[g], (v > 0).sum(0))
+        assert np.array_equal(ds["counts"].values[g], x[sel].sum(0))  # the pseudobulk sums
         m2 = ((v - v.mean(0)) ** 2).sum(0)
         np.testing.assert_allclose(ds["m2"].values[g], m2, rtol=1e-11, atol=1e-300)
 
@@ -129,7 +131,7 @@ def test_deterministic_for_any_block_size_and_scheduler(study, grouped):
     for kw in ({"block_cells": 1024, "scheduler": ("sync", 1)},
                {"block_cells": 3072, "scheduler": ("threads", 2)}):
         other = grouped_statistics(study, COLS, 1e4, mask=obs["qc_pass"].to_numpy(), **kw)
-        for v in ("n", "sum", "sum_sq", "m2", "sum_expm1", "nnz"):
+        for v in ("n", "sum", "sum_sq", "m2", "sum_expm1", "nnz", "counts"):
             assert np.array_equal(other[v].values, grouped[v].values), v
 
 
@@ -137,7 +139,7 @@ def test_store_round_trip_and_anndata(study, grouped):
     write_grouped_stats(study, grouped)
     back = load_grouped_stats(study)
     assert back.attrs["group_by"] == COLS
-    for v in ("n", "sum", "m2", "nnz"):
+    for v in ("n", "sum", "m2", "nnz", "counts"):
         assert np.array_equal(back[v].values, grouped[v].values)
     assert list(back["gene"].values.astype(str)) == list(study.var().index)
     a = ad.read_zarr(study.path)  # the store stays an AnnData store

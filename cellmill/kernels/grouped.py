@@ -2,7 +2,7 @@
 
 y = log1p(x / n_counts * scale_factor), in that operation order (Seurat's LogNormalize), so the
 values are bit-identical to Seurat's. Per slot and per gene with a nonzero in the slot, the
-kernel returns the sum of y, of expm1(y), the nonzero count and m2_nz, the sum of squared
+kernel returns the sum of y, of expm1(y), the nonzero count, the raw counts' sum and m2_nz, the sum of squared
 deviations of the nonzero values from their mean (the Youngs-Cramer update
 m2 += (c - 1) / c (y - S / (c - 1))^2, as stable as Welford's; accurate where
 sum_sq - sum^2 / n cancels). Slots are folded into the group accumulators with Chan's formula
@@ -21,8 +21,10 @@ import numpy as np
 
 LUT = 32  # per row, y and expm1(y) of counts 1..LUT-1 are memoised (most counts are small)
 
-SUM, SUM_EXPM1, NNZ, M2 = 0, 1, 2, 3  # columns of the slot values and of the accumulators
-N_VALS = 4
+# columns of the slot values and of the accumulators; COUNTS: the raw counts' sum (the
+# pseudobulk; exact in float64 below 2^53)
+SUM, SUM_EXPM1, NNZ, M2, COUNTS = 0, 1, 2, 3, 4
+N_VALS = 5
 
 
 @numba.njit(nogil=True, cache=True)
@@ -34,7 +36,8 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
       n       (n_slots,)          cells per slot
       ptr     (n_slots + 1,)      entries of slot s: ptr[s]:ptr[s + 1]
       genes   (n_entries,) int32  gene of each entry (genes with a nonzero in the slot)
-      vals    (n_entries, 4)      sum y, sum expm1(y), nonzero count, m2 of the nonzeros
+      vals    (n_entries, 5)      sum y, sum expm1(y), nonzero count, m2 of the nonzeros,
+                                  sum of the raw counts
     """
     n_rows = len(indptr) - 1
     n = np.zeros(n_slots, dtype=np.float64)
@@ -106,6 +109,7 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
                 acc[g, SUM] += y
                 acc[g, SUM_EXPM1] += e
                 acc[g, NNZ] = b + 1.0
+                acc[g, COUNTS] += x
         for t in range(base, nt):
             g = genes[t]
             for q in range(N_VALS):
@@ -136,6 +140,7 @@ def fold_slots(acc_n, acc, n, ptr, genes, vals, group_of_slot):
             acc[g, j, SUM] += vals[t, SUM]
             acc[g, j, SUM_EXPM1] += vals[t, SUM_EXPM1]
             acc[g, j, NNZ] = na + nb
+            acc[g, j, COUNTS] += vals[t, COUNTS]
 
 
 @numba.njit(nogil=True, cache=True)

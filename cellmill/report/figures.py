@@ -871,6 +871,63 @@ def fig_pca_elbow(inp: ReportInputs, out: Path) -> FigureResult:
                         f"uses PCs 1..{n_pcs}.", _save(fig, out / "pca_elbow.png"))
 
 
+def qq_points(p: np.ndarray, max_points: int = 4000) -> tuple[np.ndarray, np.ndarray]:
+    """(expected, observed) -log10 p of a uniform QQ plot; thinned evenly along the sorted
+    values beyond max_points (the tail, where the eye looks, is always kept)."""
+    p = np.sort(np.asarray(p, dtype=float)[np.isfinite(p)])
+    n = p.size
+    expected = (np.arange(1, n + 1) - 0.5) / n
+    if n > max_points:
+        keep = np.unique(np.r_[np.arange(min(n, 500)),
+                               np.linspace(0, n - 1, max_points - 500).astype(int)])
+        p, expected = p[keep], expected[keep]
+    return -np.log10(expected), -np.log10(np.maximum(p, 1e-300))
+
+
+def pseudobulk_pairs(inp: ReportInputs) -> pd.DataFrame:
+    """pseudobulk.csv rows of case vs control per cluster x time point that ran, with both
+    p-values (P.Value: samples as replicates; p_value_cells: cells)."""
+    pb = inp.table("pseudobulk.csv", ("gene", "cluster", "timepoint", "contrast", "P.Value",
+                                      "p_value_cells"))
+    s = inp.cfg.study
+    rows = pb[(pb["contrast"] == f"{s.case}_vs_{s.control}") & (pb["cluster"] != "all")
+              & (pb["timepoint"] != "pooled") & (pb["gene"] != "nan") & (pb["gene"] != "")]
+    rows = rows[np.isfinite(rows["P.Value"].to_numpy(float))]
+    if rows.empty:
+        raise Missing("tables/pseudobulk.csv has no tested cluster x time point contrast")
+    return rows
+
+
+def fig_calibration(inp: ReportInputs, out: Path) -> FigureResult:
+    rows = pseudobulk_pairs(inp)
+    s = inp.cfg.study
+    fig = _figure((5.5, 5))
+    ax = fig.add_subplot()
+    top = 1.0
+    for col, label, color in (("p_value_cells", "cells as replicates (Welch)", CASE_COLOR),
+                              ("P.Value", "animals as replicates (pseudobulk voom)",
+                               CONTROL_COLOR)):
+        p = rows[col].to_numpy(float)
+        p = p[np.isfinite(p)]
+        x, y = qq_points(p)
+        ax.plot(x, y, ".", ms=2.5, color=color,
+                label=f"{label}: {np.mean(p < SIG):.1%} with p < {SIG}")
+        top = max(top, x.max())
+    ax.plot([0, top], [0, top], color="black", lw=0.8, ls="--", label="uniform (no effect)")
+    ax.set_xlabel("expected -log10 p")
+    ax.set_ylabel("observed -log10 p")
+    ax.legend(frameon=False, fontsize=8, loc="upper left")
+    ax.set_title(f"{s.case} vs {s.control}: p-value calibration")
+    n_contrasts = rows.groupby(["cluster", "timepoint"]).ngroups
+    return FigureResult(
+        "calib", "P-value calibration: cells vs animals as replicates",
+        f"QQ plot of the two-sided p-values of every tested gene in {n_contrasts} cluster x "
+        f"time point contrasts ({s.case} vs {s.control}; tables/pseudobulk.csv). Points on the "
+        "diagonal are what genes without an effect give; real effects lift the tail of both. "
+        "A cell-level curve far above the pseudobulk one is the inflation of treating cells "
+        "of one animal as independent.", _save(fig, out / "calibration_qq.png"))
+
+
 FIGURES = [
     ("fig1a", "Fig. 1a: UMAP by cluster", fig_umap),
     ("fig1b", "Fig. 1b: target gene(s) by cluster", fig_target_by_cluster),
@@ -882,6 +939,7 @@ FIGURES = [
     ("fig2b", "Fig. 2b: GSEA NES bars", fig_gsea_bars),
     ("fig2c", "Fig. 2c: enrichment curves", fig_enrichment_curves),
     ("fig3", "Fig. 3: top markers of the cluster of interest", fig_markers),
+    ("calib", "P-value calibration: cells vs animals as replicates", fig_calibration),
     ("qc", "QC distributions", fig_qc),
     ("hvg", "Highly variable genes", fig_hvg),
     ("pca", "PCA elbow plot", fig_pca_elbow),
@@ -890,7 +948,7 @@ FIGURES = [
 
 FILE_PREFIX = {"fig1a": "fig1a_", "fig1b": "fig1b_", "fig1c": "fig1c_", "fig1d": "fig1d_",
                "fig1e": "fig1e_", "fig2": "fig2_", "fig2b": "fig2b_", "fig2c": "fig2c_",
-               "fig3": "fig3_", "qc": "qc_", "hvg": "hvg_", "pca": "pca_"}
+               "fig3": "fig3_", "calib": "calibration_", "qc": "qc_", "hvg": "hvg_", "pca": "pca_"}
 
 
 def make_figures(inp: ReportInputs, out: Path) -> list[FigureResult]:

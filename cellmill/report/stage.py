@@ -30,7 +30,7 @@ log = logging.getLogger("cellmill")
 N_TABLE3 = 30
 N_PER_CLUSTER = 5  # markers per cluster shown when there is no study
 # figures of the study (they need its condition column)
-STUDY_FIGURES = ("fig1c", "fig1d", "fig1e", "fig2", "fig2b", "fig2c")
+STUDY_FIGURES = ("fig1c", "fig1d", "fig1e", "fig2", "fig2b", "fig2c", "calib")
 
 
 def _params(cfg: Config) -> dict:
@@ -79,6 +79,42 @@ def table1(inp: ReportInputs) -> pd.DataFrame:
 def table2(inp: ReportInputs) -> pd.DataFrame:
     tt = inp.condition_tests()
     return _sort_tests(inp, tt[tt["cluster"] != "all"])
+
+
+def animals_verdict(t2: pd.DataFrame, case: str, control: str) -> str:
+    """Plain words: which cell-level findings of Table 2 hold with the animals as the unit."""
+    if "p_value_pseudobulk" not in t2:
+        return ""
+    p_cell = t2["p_value"].to_numpy(float)
+    p_anim = t2["p_value_pseudobulk"].to_numpy(float)
+    found = np.flatnonzero(p_cell < SIG)
+    if not len(found):
+        return (f"No row of Table 2 has a cell-level p < {SIG}, so there is no cell-level "
+                "finding to check with the animals as replicates.")
+    tested = [i for i in found if np.isfinite(p_anim[i])]
+    hold = [i for i in tested if p_anim[i] < SIG]
+    lost = [i for i in tested if p_anim[i] >= SIG]
+    untested = [i for i in found if not np.isfinite(p_anim[i])]
+
+    def names(idx):
+        def when(tp):
+            return "time points pooled" if tp == "pooled" else f"at {tp}"
+        return "; ".join(f"{t2['gene'].iloc[i]} in cluster {t2['cluster'].iloc[i]} "
+                         f"{when(t2['timepoint'].iloc[i])}" for i in idx)
+
+    text = (f"{len(found)} row(s) of Table 2 show {case} > {control} at cell-level p < {SIG}. "
+            "The cell-level test counts every cell as a replicate, but cells of one animal are "
+            "not independent; the pseudobulk test (edgeR TMM + limma-voom on per-animal sums, "
+            "p_value_pseudobulk) counts the animals. ")
+    if hold:
+        text += f"{len(hold)} hold with the animals as the unit ({names(hold)}). "
+    if lost:
+        text += (f"{len(lost)} do NOT hold with the animals as the unit (pseudobulk p >= "
+                 f"{SIG}): {names(lost)}. ")
+    if untested:
+        text += (f"{len(untested)} could not be tested with the animals as the unit "
+                 "(reason_pseudobulk says why, e.g. too few samples per group). ")
+    return text.strip()
 
 
 def table3(inp: ReportInputs) -> tuple[pd.DataFrame, str]:
@@ -312,8 +348,18 @@ def build_report(ctx: Context, partial: str | None = None):
         page.table("Table 1: target gene(s), all cells", t1, cap, why1,
                    highlight=None if t1 is None else t1["p_value"] < SIG)
         t2, why2 = _try(table2, inp)
+        cap2 = cap + (" p_value_pseudobulk: the same contrast with the animals (samples) as "
+                      "replicates, one-tailed in the same direction (edgeR TMM + limma-voom "
+                      "on per-sample sums; tables/pseudobulk.csv), with the samples per "
+                      "group in n_samples_case / n_samples_control.")
         page.table(f"Table 2: target gene(s), {s.case} vs {s.control} per cluster and time "
-                   "point", t2, cap, why2, highlight=None if t2 is None else t2["p_value"] < SIG)
+                   "point", t2, cap2, why2,
+                   highlight=None if t2 is None else t2["p_value"] < SIG)
+        if t2 is not None:
+            verdict = animals_verdict(t2, s.case, s.control)
+            if verdict:
+                page.text(verdict)
+        figure("calib")
         whys += [("Table 1", why1), ("Table 2", why2)]
     else:
         page.note(off)

@@ -68,8 +68,12 @@ def largest_remainder(total: int, weights) -> np.ndarray:
     return out
 
 
-def make_samples(n_cells: int, rng: np.random.Generator) -> list[Sample]:
-    """12 samples (condition x time point x sex) with the study's proportions scaled to n_cells."""
+def make_samples(n_cells: int, rng: np.random.Generator, replicates: int = 1) -> list[Sample]:
+    """12 x `replicates` samples (condition x time point x sex x animal) with the study's
+    proportions scaled to n_cells. One animal per cell of the design (the study's 12 samples)
+    is named like SNI_3d_F; with more, SNI_3d_F1, SNI_3d_F2, ..."""
+    if replicates < 1:
+        raise ValueError("replicates must be at least 1")
     groups = [(c, t) for c in CONDITIONS for t in TIMEPOINTS]
     per_group = largest_remainder(n_cells, [STUDY_CELLS[g] for g in groups])
     samples = []
@@ -77,8 +81,14 @@ def make_samples(n_cells: int, rng: np.random.Generator) -> list[Sample]:
         female_share = 0.5 + rng.uniform(-0.08, 0.08)  # sample sizes differ in a real study
         n_f = int(round(n * female_share))
         for sex, n_s in (("female", n_f), ("male", int(n) - n_f)):
-            n_fail = int(round(n_s * QC_FAIL_FRACTION))
-            n_dbl = int(round(n_fail * QC_FAIL_DOUBLET_SHARE))
-            name = f"{cond}_{tp}_{sex[0].upper()}"
-            samples.append(Sample(name, cond, tp, sex, n_s, n_fail - n_dbl, n_dbl))
+            if replicates == 1:  # no extra draws: the study's design as before
+                split = [n_s]
+            else:
+                split = largest_remainder(n_s, 1.0 + rng.uniform(-0.15, 0.15, replicates))
+            for r, n_a in enumerate(split):
+                n_a = int(n_a)
+                n_fail = int(round(n_a * QC_FAIL_FRACTION))
+                n_dbl = int(round(n_fail * QC_FAIL_DOUBLET_SHARE))
+                name = f"{cond}_{tp}_{sex[0].upper()}" + (f"{r + 1}" if replicates > 1 else "")
+                samples.append(Sample(name, cond, tp, sex, n_a, n_fail - n_dbl, n_dbl))
     return samples

@@ -44,6 +44,16 @@ SAMPLE_SHIFT_FRACTION = 0.03  # genes with a per-sample shift (sd SAMPLE_SHIFT_S
 SAMPLE_SHIFT_SD = 0.2
 SAMPLE_DEPTH_SD = 0.05
 SAMPLE_PROPORTION_SD = 0.1
+# Animal-to-animal variation of every gene: a per-sample offset of log expression, N(0, sd_g),
+# with the gene's sd drawn as sd_g^2 = REPLICATE_SD^2 * d0 / chi2(d0). That is the
+# scaled-inverse-chi-square prior of limma and edgeR's empirical Bayes (Smyth 2004; McCarthy et
+# al. 2012), whose fits to bulk RNA-seq give prior df of a few to tens. sd on the natural-log
+# scale is the biological coefficient of variation (BCV); edgeR's guide quotes ~0.1 for
+# genetically identical model organisms and ~0.4 for people. 0.2 (inbred mice, plus dissection
+# and sorting between animals) is the default.
+REPLICATE_SD = 0.2
+REPLICATE_PRIOR_DF = 10.0
+REPLICATE_SD_MAX = 1.5
 
 
 def dispersion_trend(mean):
@@ -64,6 +74,8 @@ class ExpressionModel:
     sample_lfc: np.ndarray  # (S, G) log2 per-sample shifts
     sample_log_depth: np.ndarray  # (S,) natural-log depth factor
     sample_props: np.ndarray  # (S, P) expected population proportions per sample
+    replicate_sd: float = 0.0  # median-ish animal sd (natural log); 0 = no animal variation
+    gene_replicate_sd: np.ndarray | None = None  # (G,) each gene's animal sd (natural log)
     effects: list[dict] = field(default_factory=list)
     timepoint_effects: dict = field(default_factory=dict)
 
@@ -107,8 +119,23 @@ def planted_gene_sets(universe: gn.GeneUniverse, rng: np.random.Generator) -> di
     return sets
 
 
+def animal_offsets(n_samples: int, n_genes: int, replicate_sd: float,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Each gene's animal sd (natural log, (G,)) and each sample's offsets (log2, (S, G))."""
+    if replicate_sd < 0 or not np.isfinite(replicate_sd):
+        raise ValueError("replicate_sd must be a finite number >= 0")
+    if replicate_sd == 0:
+        return np.zeros(n_genes), np.zeros((n_samples, n_genes))
+    d0 = REPLICATE_PRIOR_DF
+    sd = replicate_sd * np.sqrt(d0 / rng.chisquare(d0, n_genes))
+    sd = np.minimum(sd, REPLICATE_SD_MAX)
+    offsets = rng.standard_normal((n_samples, n_genes)) * sd[None, :] / np.log(2.0)
+    return sd, offsets
+
+
 def build_model(universe: gn.GeneUniverse, gene_sets: dict[str, list[str]],
-                samples: list[Sample], rng: np.random.Generator) -> ExpressionModel:
+                samples: list[Sample], rng: np.random.Generator, replicate_sd: float = 0.0,
+                animal_rng: np.random.Generator | None = None) -> ExpressionModel:
     G = len(universe)
     P = len(POPULATION_NAMES)
     names = np.array(universe.names, dtype=object)
@@ -180,6 +207,10 @@ def build_model(universe: gn.GeneUniverse, gene_sets: dict[str, list[str]],
     sample_lfc = np.zeros((S, G))
     sample_lfc[:, shift_genes] = rng.normal(0.0, SAMPLE_SHIFT_SD, (S, n_shift))
     sample_log_depth = rng.normal(0.0, SAMPLE_DEPTH_SD, S)
+    # its own random stream: replicate_sd = 0 leaves every other draw as it was
+    gene_sd, animal = animal_offsets(S, G, replicate_sd,
+                                     animal_rng or np.random.default_rng(0))
+    sample_lfc += animal
     props = pop_props[None, :] * np.exp(rng.normal(0.0, SAMPLE_PROPORTION_SD, (S, P)))
     props /= props.sum(axis=1, keepdims=True)
 
@@ -198,6 +229,7 @@ def build_model(universe: gn.GeneUniverse, gene_sets: dict[str, list[str]],
         pop_props=pop_props, markers=markers,
         sample_shift_genes=[str(names[g]) for g in shift_genes], sample_lfc=sample_lfc,
         sample_log_depth=sample_log_depth, sample_props=props, effects=effects,
+        replicate_sd=float(replicate_sd), gene_replicate_sd=gene_sd,
         timepoint_effects={"Sigmar1": {t: SIGMAR1_TIMEPOINT_LFC[t] for t in TIMEPOINTS}},
     )
 

@@ -131,21 +131,31 @@ def _write_sample(path: Path, sample: ds.Sample, s: int, model: md.ExpressionMod
 
 
 def simulate_study(out_dir, n_cells: int = 20_000, seed: int = 0, n_genes: int = 27_998,
-                   gmt=None, progress: bool = False, threads: int | None = None) -> dict:
+                   gmt=None, progress: bool = False, threads: int | None = None,
+                   replicates: int = 1, replicate_sd: float = md.REPLICATE_SD) -> dict:
     """Simulate a study shaped like the microglia SNI/Sham study into out_dir.
 
     n_cells cells pass QC (500 < detected genes < 4000); about 4.5% more fail it. Writes one Cell
     Ranger v3 HDF5 per sample, manifest.csv, truth.csv, planted.json and (without gmt) planted.gmt.
+    `replicates`: animals (samples) per condition x time point x sex (1: the study's 12
+    samples). `replicate_sd`: animal-to-animal sd of every gene's log expression (the typical
+    gene's; each gene draws its own, see model.animal_offsets); 0 = none.
     The files are identical for a given seed whatever `threads` is. Doublet-like cells (some
     from a few hundred cells on) detect more than 4000 genes, so such studies need
     n_genes > 4000 (5000 or more runs fast); fewer is refused with a ValueError.
     """
-    if n_cells < 12:
-        raise ValueError("n_cells must be at least 12 (one cell per sample)")
+    if int(replicates) != replicates or replicates < 1:
+        raise ValueError(f"replicates must be a whole number >= 1, not {replicates!r}")
+    replicates = int(replicates)
+    if not (np.isfinite(replicate_sd) and replicate_sd >= 0):
+        raise ValueError(f"replicate_sd must be a finite number >= 0, not {replicate_sd!r}")
+    if n_cells < 12 * replicates:
+        raise ValueError(f"n_cells must be at least {12 * replicates} (one cell per sample)")
     t0 = time.perf_counter()
     root = np.random.SeedSequence(seed)
-    design_seq, model_seq, samples_seq = root.spawn(3)
-    samples = ds.make_samples(n_cells, np.random.default_rng(design_seq))
+    # a fourth child leaves the first three (and so a study without animal variation) as before
+    design_seq, model_seq, samples_seq, animal_seq = root.spawn(4)
+    samples = ds.make_samples(n_cells, np.random.default_rng(design_seq), replicates)
     if n_genes <= ds.QC_MAX_FEATURES and any(x.n_doublet for x in samples):
         # doublet-like cells must detect more than QC_MAX_FEATURES genes; with fewer genes the
         # kernel's redraws (depth nudged ever higher) would never meet that band
@@ -167,7 +177,9 @@ def simulate_study(out_dir, n_cells: int = 20_000, seed: int = 0, n_genes: int =
         gn.write_gmt(gmt_path, gene_sets)
     else:
         (out / "planted.gmt").unlink(missing_ok=True)  # a stale one would mislead
-    model = md.build_model(universe, gene_sets, samples, np.random.default_rng(model_seq))
+    model = md.build_model(universe, gene_sets, samples, np.random.default_rng(model_seq),
+                           replicate_sd=replicate_sd,
+                           animal_rng=np.random.default_rng(animal_seq))
 
     n_threads = threads or os.cpu_count() or 1
     seqs = samples_seq.spawn(len(samples))
@@ -231,6 +243,14 @@ def _planted_doc(model: md.ExpressionModel, samples, seed, n_cells, gmt, gmt_pat
                  for i, x in enumerate(samples)],
         sex_genes=dict(female_only=gn.FEMALE_GENES, male_only=gn.MALE_GENES),
         sample_shift_genes=dict(genes=model.sample_shift_genes, sd_log2=md.SAMPLE_SHIFT_SD),
+        replicates=dict(
+            per_group=len(samples) // 12, replicate_sd=model.replicate_sd,
+            prior_df=md.REPLICATE_PRIOR_DF, sd_max=md.REPLICATE_SD_MAX,
+            note="every gene g gets a per-sample offset N(0, sd_g) of its natural-log "
+                 "expression (the same in all of the sample's cells); sd_g^2 = "
+                 "replicate_sd^2 * prior_df / chi2(prior_df), capped at sd_max; gene_sd "
+                 "lists sd_g in gene order (var of the sample's store)",
+            gene_sd=[round(float(v), 5) for v in model.gene_replicate_sd]),
         model=dict(ref_depth=md.REF_DEPTH, depth_median=md.DEPTH_MEDIAN, depth_sd_log=md.DEPTH_SD,
                    dispersion="phi = (0.1 + 0.5 * mean^-0.3) * lognormal(0, 0.3); "
                               "var = mu + phi mu^2",

@@ -86,7 +86,26 @@ def contrasts(obs: pd.DataFrame, mask: np.ndarray, cfg: Config, min_cells: int):
                     len(skipped), min_cells)
 
 
-@stage("gsea", after=("qc", "cluster"), params=_params)
+def pseudobulk_rankings(tables, cfg: Config, pairs) -> list[pd.Series]:
+    """gsea.ranking = "pseudobulk_t": limma's moderated t of each pair's pseudobulk contrast
+    (tables/pseudobulk.csv, written by the statistics stage); an empty ranking where the
+    contrast was skipped (too few samples) or the time point is not one of its rows."""
+    path = tables / "pseudobulk.csv"
+    if not path.is_file():
+        raise InputError(path, 'gsea.ranking = "pseudobulk_t" needs the pseudobulk tests, '
+                         "which did not run (no sample column, or study.pseudobulk = false)")
+    pb = pd.read_csv(path, dtype={"gene": str, "cluster": str, "timepoint": str},
+                     keep_default_na=False, na_values=[""], float_precision="round_trip")
+    st = cfg.study
+    pb = pb[(pb["contrast"] == f"{st.case}_vs_{st.control}") & pb["gene"].notna()]
+    out = []
+    for c, t, _, _ in pairs:
+        rows = pb[(pb["cluster"] == str(c)) & (pb["timepoint"] == str(t))]
+        out.append(pd.Series(rows["t"].to_numpy(float), index=rows["gene"].to_numpy()))
+    return out
+
+
+@stage("gsea", after=("qc", "cluster", "statistics"), params=_params)
 def run_gsea(ctx: Context) -> None:
     from cellmill.engine.preflight import study_columns
     from cellmill.io.gmt import read_gmt
@@ -111,14 +130,21 @@ def run_gsea(ctx: Context) -> None:
                "cluster", "timepoint"]
     ranks_dir.mkdir(exist_ok=True)
     tables = []
-    if pairs:
+    if pairs and cfg.gsea.ranking == "pseudobulk_t":
+        rankings = pseudobulk_rankings(ctx.tables, cfg, pairs)
+    elif pairs:
         des = find_markers_many(store, [(a, b) for _, _, a, b in pairs],
                                 min_cells_group=cfg.markers.min_cells_group,
                                 scale_factor=cfg.normalize.scale_factor,
                                 memory_bytes=cfg.compute.memory_bytes,
                                 scheduler=ctx.scheduler(), progress=ctx.progress)
-        for (c, t, _, _), de in zip(pairs, des, strict=True):
-            stats = ranking(de, cfg.gsea.ranking)
+        rankings = [ranking(de, cfg.gsea.ranking) for de in des]
+    if pairs:
+        for (c, t, _, _), stats in zip(pairs, rankings, strict=True):
+            if stats.empty:
+                log.info("gsea: cluster %s at %s: no pseudobulk test (too few samples), "
+                         "skipped", c, t)
+                continue
             write_table(pd.DataFrame({"gene": stats.index, "stat": stats.to_numpy()}),
                         ranks_dir / f"{c}_{t}.csv")
             with warnings.catch_warnings():  # fold-change rankings always have ties

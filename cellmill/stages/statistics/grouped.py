@@ -14,6 +14,8 @@ The grouped statistics are an xarray Dataset stored at uns/grouped_stats (read i
                             ulps; sum_sq - sum^2 / n cancels)
   sum_expm1  (group, gene)  sum of expm1(y) (means on the CP10k scale, for fold changes)
   nnz        (group, gene)  cells with y > 0
+  counts     (group, gene)  sum of the raw counts x (pseudobulk; statistics/pseudobulk.py sums
+                            the groups of a sample x cluster)
 Any contrast pools groups (statistics/welch.py: `contrast(ds, case={...}, control={...})`).
 
 Determinism: each block returns moments per (granule of 1024 cells, group) slot; the slots are
@@ -40,7 +42,8 @@ log = logging.getLogger("cellmill")
 GROUPED_STATS = "grouped_stats"
 TARGET_COLUMNS = ["gene", "cluster", "timepoint", "contrast", "mean_case", "mean_control",
                   "n_case", "n_control", "t", "df", "p_value", "p_adj_bh", "alternative",
-                  "reason"]
+                  "reason", "p_value_pseudobulk", "n_samples_case", "n_samples_control",
+                  "reason_pseudobulk"]
 
 
 # ------------------------------------------------------------------------------- groups
@@ -195,7 +198,7 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
     data = {"n": (("group",), acc_n.astype(np.int64)), "sum_sq": (dims, sum_sq)}
     for name, q, dtype in (("sum", kern.SUM, np.float64), ("m2", kern.M2, np.float64),
                            ("sum_expm1", kern.SUM_EXPM1, np.float64),
-                           ("nnz", kern.NNZ, np.int64)):
+                           ("nnz", kern.NNZ, np.int64), ("counts", kern.COUNTS, np.int64)):
         data[name] = (dims, np.ascontiguousarray(acc[:, :, q], dtype=dtype))
     del acc
     ds = xr.Dataset(
@@ -210,7 +213,7 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
 
 def write_grouped_stats(store: Store, ds) -> None:
     chunk = (max(1, ds.sizes["group"]), max(1, min(ds.sizes["gene"], 4096)))
-    enc = {v: {"chunks": chunk} for v in ("sum", "sum_sq", "m2", "sum_expm1", "nnz")}
+    enc = {v: {"chunks": chunk} for v in ("sum", "sum_sq", "m2", "sum_expm1", "nnz", "counts")}
     store.write_dataset("uns", GROUPED_STATS, ds, encoding=enc)
 
 

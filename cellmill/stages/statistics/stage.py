@@ -1,5 +1,8 @@
-"""Stage `statistics`: the grouped moments pass (statistics/grouped.py) and the study's
-one-tailed Welch tests of the target genes (statistics/welch.py) into tables/target_tests.csv."""
+"""Stage `statistics`: the grouped moments pass (statistics/grouped.py, which also sums the
+raw counts per sample x cluster), the study's one-tailed Welch tests of the target genes
+(statistics/welch.py) into tables/target_tests.csv, and the same contrasts with the samples
+as replicates (statistics/pseudobulk.py: edgeR TMM + limma-voom) into tables/pseudobulk.csv
+and beside each target test."""
 
 from __future__ import annotations
 
@@ -74,7 +77,53 @@ def target_tests(ds, cfg: Config) -> pd.DataFrame:
     order = {g: i for i, g in enumerate(st.target_genes)}
     table = table.sort_values("gene", key=lambda s: s.map(order), kind="stable")
     table["p_adj_bh"] = bh_adjust(table["p_value"].to_numpy())
+    for col in TARGET_COLUMNS:
+        if col not in table:
+            table[col] = np.nan if col == "p_value_pseudobulk" else (
+                "" if col == "reason_pseudobulk" else 0)
     return table[TARGET_COLUMNS].reset_index(drop=True)
+
+
+def add_pseudobulk(table: pd.DataFrame, pb_table: pd.DataFrame | None, reason: str = "",
+                   ) -> pd.DataFrame:
+    """The sample-level one-sided p-value (the cell-level row's direction) and sample counts
+    of every target-test row, from the pseudobulk contrast of the same cluster, time point
+    and contrast; `reason` for all rows when there are no pseudobulk tests."""
+    from cellmill.stages.statistics.pseudobulk import one_sided
+
+    table = table.copy()
+    if pb_table is None:
+        table["p_value_pseudobulk"] = np.nan
+        table["n_samples_case"] = 0
+        table["n_samples_control"] = 0
+        table["reason_pseudobulk"] = reason
+        return table
+    key = ["cluster", "timepoint", "contrast"]
+    ran = pb_table[pb_table["gene"] != ""].set_index(key + ["gene"])
+    skipped = pb_table[pb_table["gene"] == ""].set_index(key)
+    counts = pb_table.drop_duplicates(key).set_index(key)
+    p, n_case, n_ctrl, why = [], [], [], []
+    for row in table.itertuples(index=False):
+        k = (str(row.cluster), str(row.timepoint), str(row.contrast))
+        if k not in counts.index:
+            p.append(np.nan), n_case.append(0), n_ctrl.append(0)
+            why.append("no pseudobulk contrast")
+            continue
+        n_case.append(int(counts.loc[k, "n_samples_case"]))
+        n_ctrl.append(int(counts.loc[k, "n_samples_control"]))
+        if k in skipped.index:
+            p.append(np.nan), why.append(str(skipped.loc[k, "reason"]))
+        elif k + (row.gene,) in ran.index:
+            hit = ran.loc[k + (row.gene,)]
+            p.append(float(one_sided(hit["t"], hit["P.Value"], str(row.alternative))))
+            why.append("")
+        else:
+            p.append(np.nan), why.append("filtered out by filterByExpr (too few counts)")
+    table["p_value_pseudobulk"] = p
+    table["n_samples_case"] = n_case
+    table["n_samples_control"] = n_ctrl
+    table["reason_pseudobulk"] = why
+    return table
 
 
 def _group_by(cfg: Config, obs_columns) -> list[str]:
@@ -106,7 +155,8 @@ def _params(cfg: Config) -> dict:
     return {"group_by": list(st.group_by), "scale_factor": cfg.normalize.scale_factor,
             "target_genes": list(st.target_genes), "condition": st.condition,
             "case": st.case, "control": st.control, "timepoint": st.timepoint,
-            "timepoints": list(st.timepoints)}
+            "timepoints": list(st.timepoints), "pseudobulk": st.pseudobulk,
+            "pseudobulk_min_cells": st.pseudobulk_min_cells}
 
 
 @stage("statistics", after=("qc", "cluster"), params=_params)
@@ -135,9 +185,57 @@ def run_statistics(ctx: Context) -> None:
                             progress=ctx.progress)
     write_grouped_stats(store, ds)
     out = ctx.tables / "target_tests.csv"
+    pb_out = ctx.tables / "pseudobulk.csv"
     if not study:  # no table at all (an earlier run's would contradict this one)
         out.unlink(missing_ok=True)
+        pb_out.unlink(missing_ok=True)
         log.info("statistics: no %r column in the cells' metadata: target tests skipped",
                  cfg.study.condition)
         return
-    write_table(target_tests(ds, cfg), out)
+    pb_table, why = _pseudobulk(store, ds, cfg, columns, ctx.scheduler())
+    if pb_table is None:
+        pb_out.unlink(missing_ok=True)
+    else:
+        write_table(pb_table, pb_out)
+    write_table(add_pseudobulk(target_tests(ds, cfg), pb_table, why), out)
+
+
+def _pseudobulk(store, ds, cfg: Config, columns: list[str], scheduler=None):
+    """The pseudobulk Dataset (stored) and its tests; (None, why) when there are none."""
+    import time
+
+    from cellmill.stages.statistics.pseudobulk import (
+        pseudobulk_dataset,
+        pseudobulk_tests,
+        sample_metadata,
+        write_pseudobulk,
+    )
+
+    st = cfg.study
+    if not st.pseudobulk:
+        return None, "study.pseudobulk = false"
+    if "sample" not in columns:
+        log.warning("statistics: no 'sample' column among the grouping columns: pseudobulk "
+                    "tests (samples as replicates) skipped")
+        return None, "no sample column"
+    t0 = time.perf_counter()
+    have = set(store.obs_columns())
+    obs = pd.DataFrame({c: store.obs_column(c) for c in
+                        dict.fromkeys(["sample", st.condition, st.timepoint, "sex"])
+                        if c in have})
+    meta = sample_metadata(obs, "sample", [st.condition, st.timepoint, "sex"])
+    del obs
+    if st.condition not in meta:
+        log.warning("statistics: %r varies within samples: pseudobulk tests skipped",
+                    st.condition)
+        return None, f"{st.condition!r} varies within samples"
+    pb = pseudobulk_dataset(ds, "sample", meta)
+    write_pseudobulk(store, pb)
+    workers = scheduler[1] if isinstance(scheduler, tuple) else cfg.compute.workers
+    table, fitted = pseudobulk_tests(pb, cfg, st.pseudobulk_min_cells, ds=ds,
+                                     workers=workers)
+    ran = len(fitted)
+    log.info("statistics: pseudobulk: %d samples x %d clusters, %d contrasts tested, %d "
+             "skipped (%.1f s)", pb.sizes["sample"], pb.sizes["cluster"], ran,
+             int((table["gene"] == "").sum()), time.perf_counter() - t0)
+    return table, ""

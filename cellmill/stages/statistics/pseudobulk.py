@@ -1,0 +1,251 @@
+"""Pseudobulk counts and differential expression with the animals (samples) as replicates.
+
+The statistics pass sums every gene's raw counts per group (grouped.py, `counts`); here the
+groups of one sample x cluster are added up into an xarray Dataset kept at uns/pseudobulk:
+  dims    sample, cluster, gene
+  counts  (sample, cluster, gene)  raw count sums of the QC-passed cells
+  n_cells (sample, cluster)        cells behind each sum
+  coords  sample, cluster, gene, and per sample its condition / time point / sex (when the
+          cells' metadata has them and they are constant within the sample)
+Every contrast (a cluster x time point, a cluster with time points pooled, all cells) runs
+edgeR's filterByExpr and TMM and limma's voom / lmFit / eBayes (pseudobulk_de.py) on the
+samples with >= min_cells cells, the condition as the tested coefficient and time point and
+sex as covariates where they vary; a contrast with < 2 samples in a group is skipped with the
+reason stated.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("cellmill")
+
+PSEUDOBULK = "pseudobulk"
+ALL = "all"
+POOLED = "pooled"
+# p_value_cells: the cell-level two-sided Welch p of the same gene and contrast (all of its
+# QC-passed cells, as the study's tests), side by side for calibration
+COLUMNS = ["gene", "cluster", "timepoint", "contrast", "logFC", "AveExpr", "t", "P.Value",
+           "adj.P.Val", "n_samples_case", "n_samples_control", "p_value_cells", "reason"]
+MIN_SAMPLES = 2
+
+
+def sample_metadata(obs: pd.DataFrame, sample_col: str, columns: list[str]) -> pd.DataFrame:
+    """One row per sample (index: sample name, str) with each of `columns` that is constant
+    within every sample (a column that varies inside a sample is not a sample property)."""
+    sub = obs[[sample_col] + [c for c in columns if c in obs and c != sample_col]].dropna(
+        subset=[sample_col]).astype(str)
+    grouped = sub.groupby(sample_col, sort=False, observed=True)
+    keep = [c for c in sub.columns[1:] if (grouped[c].nunique() <= 1).all()]
+    meta = grouped[keep].first()
+    meta.index = meta.index.astype(str)
+    return meta
+
+
+def pseudobulk_dataset(ds, sample_col: str, meta: pd.DataFrame):
+    """Sum the grouped statistics' `counts` and `n` over the groups of each sample x cluster."""
+    import xarray as xr
+
+    samples = ds[sample_col].values.astype(str)
+    clusters = ds["cluster"].values.astype(str) if "cluster" in ds.coords \
+        else np.full(ds.sizes["group"], ALL)
+    s_levels = [s for s in meta.index if s in set(samples)]
+    c_levels = list(dict.fromkeys(clusters))
+    si = pd.Index(s_levels).get_indexer(samples)
+    ci = pd.Index(c_levels).get_indexer(clusters)
+    counts = np.zeros((len(s_levels), len(c_levels), ds.sizes["gene"]), dtype=np.int64)
+    n_cells = np.zeros((len(s_levels), len(c_levels)), dtype=np.int64)
+    group_counts = ds["counts"].values
+    group_n = ds["n"].values
+    for g in range(ds.sizes["group"]):  # in group order: integer sums, exact in any order
+        counts[si[g], ci[g]] += group_counts[g]
+        n_cells[si[g], ci[g]] += group_n[g]
+    coords = {"sample": ("sample", np.array(s_levels)),
+              "cluster": ("cluster", np.array(c_levels)),
+              "gene": ("gene", ds["gene"].values.astype(str))}
+    for c in meta.columns:
+        coords[f"sample_{c}"] = ("sample", meta.loc[s_levels, c].to_numpy().astype(str))
+    return xr.Dataset({"counts": (("sample", "cluster", "gene"), counts),
+                       "n_cells": (("sample", "cluster"), n_cells)}, coords=coords,
+                      attrs={"sample_column": sample_col, "cells": "QC-passed",
+                             "value": "sum of raw counts per sample x cluster"})
+
+
+def write_pseudobulk(store, pb) -> None:
+    chunk = (pb.sizes["sample"], 1, max(1, min(pb.sizes["gene"], 4096)))
+    store.write_dataset("uns", PSEUDOBULK, pb, encoding={"counts": {"chunks": chunk}})
+
+
+def load_pseudobulk(store):
+    """The pseudobulk Dataset written by the statistics stage (lazy)."""
+    return store.read_dataset("uns", PSEUDOBULK)
+
+
+# ----------------------------------------------------------------------------- contrasts
+
+def _design(meta: pd.DataFrame, case_mask: np.ndarray, covariates: list[str]):
+    """Intercept + the tested indicator (column 1) + treatment-coded covariates that vary;
+    a covariate that would leave the design rank-deficient or without residual df is left
+    out (in the order given: time point before sex)."""
+    n = len(meta)
+    cols = [np.ones(n), case_mask.astype(np.float64)]
+    used = []
+    for cov in covariates:
+        if cov not in meta:
+            continue
+        levels = sorted(set(meta[cov]))
+        if len(levels) < 2:
+            continue
+        extra = [(meta[cov].to_numpy() == lv).astype(np.float64) for lv in levels[1:]]
+        trial = np.column_stack(cols + extra)
+        if np.linalg.matrix_rank(trial) == trial.shape[1] and n - trial.shape[1] >= 1:
+            cols += extra
+            used.append(cov)
+    return np.column_stack(cols), used
+
+
+def run_contrast(counts: np.ndarray, meta: pd.DataFrame, case_mask: np.ndarray,
+                 covariates: list[str]):
+    """voom-limma of `counts` (genes x samples): the coefficient of case_mask. Returns the
+    topTable frame (index: gene positions kept by filterByExpr) and the covariates used."""
+    from cellmill.stages.statistics.pseudobulk_de import voom_de
+
+    design, used = _design(meta, case_mask, covariates)
+    if counts.shape[1] - design.shape[1] < 1:
+        raise ValueError("no residual degrees of freedom")
+    group = np.where(case_mask, "case", "control")
+    res = voom_de(counts, group, design, coef=1)
+    table = res.table.reset_index(drop=True)
+    table.index = np.flatnonzero(res.keep)
+    return table, used
+
+
+def plan(pb, cfg, min_cells: int):
+    """(cluster, timepoint label, contrast name, case samples, control samples, covariates)
+    for every pseudobulk contrast: case vs control per cluster x time point, per cluster with
+    time points pooled, and over all cells ("all"); plus each time point but the last vs the
+    last (conditions pooled), as the cell-level target tests have them."""
+    st = cfg.study
+    cond = _coord(pb, st.condition)
+    tp = _coord(pb, st.timepoint)
+    has_tp = tp is not None
+    tps = [t for t in st.timepoints] if has_tp else []
+    clusters = [ALL] + [c for c in pb["cluster"].values.astype(str) if c != ALL]
+    n_all = pb["n_cells"].values.sum(axis=1)
+    n_by = {c: pb["n_cells"].values[:, i] for i, c in enumerate(pb["cluster"].values.astype(str))}
+    name = f"{st.case}_vs_{st.control}"
+    out = []
+    for c in clusters:
+        enough = (n_all if c == ALL else n_by[c]) >= min_cells
+        for t in tps + [POOLED]:
+            in_tp = np.ones(len(cond), bool) if t == POOLED or not has_tp else tp == t
+            case = enough & in_tp & (cond == st.case)
+            ctrl = enough & in_tp & (cond == st.control)
+            covs = ([st.timepoint] if t == POOLED and has_tp else []) + ["sex"]
+            out.append((c, t if has_tp else POOLED, name, case, ctrl, covs))
+    both = np.isin(cond, [st.case, st.control])
+    for t in tps[:-1]:
+        last = tps[-1]
+        for c in clusters:
+            enough = (n_all if c == ALL else n_by[c]) >= min_cells
+            out.append((c, f"{t}_vs_{last}", f"{t}_vs_{last}", enough & both & (tp == t),
+                        enough & both & (tp == last), [st.condition, "sex"]))
+    return out
+
+
+def _coord(pb, column: str):
+    key = f"sample_{column}"
+    return pb[key].values.astype(str) if key in pb.coords else None
+
+
+def _cell_selectors(cfg, cluster: str, tp: str, name: str) -> tuple[dict, dict]:
+    """The grouped-statistics selectors of the cells of one contrast (welch.contrast)."""
+    st = cfg.study
+    where = {} if cluster == ALL else {"cluster": cluster}
+    if name == f"{st.case}_vs_{st.control}":
+        tsel = {} if tp == POOLED else {st.timepoint: tp}
+        return ({**where, st.condition: st.case, **tsel},
+                {**where, st.condition: st.control, **tsel})
+    a, b = tp.split("_vs_")
+    both = [st.case, st.control]
+    return ({**where, st.timepoint: a, st.condition: both},
+            {**where, st.timepoint: b, st.condition: both})
+
+
+def pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 1):
+    """Every planned contrast as rows of COLUMNS (a skipped contrast: one row, no gene, the
+    reason); with the grouped statistics `ds`, each gene's cell-level Welch p beside it. Also
+    returns {(cluster, timepoint, contrast): (table, n_case, n_control)} of the contrasts that
+    ran. Contrasts run on `workers` threads; the result is the same for any number."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cellmill.stages.statistics.welch import group_coords, pool_moments, select_groups, welch
+
+    genes = pb["gene"].values.astype(str)
+    counts = pb["counts"].values
+    totals = counts.sum(axis=1)  # per sample, all clusters ("all")
+    meta = pd.DataFrame({c[len("sample_"):]: pb[c].values.astype(str)
+                         for c in pb.coords if c.startswith("sample_")})
+    clusters = list(pb["cluster"].values.astype(str))
+    if ds is not None:  # the grouped moments once, as arrays (xarray's sel per contrast is slow)
+        coords = group_coords(ds)
+        g_n = np.asarray(ds["n"].values, dtype=np.float64)
+        g_sum, g_m2 = ds["sum"].values, ds["m2"].values
+        if list(ds["gene"].values.astype(str)) != list(genes):
+            raise ValueError("grouped statistics and pseudobulk genes differ")
+
+    def cell_pvalues(cluster, tp, name, cols):
+        moments = []
+        for where in _cell_selectors(cfg, cluster, tp, name):
+            idx = select_groups(coords, **where)
+            nn, sm, q = pool_moments(g_n[idx], g_sum[np.ix_(idx, cols)],
+                                     g_m2[np.ix_(idx, cols)], range(len(idx)))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                moments.append((nn, sm / nn, q / (nn - 1)))
+        return welch(*moments[0], *moments[1], "two.sided")["p_value"]
+
+    def one(item):
+        cluster, tp, name, case, ctrl, covs = item
+        n_case, n_ctrl = int(case.sum()), int(ctrl.sum())
+        row = dict(cluster=cluster, timepoint=tp, contrast=name, n_samples_case=n_case,
+                   n_samples_control=n_ctrl)
+        if min(n_case, n_ctrl) < MIN_SAMPLES:
+            why = (f"fewer than {MIN_SAMPLES} samples with >= {min_cells} cells in a group "
+                   f"(case {n_case}, control {n_ctrl})")
+            return pd.DataFrame([{**row, "gene": "", "reason": why}]), None
+        sel = case | ctrl
+        x = totals[sel] if cluster == ALL else counts[sel, clusters.index(cluster)]
+        try:
+            table, _ = run_contrast(np.ascontiguousarray(x.T), meta[sel].reset_index(drop=True),
+                                    case[sel], [c for c in covs if c in meta])
+        except ValueError as e:
+            return pd.DataFrame([{**row, "gene": "", "reason": f"not estimable: {e}"}]), None
+        cols = np.asarray(table.index)
+        out = pd.DataFrame({"gene": genes[cols],
+                            **{k: table[k].to_numpy() for k in
+                               ("logFC", "AveExpr", "t", "P.Value", "adj.P.Val")}})
+        for k, v in row.items():
+            out[k] = v
+        out["p_value_cells"] = np.nan if ds is None else cell_pvalues(cluster, tp, name, cols)
+        out["reason"] = ""
+        return out, (table, n_case, n_ctrl)
+
+    items = plan(pb, cfg, min_cells)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(one, items))  # in plan order
+    frames = [f for f, _ in results]
+    fitted = {item[:3]: fit for item, (_, fit) in zip(items, results, strict=True)
+              if fit is not None}
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+    return table.reindex(columns=COLUMNS), fitted
+
+
+def one_sided(t: np.ndarray, p_two: np.ndarray, alternative: str = "greater") -> np.ndarray:
+    """One-sided p-values from the moderated t and its two-sided p (pt is symmetric)."""
+    t = np.asarray(t, dtype=np.float64)
+    half = np.asarray(p_two, dtype=np.float64) / 2.0
+    up = np.where(t > 0, half, 1.0 - half)
+    return up if alternative == "greater" else 1.0 - up
