@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("gsea", help="preranked GSEA (fgsea 1.24.0 compatible)")
     s.add_argument("ranks", help="CSV with columns gene, stat")
-    s.add_argument("--gmt", required=True)
+    s.add_argument("--gmt", required=True, help="a GMT file, or the built-in hallmark sets: "
+                   "hallmark (organism from the genes), hallmark:mouse, hallmark:human")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--min-size", type=int, default=1)
     s.add_argument("--max-size", type=int, default=None)

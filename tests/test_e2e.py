@@ -136,7 +136,11 @@ def test_report_is_complete(run):
     ctx, out, planted, truth = run
     text = (out / "report.html").read_text()
     assert "Every figure and table was produced." in text, re.findall(r"<li>(.*?)</li>", text)
-    assert len(re.findall(r'src="data:image/png;base64,', text)) == 12
+    assert len(re.findall(r'src="data:image/png;base64,', text)) == 13  # with the QQ figure
+    tt = pd.read_csv(out / "tables" / "target_tests.csv")
+    assert {"p_value_pseudobulk", "n_samples_case", "n_samples_control"} <= set(tt.columns)
+    pb = pd.read_csv(out / "tables" / "pseudobulk.csv", low_memory=False)
+    assert pb["P.Value"].notna().sum() > 1000 and pb["p_value_cells"].notna().sum() > 1000
     # the report's cluster of interest is the cluster holding the planted population
     lab, pop = _clusters_and_truth(ctx, truth)
     eff = _effect(planted, "gene", "5mo")

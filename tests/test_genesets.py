@@ -185,3 +185,33 @@ def test_study_without_gsea_settings_runs_gsea(hallmark_study):
     html = (out / "report.html").read_text()  # the report resolves "hallmark" the same way
     assert "gene sets not readable" not in html
     assert (out / "figures" / "fig2c_enrichment_curves.png").is_file()  # drawn from the sets
+
+
+def test_gsea_command_takes_the_builtin_sets(tmp_path, capsys):
+    """`cellmill gsea RANKS --gmt hallmark`: the organism from the ranked genes; the result is
+    what the same command gives with the packaged mouse file named explicitly."""
+    import numpy as np
+
+    from cellmill.genesets import builtin_path
+
+    sets = read_gmt(builtin_path("mouse"))
+    genes = sorted({g for s in sets.values() for g in s})
+    rng = np.random.default_rng(3)
+    stat = rng.normal(size=len(genes))
+    hypoxia = set(sets["HALLMARK_HYPOXIA"])
+    stat += np.array([1.5 if g in hypoxia else 0.0 for g in genes])
+    ranks = tmp_path / "ranks.csv"
+    pd.DataFrame({"gene": genes, "stat": stat}).to_csv(ranks, index=False)
+    outs = {}
+    for gmt in ("hallmark", str(builtin_path("mouse"))):
+        out = tmp_path / f"out_{len(outs)}.csv"
+        assert main(["-q", "gsea", str(ranks), "--gmt", gmt, "-o", str(out),
+                     "--min-size", "15", "--max-size", "500"]) == 0
+        outs[gmt] = pd.read_csv(out)
+    a, b = outs.values()
+    pd.testing.assert_frame_equal(a, b)
+    assert a.sort_values("pval").iloc[0]["pathway"] == "HALLMARK_HYPOXIA"
+    # human names for mouse ranks: one line naming the ranks file
+    assert main(["gsea", str(ranks), "--gmt", "hallmark:nope", "-o",
+                 str(tmp_path / "x.csv")]) == 2
+    assert "hallmark:nope" in capsys.readouterr().err

@@ -396,14 +396,25 @@ def to_csv_frame(res: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _gmt_file(gmt, genes, ranks_csv):
+    """--gmt: a file, or the built-in "hallmark" ("hallmark:mouse" / "hallmark:human"; plain
+    "hallmark" picks the organism from the ranked genes)."""
+    from cellmill.genesets import builtin_organisms, builtin_path, detect_organism
+
+    orgs = builtin_organisms(str(gmt))
+    if orgs is None:
+        return gmt
+    return builtin_path(orgs[0] if len(orgs) == 1 else detect_organism(genes, ranks_csv))
+
+
 def gsea_command(ranks_csv, gmt, out_csv, **params) -> pd.DataFrame:
-    """`cellmill gsea RANKS.csv --gmt FILE -o OUT.csv [options]`.
+    """`cellmill gsea RANKS.csv --gmt FILE|hallmark[:mouse|:human] -o OUT.csv [options]`.
 
     params: min_size, max_size, seed, nperm_simple, sample_size, eps, score_type,
     gsea_param (None values mean the default). Prints matched-gene counts.
     """
     stats = read_ranks(ranks_csv)
-    pathways = read_gmt(gmt)
+    pathways = read_gmt(_gmt_file(gmt, stats.index, ranks_csv))
     params = {k.replace("-", "_"): v for k, v in params.items() if v is not None}
     sizes = matched_sizes(pathways, stats.index)
     lo = params.get("min_size", 1)
