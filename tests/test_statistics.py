@@ -270,6 +270,23 @@ def test_stage_writes_table_and_store(study, tmp_path):
     table = pd.read_csv(tmp_path / "tables" / "target_tests.csv")
     assert list(table.columns) == TARGET_COLUMNS and len(table) == 24
     assert load_grouped_stats(study).sizes["group"] > 0
+    # one sample per condition x time point: pooled contrasts (3 vs 3 samples) are tested,
+    # per time point they are skipped with the reason
+    pb = pd.read_csv(tmp_path / "tables" / "pseudobulk.csv", keep_default_na=False)
+    pooled = pb[(pb.timepoint == "pooled") & (pb.contrast == "SNI_vs_Sham")]
+    assert (pooled["gene"] != "").sum() > 20 and (pooled["n_samples_case"] == 3).all()
+    per_tp = pb[pb.timepoint == "3d"]
+    assert (per_tp["gene"] == "").all() and per_tp["reason"].str.startswith("fewer than 2").all()
+    assert study.has("uns", "pseudobulk")
+    assert table["p_value_pseudobulk"].notna().sum() >= 4  # Sigmar1 pooled, per cluster + all
+    # turned off: no sums, no table, and the target tests say why
+    cfg.study.pseudobulk = False
+    run_statistics(Context(cfg=cfg, outdir=tmp_path, store=study, progress=False))
+    assert not study.has("uns", "pseudobulk")
+    assert not (tmp_path / "tables" / "pseudobulk.csv").exists()
+    table = pd.read_csv(tmp_path / "tables" / "target_tests.csv")
+    assert table["p_value_pseudobulk"].isna().all()
+    assert (table["reason_pseudobulk"] == "study.pseudobulk = false").all()
 
 
 # ---------------------------------------------------------------- parity with R's t.test

@@ -330,6 +330,14 @@ class Store:
     def has(self, slot: str, name: str) -> bool:
         return (self.path / slot / name / "zarr.json").exists()
 
+    def remove(self, slot: str, name: str) -> None:
+        """Remove slot/name if present (an earlier run's result that this run does not make)."""
+        target = self.path / slot / name
+        if target.exists():
+            shutil.rmtree(target)
+            self._root = None
+            faults.wrote()
+
     def write_sparse(self, slot: str, name: str, m) -> None:
         parent = _empty_dict_group(self.root, slot)
         shutil.rmtree(self.path / slot / (name + ".__new__"), ignore_errors=True)

@@ -189,11 +189,15 @@ def run_statistics(ctx: Context) -> None:
     if not study:  # no table at all (an earlier run's would contradict this one)
         out.unlink(missing_ok=True)
         pb_out.unlink(missing_ok=True)
+        store.remove("uns", "pseudobulk")
         log.info("statistics: no %r column in the cells' metadata: target tests skipped",
                  cfg.study.condition)
         return
     pb_table, why = _pseudobulk(store, ds, cfg, columns, ctx.scheduler())
-    if pb_table is None:
+    if pb_table is None:  # an earlier run's sums and tests would contradict this one
+        from cellmill.stages.statistics.pseudobulk import PSEUDOBULK
+
+        store.remove("uns", PSEUDOBULK)
         pb_out.unlink(missing_ok=True)
     else:
         write_table(pb_table, pb_out)
