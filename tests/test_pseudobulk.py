@@ -124,7 +124,12 @@ def test_skipped_contrasts_say_why(study):
     # the target-test rows carry it
     tt = add_pseudobulk(target_tests(study["ds"], cfg), few)
     assert tt["p_value_pseudobulk"].isna().all()
-    assert tt["reason_pseudobulk"].str.startswith("fewer than 2 samples").all()
+    cond = tt["contrast"] == "SNI_vs_Sham"
+    assert tt.loc[cond, "reason_pseudobulk"].str.startswith("fewer than 2 samples").all()
+    # the time-point contrasts (3d vs 5mo, ...) have no pseudobulk twin, and say so
+    assert (~cond).sum() > 0
+    assert (tt.loc[~cond, "reason_pseudobulk"]
+            == "no pseudobulk test of time-point contrasts").all()
 
 
 def test_target_rows_get_the_one_sided_sample_p(study):

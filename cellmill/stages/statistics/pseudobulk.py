@@ -126,8 +126,9 @@ def run_contrast(counts: np.ndarray, meta: pd.DataFrame, case_mask: np.ndarray,
 def plan(pb, cfg, min_cells: int):
     """(cluster, timepoint label, contrast name, case samples, control samples, covariates)
     for every pseudobulk contrast: case vs control per cluster x time point, per cluster with
-    time points pooled, and over all cells ("all"); plus each time point but the last vs the
-    last (conditions pooled), as the cell-level target tests have them."""
+    time points pooled, and over all cells ("all"). (The cell-level time-point contrasts of
+    the target tests have no pseudobulk twin: each is as many contrasts again over all genes,
+    for a secondary question.)"""
     st = cfg.study
     cond = _coord(pb, st.condition)
     tp = _coord(pb, st.timepoint)
@@ -146,13 +147,6 @@ def plan(pb, cfg, min_cells: int):
             ctrl = enough & in_tp & (cond == st.control)
             covs = ([st.timepoint] if t == POOLED and has_tp else []) + ["sex"]
             out.append((c, t if has_tp else POOLED, name, case, ctrl, covs))
-    both = np.isin(cond, [st.case, st.control])
-    for t in tps[:-1]:
-        last = tps[-1]
-        for c in clusters:
-            enough = (n_all if c == ALL else n_by[c]) >= min_cells
-            out.append((c, f"{t}_vs_{last}", f"{t}_vs_{last}", enough & both & (tp == t),
-                        enough & both & (tp == last), [st.condition, "sex"]))
     return out
 
 
@@ -165,14 +159,8 @@ def _cell_selectors(cfg, cluster: str, tp: str, name: str) -> tuple[dict, dict]:
     """The grouped-statistics selectors of the cells of one contrast (welch.contrast)."""
     st = cfg.study
     where = {} if cluster == ALL else {"cluster": cluster}
-    if name == f"{st.case}_vs_{st.control}":
-        tsel = {} if tp == POOLED else {st.timepoint: tp}
-        return ({**where, st.condition: st.case, **tsel},
-                {**where, st.condition: st.control, **tsel})
-    a, b = tp.split("_vs_")
-    both = [st.case, st.control]
-    return ({**where, st.timepoint: a, st.condition: both},
-            {**where, st.timepoint: b, st.condition: both})
+    tsel = {} if tp == POOLED else {st.timepoint: tp}
+    return ({**where, st.condition: st.case, **tsel}, {**where, st.condition: st.control, **tsel})
 
 
 def pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 1):

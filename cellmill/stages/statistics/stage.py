@@ -107,7 +107,7 @@ def add_pseudobulk(table: pd.DataFrame, pb_table: pd.DataFrame | None, reason: s
         k = (str(row.cluster), str(row.timepoint), str(row.contrast))
         if k not in counts.index:
             p.append(np.nan), n_case.append(0), n_ctrl.append(0)
-            why.append("no pseudobulk contrast")
+            why.append("no pseudobulk test of time-point contrasts")
             continue
         n_case.append(int(counts.loc[k, "n_samples_case"]))
         n_ctrl.append(int(counts.loc[k, "n_samples_control"]))
