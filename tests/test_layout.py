@@ -72,6 +72,27 @@ def test_sampling_schedule_replays_umap_learns_bookkeeping():
             assert (got, got_neg) == (want, want_neg), (e, n)
 
 
+def test_batch_prefilter_never_drops_a_sampled_edge():
+    """may_sample skips sample_counts' divisions for edges surely not sampled: every edge
+    sample_counts samples, it lets through (weights on the schedule's boundaries included)."""
+    from cellmill.kernels.layout_batch import may_sample
+
+    rng = np.random.default_rng(3)
+    sampled = skipped = 0
+    for w_max in (1.0, 0.9999):  # 1: the usual maximum, where n w / w_max hits integers
+        w = np.concatenate([w_max / np.array([1.0, 2.0, 3.0, 4.0, 7.5, 10.0, 199.0, 500.0]),
+                            rng.uniform(0.002, 1.0, 200) * w_max]).astype(np.float32)
+        w = np.concatenate([w, np.nextafter(w, 0), np.nextafter(w, 1)])
+        for wi in w[w <= w_max].astype(np.float64):
+            for n in range(501):
+                hit, _ = sample_counts(n, w_max / wi, 5.0)
+                keep = may_sample(n, wi, 1.0 / w_max)
+                assert keep or not hit, (w_max, wi, n)
+                sampled += hit
+                skipped += not keep
+    assert sampled > 10_000 and skipped > 50_000
+
+
 def test_streamed_spectral_init_is_arpack_in_memory(tmp_path):
     import scipy.sparse.linalg as sla
 
