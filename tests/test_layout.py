@@ -113,16 +113,13 @@ def test_streamed_spectral_init_is_arpack_in_memory(tmp_path):
 
 
 @pytest.mark.parametrize("optimizer", ["batch", "sequential"])
-def test_streamed_umap_does_not_depend_on_block_size(tmp_path, optimizer):
+def test_streamed_umap_does_not_depend_on_block_size(tmp_path, monkeypatch, optimizer):
     x, _ = mixture(3000)
-    old = layout.ROWS
-    try:
-        layout.ROWS = 16_384
-        a = layout.umap_streamed(x, n_epochs=50, scratch=tmp_path / "a", optimizer=optimizer)
-        layout.ROWS = 701
-        b = layout.umap_streamed(x, n_epochs=50, scratch=tmp_path / "b", optimizer=optimizer)
-    finally:
-        layout.ROWS = old
+    monkeypatch.setattr(layout, "ROWS", 16_384)
+    a = layout.umap_streamed(x, n_epochs=50, scratch=tmp_path / "a", optimizer=optimizer)
+    monkeypatch.setattr(layout, "ROWS", 701)
+    monkeypatch.setattr(layout, "BATCH_ENTRIES", 1)  # the batch optimiser reads 701 rows too
+    b = layout.umap_streamed(x, n_epochs=50, scratch=tmp_path / "b", optimizer=optimizer)
     np.testing.assert_array_equal(a, b)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -209,7 +206,7 @@ def test_adam_step_is_adams_formula():
         want = emb.astype(np.float64)
 
 
-def test_batch_layout_same_bits_for_any_thread_count_and_scheduler(tmp_path):
+def test_batch_layout_same_bits_for_any_thread_count_and_scheduler(tmp_path, monkeypatch):
     """Each thread writes only the gradients of its own vertices: 1 and 2 Numba threads, and
     the synchronous and threaded schedulers (1 and 2 threads), give the same bits."""
     import numba
@@ -220,6 +217,7 @@ def test_batch_layout_same_bits_for_any_thread_count_and_scheduler(tmp_path):
     x, _ = mixture(4000, groups=5, seed=3)
     (tmp_path / "g").mkdir()
     g = disk_graph(x, 30, tmp_path / "g", 1500)
+    monkeypatch.setattr(layout, "BATCH_ENTRIES", 1)  # three blocks of 1,500 rows
     keep = float(np.float32(g.w_max / 60.0))
     init = np.random.default_rng(0).uniform(-10, 10, (4000, 2))
     a, b = find_ab_params(1.0, 0.3)
