@@ -21,7 +21,9 @@ def _umap_params(cfg):
     u = cfg.umap
     return {"n_neighbors": u.n_neighbors, "min_dist": u.min_dist, "seed": u.seed,
             "n_epochs": u.n_epochs, "n_pcs": cfg.neighbors.n_pcs, "metric": "cosine",
-            "backend": u.backend, "optimizer": u.optimizer}
+            "backend": u.backend,
+            # only the streamed backend has a choice of optimiser
+            "optimizer": u.optimizer if u.backend == "streamed" else None}
 
 
 @stage("umap", after=("pca",), params=_umap_params)
