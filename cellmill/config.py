@@ -263,10 +263,16 @@ class UMAPConfig(_Section):
     # "streamed": the graph on disk, O(cells) memory (stages/umap/streamed.py);
     # "umap-learn": in memory
     backend: str = "streamed"
+    # the streamed backend's layout optimiser: "batch", on all workers and the same bits for
+    # any number of them (kernels/layout_batch.py); "sequential", umap-learn's own updates on
+    # one thread (kernels/layout.py)
+    optimizer: str = "batch"
 
     def _check_more(self) -> None:
         if self.backend not in ("streamed", "umap-learn"):
             raise _bad("umap.backend", f"{self.backend!r} is not streamed or umap-learn")
+        if self.optimizer not in ("batch", "sequential"):
+            raise _bad("umap.optimizer", f"{self.optimizer!r} is not batch or sequential")
 
 
 @dataclass

@@ -281,12 +281,15 @@ def test_tasks_on_the_scheduler_are_small(store, cluster):
 
 
 def test_streamed_umap_identical_on_cluster(cluster, tmp_path):
-    """The streamed UMAP's kNN search runs as Dask tasks: the same layout, bit for bit, from
-    threads and from the LocalCluster's worker processes."""
+    """The streamed UMAP's kNN search runs as Dask tasks and its batch layout on as many
+    threads as the scheduler has workers: the same layout, bit for bit, from one thread, two
+    threads and the LocalCluster's two worker processes."""
     from cellmill.stages.umap.streamed import umap_streamed
 
     rng = np.random.default_rng(4)
     points = rng.normal(size=(3000, 15)) + rng.integers(0, 4, 3000)[:, None] * 2.0
     ref = umap_streamed(points, n_epochs=30, scratch=tmp_path / "a", scheduler=("threads", 2))
     got = umap_streamed(points, n_epochs=30, scratch=tmp_path / "b", scheduler=cluster)
+    one = umap_streamed(points, n_epochs=30, scratch=tmp_path / "c", scheduler=("sync", 1))
     np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(one, ref)

@@ -71,8 +71,8 @@ class DiskGraph:
                 if len(vals):
                     self.w_max = max(self.w_max, float(vals.max()))
 
-    def _read(self, fc, fv, r0: int):
-        r1 = min(r0 + self.rows, self.n)
+    def _read(self, fc, fv, r0: int, rows: int):
+        r1 = min(r0 + rows, self.n)
         a, b = int(self.indptr[r0]), int(self.indptr[r1])
         fc.seek(4 * a)
         fv.seek(4 * a)
@@ -80,19 +80,21 @@ class DiskGraph:
         vals = np.fromfile(fv, dtype=np.float32, count=b - a)
         return r0, self.indptr[r0:r1 + 1] - a, cols, vals, a
 
-    def blocks(self):
-        """(r0, local indptr, cols, vals, position of the first entry) per block of rows; the
-        next block is read on a second thread while the caller works on one."""
+    def blocks(self, rows: int = 0):
+        """(r0, local indptr, cols, vals, position of the first entry) per block of rows
+        (`rows` of them, or the graph's own block size); the next block is read on a second
+        thread while the caller works on one."""
         from concurrent.futures import ThreadPoolExecutor
 
-        starts = list(range(0, self.n, self.rows))
+        rows = rows or self.rows
+        starts = list(range(0, self.n, rows))
         with (open(self.cols_path, "rb") as fc, open(self.vals_path, "rb") as fv,
               ThreadPoolExecutor(1) as pool):
-            nxt = pool.submit(self._read, fc, fv, starts[0]) if starts else None
+            nxt = pool.submit(self._read, fc, fv, starts[0], rows) if starts else None
             for i in range(len(starts)):
                 block = nxt.result()
                 if i + 1 < len(starts):
-                    nxt = pool.submit(self._read, fc, fv, starts[i + 1])
+                    nxt = pool.submit(self._read, fc, fv, starts[i + 1], rows)
                 yield block
 
     def to_csr(self):

@@ -1,7 +1,8 @@
 """Stage `umap` (Seurat's RunUMAP): umap-learn's method on the PCs of the QC-passed cells;
 spectral init, min_dist 0.3, 200 epochs when N > 10,000 else 500, seeded. By default with the
-graph on disk (umap/streamed.py); `umap.backend = "umap-learn"` runs umap-learn in memory
-(umap/in_memory.py). Stored: obsm/X_umap (NaN rows for failed cells).
+graph on disk (umap/streamed.py) and the batch optimiser on all workers (`umap.optimizer`);
+`umap.backend = "umap-learn"` runs umap-learn in memory (umap/in_memory.py). Stored:
+obsm/X_umap (NaN rows for failed cells).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ def _umap_params(cfg):
     u = cfg.umap
     return {"n_neighbors": u.n_neighbors, "min_dist": u.min_dist, "seed": u.seed,
             "n_epochs": u.n_epochs, "n_pcs": cfg.neighbors.n_pcs, "metric": "cosine",
-            "backend": u.backend}
+            "backend": u.backend,
+            # only the streamed backend has a choice of optimiser
+            "optimizer": u.optimizer if u.backend == "streamed" else None}
 
 
 @stage("umap", after=("pca",), params=_umap_params)
@@ -33,7 +36,7 @@ def run_umap(ctx: Context) -> None:
 
         emb = umap_streamed(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
                             scratch=scratch_dir(store.path, "umap"), scheduler=ctx.scheduler(),
-                            progress=ctx.progress)
+                            progress=ctx.progress, optimizer=u.optimizer)
     else:
         emb = umap_embedding(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
                              scheduler=ctx.scheduler(), progress=ctx.progress)
