@@ -886,12 +886,17 @@ def qq_points(p: np.ndarray, max_points: int = 4000) -> tuple[np.ndarray, np.nda
 
 def pseudobulk_pairs(inp: ReportInputs) -> pd.DataFrame:
     """pseudobulk.csv rows of case vs control per cluster x time point that ran, with both
-    p-values (P.Value: samples as replicates; p_value_cells: cells)."""
-    pb = inp.table("pseudobulk.csv", ("gene", "cluster", "timepoint", "contrast", "P.Value",
-                                      "p_value_cells"))
+    p-values (P.Value: samples as replicates; p_value_cells: cells). Only the columns the
+    figure needs are read: the table has a row per gene and contrast."""
+    path = inp.tables_dir / "pseudobulk.csv"
+    if not path.is_file():
+        raise Missing("tables/pseudobulk.csv not found")
+    cols = ["cluster", "timepoint", "contrast", "P.Value", "p_value_cells"]
+    pb = pd.read_csv(path, usecols=cols, dtype={"cluster": str, "timepoint": str,
+                                                "contrast": str})
     s = inp.cfg.study
     rows = pb[(pb["contrast"] == f"{s.case}_vs_{s.control}") & (pb["cluster"] != "all")
-              & (pb["timepoint"] != "pooled") & (pb["gene"] != "nan") & (pb["gene"] != "")]
+              & (pb["timepoint"] != "pooled")]
     rows = rows[np.isfinite(rows["P.Value"].to_numpy(float))]
     if rows.empty:
         raise Missing("tables/pseudobulk.csv has no tested cluster x time point contrast")
