@@ -79,12 +79,20 @@ def open_10x_h5(
     feature_types: Iterable[str] | str | None = (GENE_EXPRESSION,),
     genome: str | None = None,
     slice_nnz: int | None = None,
+    ranges: list[tuple[int, int]] | None = None,
 ) -> Iterator[SampleStream]:
     """A Cell Ranger HDF5 file as a :class:`SampleStream` (slices of at most `slice_nnz`
-    nonzeros, default ``SLICE_NNZ``); the file stays open until the block ends."""
+    nonzeros, default ``SLICE_NNZ``); the file stays open until the block ends.
+
+    ranges: give only these cell ranges [c0, c1), one slice each (a part of the sample, see
+    ``cellmill.io.decode``; ``plan_ranges`` gives the ranges of the default slicing). The
+    header (barcodes, genes) is read and checked as for the whole sample. v2 files whose
+    several genome groups are concatenated ignore it (read whole)."""
     path = Path(path)
     require_file(path)
     slice_nnz = SLICE_NNZ if slice_nnz is None else int(slice_nnz)
+    if ranges is not None:
+        slice_nnz = ranges
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -206,10 +214,18 @@ def _header(path: Path, g: h5py.Group, n_features: int, prefix: str = ""):
     return barcodes, indptr
 
 
-def _slices(path: Path, g: h5py.Group, indptr: np.ndarray, n_features: int, slice_nnz: int,
+def _slices(path: Path, g: h5py.Group, indptr: np.ndarray, n_features: int, slice_nnz,
             mask: np.ndarray | None = None) -> Iterator[sp.csr_matrix]:
-    """The CSC features x barcodes of a group as CSR slices of barcodes x features."""
-    for c0, c1 in cell_ranges(indptr, slice_nnz):
+    """The CSC features x barcodes of a group as CSR slices of barcodes x features; `slice_nnz`
+    is a budget of nonzeros per slice or a list of cell ranges (one slice each)."""
+    if isinstance(slice_nnz, list):
+        ranges = slice_nnz
+        if any(not 0 <= c0 < c1 < len(indptr) for c0, c1 in ranges):
+            raise InputError(path, "the file changed while being read (cell ranges outside "
+                             f"its {len(indptr) - 1} cells)")
+    else:
+        ranges = cell_ranges(indptr, slice_nnz)
+    for c0, c1 in ranges:
         with _reading(path):
             a, b = int(indptr[c0]), int(indptr[c1])
             ptr = indptr[c0: c1 + 1] - a
@@ -224,6 +240,26 @@ def _hstack_groups(path: Path, parts) -> Iterator[sp.csr_matrix]:
         counts = sp.hstack(blocks, format="csr")
         del blocks
     yield counts
+
+
+def plan_ranges(path: str | os.PathLike, slice_nnz: int = SLICE_NNZ
+                ) -> list[tuple[int, int, int]] | None:
+    """The cell ranges [c0, c1) ``open_10x_h5`` would slice a v3 file into, each with its
+    nonzeros, from the column pointers alone (8 bytes a cell; nothing else is read or checked).
+    None when the file is not a readable v3 file with sane pointers: the reader then reads it
+    whole and reports why."""
+    try:
+        with h5py.File(path, "r") as f:
+            g = f.get("matrix")
+            if not isinstance(g, h5py.Group) or "indptr" not in g:
+                return None
+            indptr = np.asarray(g["indptr"][()])
+    except Exception:  # noqa: BLE001 - any failure: the reader reports it, in sample order
+        return None
+    if indptr.ndim != 1 or indptr.size < 2 or indptr.dtype.kind not in "iu" \
+            or indptr[0] != 0 or (np.diff(indptr) < 0).any():
+        return None
+    return [(c0, c1, int(indptr[c1] - indptr[c0])) for c0, c1 in cell_ranges(indptr, slice_nnz)]
 
 
 def cell_ranges(indptr: np.ndarray, max_nnz: int) -> Iterator[tuple[int, int]]:

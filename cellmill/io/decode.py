@@ -1,0 +1,168 @@
+"""Samples decoded in worker processes for ingest, handed back in sample order.
+
+h5py holds one global lock, so threads cannot read HDF5 files side by side: the samples are
+decoded (HDF5 read and gzip inflation, checks, feature selection, canonical CSR) in a pool of
+worker processes, while the parent only writes (``cellmill.io.ingest``). The work is cut into
+*parts*: a 10x v3 sample is cut into the cell ranges the sequential reader would read as slices
+(``tenx.plan_ranges``, from the column pointers only), grouped into parts of at most
+``PART_NNZ`` nonzeros; any other sample (v2, Matrix Market, .h5ad, a file the plan cannot read)
+is one part. A part's worker reads and checks the sample's header itself (barcodes and genes
+travel with the first part only), so a corrupt file fails in the worker with the sequential
+reader's own InputError, which the parent re-raises when it reaches that part in order.
+
+Memory: at most `workers` parts are submitted and not yet taken by the writer, plus the part
+being written. A decoded part costs about 12 bytes per nonzero (int32 counts, int64 gene
+indices), twice while it is pickled across; with ``PART_NNZ`` = 4M that is ~50 MB a part (~100
+MB at its peak) instead of a whole sample's: a 30k-cell sample at ~2,000 genes a cell is 60M
+nonzeros, ~720 MB decoded. The store is the same as a sequential ingest's, byte for byte, for
+any worker count: the parent writes the same slices in the same order.
+
+The pool uses the 'forkserver' start method ('spawn' where there is none): no fork of a
+process that holds threads or open HDF5 files; the server imports the readers once, and each
+worker is forked from it. Workers exit when the parent dies (a watchdog thread), so a killed
+ingest leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Nonzeros per part (a part holds whole slices of ``tenx.SLICE_NNZ``; one slice may exceed it).
+PART_NNZ = 4 << 20
+WATCH_SECONDS = 1.0
+
+
+@dataclass
+class Part:
+    """One part of a sample as decoded: `header` (barcodes, var, source) on the first part of a
+    sample only; `slices` the CSR matrices of its cells in order; `n_parts` of the sample."""
+
+    sample: int
+    index: int
+    n_parts: int
+    header: tuple | None
+    slices: list
+
+
+@dataclass
+class Task:
+    sample: int
+    index: int
+    n_parts: int
+    path: str
+    feature_types: tuple[str, ...] | None
+    ranges: list[tuple[int, int]] | None  # None: the whole sample
+
+
+def decode(task: Task) -> Part:
+    """Read one part (in a worker, or in the parent for one worker)."""
+    from cellmill.io.readers import open_sample
+    from cellmill.io.sample import sample_kind
+    from cellmill.io.tenx import open_10x_h5
+
+    path = Path(task.path)
+    if task.ranges is not None and sample_kind(path, None) == "10x":
+        ctx = open_10x_h5(path, feature_types=task.feature_types, ranges=task.ranges)
+    else:
+        ctx = open_sample(path, feature_types=task.feature_types)
+    with ctx as stream:
+        header = (stream.barcodes, stream.var, stream.source) if task.index == 0 else None
+        slices = list(stream.slices)
+    return Part(task.sample, task.index, task.n_parts, header, slices)
+
+
+def tasks(paths: list[Path], feature_types, plan: bool = True,
+          part_nnz: int = PART_NNZ) -> Iterator[Task]:
+    """The parts of the samples in order; each sample is planned when its turn comes."""
+    from cellmill.io.tenx import SLICE_NNZ, plan_ranges
+
+    for i, path in enumerate(paths):
+        ranges = plan_ranges(path, SLICE_NNZ) if plan else None
+        groups = _group(ranges, part_nnz) if ranges else [None]
+        for k, g in enumerate(groups):
+            yield Task(i, k, len(groups), os.fspath(path), feature_types, g)
+
+
+def _group(ranges: list[tuple[int, int, int]], part_nnz: int) -> list[list]:
+    """Consecutive ranges (c0, c1, nnz) into parts of at most `part_nnz` nonzeros (at least
+    one range each)."""
+    groups, cur, nnz = [], [], 0
+    for c0, c1, n in ranges:
+        if cur and nnz + n > part_nnz:
+            groups.append(cur)
+            cur, nnz = [], 0
+        cur.append((c0, c1))
+        nnz += n
+    groups.append(cur)
+    return groups
+
+
+def decoded(task_iter: Iterator[Task], workers: int) -> Iterator[Part]:
+    """The parts in task order, decoded by `workers` processes with at most `workers` parts
+    submitted and not yet yielded (one worker: in this process, one part at a time). An error
+    of a part is raised when its turn comes; the pool is shut down on exit, early or not."""
+    if workers <= 1:
+        for t in task_iter:
+            yield decode(t)
+        return
+    pool = _pool(workers)
+    pending: deque = deque()
+    try:
+        for t in task_iter:
+            pending.append(pool.submit(decode, t))
+            if len(pending) >= workers:
+                break
+        while pending:
+            part = pending.popleft().result()
+            t = next(task_iter, None)
+            if t is not None:
+                pending.append(pool.submit(decode, t))
+            yield part
+            del part  # the writer is done with it: free before the next one arrives
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    import multiprocessing as mp
+
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
+    if method == "forkserver":  # the server imports the readers once; ignored once it runs
+        ctx.set_forkserver_preload(["cellmill.io.readers", "cellmill.io.decode"])
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_watch_parent,
+                               initargs=(os.getpid(),))
+
+
+def _watch_parent(pid: int) -> None:
+    """Worker set-up: Ctrl-C is the parent's to handle (it shuts the pool down); exit when the
+    ingesting process is gone (e.g. killed by SIGKILL: nothing else would stop the worker)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ppid = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(WATCH_SECONDS)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:
+                pass
+            if os.getppid() != ppid:  # our parent (the fork server) exited with it
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
