@@ -10,8 +10,8 @@ is one part. A part's worker reads and checks the sample's header itself (barcod
 travel with the first part only), so a corrupt file fails in the worker with the sequential
 reader's own InputError, which the parent re-raises when it reaches that part in order.
 
-Memory: at most `workers` parts are submitted and not yet taken by the writer, plus the part
-being written. A decoded part costs about 12 bytes per nonzero (int32 counts, int64 gene
+Memory: at most `workers` parts are decoding or decoded and waiting, plus the part being
+written. A decoded part costs about 12 bytes per nonzero (int32 counts, int64 gene
 indices), twice while it is pickled across; with ``PART_NNZ`` = 4M that is ~50 MB a part (~100
 MB at its peak) instead of a whole sample's: a 30k-cell sample at ~2,000 genes a cell is 60M
 nonzeros, ~720 MB decoded. The store is the same as a sequential ingest's, byte for byte, for
@@ -25,9 +25,12 @@ ingest leaves no orphans.
 
 from __future__ import annotations
 
+import itertools
 import os
+import sys
 import threading
 import time
+import types
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -80,13 +83,14 @@ def decode(task: Task) -> Part:
     return Part(task.sample, task.index, task.n_parts, header, slices)
 
 
-def tasks(paths: list[Path], feature_types, plan: bool = True,
-          part_nnz: int = PART_NNZ) -> Iterator[Task]:
-    """The parts of the samples in order; each sample is planned when its turn comes."""
-    from cellmill.io.tenx import SLICE_NNZ, plan_ranges
+def tasks(paths: list[Path], feature_types, part_nnz: int | None = None) -> Iterator[Task]:
+    """The parts of the samples in order; each sample is planned when its turn comes (here,
+    so the slicing is this process's ``tenx.SLICE_NNZ``)."""
+    from cellmill.io import tenx
 
+    part_nnz = PART_NNZ if part_nnz is None else part_nnz
     for i, path in enumerate(paths):
-        ranges = plan_ranges(path, SLICE_NNZ) if plan else None
+        ranges = tenx.plan_ranges(path, tenx.SLICE_NNZ)
         groups = _group(ranges, part_nnz) if ranges else [None]
         for k, g in enumerate(groups):
             yield Task(i, k, len(groups), os.fspath(path), feature_types, g)
@@ -107,10 +111,13 @@ def _group(ranges: list[tuple[int, int, int]], part_nnz: int) -> list[list]:
 
 
 def decoded(task_iter: Iterator[Task], workers: int) -> Iterator[Part]:
-    """The parts in task order, decoded by `workers` processes with at most `workers` parts
-    submitted and not yet yielded (one worker: in this process, one part at a time). An error
-    of a part is raised when its turn comes; the pool is shut down on exit, early or not."""
-    if workers <= 1:
+    """The parts in task order, decoded by `workers` processes: while the caller holds a part,
+    at most `workers` further parts are submitted (one worker, or a single part: in this
+    process, one part at a time). An error of a part is raised when its turn comes; the pool
+    is shut down on exit, early or not."""
+    first = list(itertools.islice(task_iter, 2))
+    task_iter = itertools.chain(first, task_iter)
+    if workers <= 1 or len(first) < 2:  # one part: no pool to start
         for t in task_iter:
             yield decode(t)
         return
@@ -118,14 +125,14 @@ def decoded(task_iter: Iterator[Task], workers: int) -> Iterator[Part]:
     pending: deque = deque()
     try:
         for t in task_iter:
-            pending.append(pool.submit(decode, t))
+            pending.append(_submit(pool, t))
             if len(pending) >= workers:
                 break
         while pending:
             part = pending.popleft().result()
             t = next(task_iter, None)
             if t is not None:
-                pending.append(pool.submit(decode, t))
+                pending.append(_submit(pool, t))
             yield part
             del part  # the writer is done with it: free before the next one arrives
     finally:
@@ -145,24 +152,38 @@ def _pool(workers: int) -> ProcessPoolExecutor:
                                initargs=(os.getpid(),))
 
 
+def _submit(pool: ProcessPoolExecutor, task: Task):
+    """pool.submit, which may start a worker: the worker gets a bare ``__main__``. Otherwise
+    spawn and forkserver re-run the caller's script in each worker (a script without an
+    ``if __name__ == "__main__":`` guard would then ingest again); workers need nothing of it."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        return pool.submit(decode, task)
+    finally:
+        sys.modules["__main__"] = main
+
+
 def _watch_parent(pid: int) -> None:
     """Worker set-up: Ctrl-C is the parent's to handle (it shuts the pool down); exit when the
-    ingesting process is gone (e.g. killed by SIGKILL: nothing else would stop the worker)."""
+    ingesting process is gone or a zombie (killed by SIGKILL: nothing else stops the worker,
+    as the workers themselves keep the fork server alive)."""
     import signal
 
+    import psutil
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ppid = os.getppid()
+    parent = psutil.Process(pid)
 
     def watch():
         while True:
             time.sleep(WATCH_SECONDS)
             try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+                if not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE:
+                    os._exit(0)
+            except psutil.NoSuchProcess:
                 os._exit(0)
-            except PermissionError:
+            except psutil.Error:
                 pass
-            if os.getppid() != ppid:  # our parent (the fork server) exited with it
-                os._exit(0)
 
     threading.Thread(target=watch, daemon=True).start()
