@@ -11,10 +11,10 @@ travel with the first part only), so a corrupt file fails in the worker with the
 reader's own InputError, which the parent re-raises when it reaches that part in order.
 
 Memory: at most `workers` parts are decoding or decoded and waiting, plus the part being
-written. A decoded part costs about 12 bytes per nonzero (int32 counts, int64 gene
-indices), twice while it is pickled across; with ``PART_NNZ`` = 4M that is ~50 MB a part (~100
-MB at its peak) instead of a whole sample's: a 30k-cell sample at ~2,000 genes a cell is 60M
-nonzeros, ~720 MB decoded. The store is the same as a sequential ingest's, byte for byte, for
+written. A decoded part costs 8 bytes per nonzero (int32 counts and gene indices), about
+twice that while it is pickled across; with ``PART_NNZ`` = 4M that is ~34 MB a part (~70 MB at
+its peak) instead of a whole sample's: a 30k-cell sample at ~2,000 genes a cell is 60M
+nonzeros, ~480 MB decoded, and 12 B/nnz more while the HDF5 read and checks run. The store is the same as a sequential ingest's, byte for byte, for
 any worker count: the parent writes the same slices in the same order.
 
 The pool uses the 'forkserver' start method ('spawn' where there is none): no fork of a
@@ -74,7 +74,8 @@ def decode(task: Task) -> Part:
 
     path = Path(task.path)
     if task.ranges is not None and sample_kind(path, None) == "10x":
-        ctx = open_10x_h5(path, feature_types=task.feature_types, ranges=task.ranges)
+        ctx = open_10x_h5(path, feature_types=task.feature_types, ranges=task.ranges,
+                          names=task.index == 0)  # the first part's header is the sample's
     else:
         ctx = open_sample(path, feature_types=task.feature_types)
     with ctx as stream:

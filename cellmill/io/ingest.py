@@ -92,7 +92,7 @@ def ingest(source: str | Path, out: str | Path, overwrite: bool = False,
     """Ingest a manifest CSV, or a single .h5 / .h5ad / Matrix Market folder, into a store.
 
     workers: processes decoding samples (1: this process reads, one slice at a time). Memory
-    is then about `workers` + 1 parts of ``cellmill.io.decode.PART_NNZ`` nonzeros (~50 MB
+    is then about `workers` + 1 parts of ``cellmill.io.decode.PART_NNZ`` nonzeros (~34 MB
     each) beside the writer's chunk buffers and the O(cells) obs."""
     from cellmill.io.progress import bar
 
