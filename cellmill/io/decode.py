@@ -6,16 +6,18 @@ worker processes, while the parent only writes (``cellmill.io.ingest``). The wor
 *parts*: a 10x v3 sample is cut into the cell ranges the sequential reader would read as slices
 (``tenx.plan_ranges``, from the column pointers only), grouped into parts of at most
 ``PART_NNZ`` nonzeros; any other sample (v2, Matrix Market, .h5ad, a file the plan cannot read)
-is one part. A part's worker reads and checks the sample's header itself (barcodes and genes
-travel with the first part only), so a corrupt file fails in the worker with the sequential
-reader's own InputError, which the parent re-raises when it reaches that part in order.
+is one part (those readers hold a whole sample anyway: up to `workers` + 1 in memory). A part's
+worker reads and checks the sample's header itself (barcodes and genes travel with the first
+part only), so a corrupt file fails in the worker with the sequential reader's own InputError,
+which the parent re-raises when it reaches that part in order.
 
 Memory: at most `workers` parts are decoding or decoded and waiting, plus the part being
-written. A decoded part costs 8 bytes per nonzero (int32 counts and gene indices), about
-twice that while it is pickled across; with ``PART_NNZ`` = 4M that is ~34 MB a part (~70 MB at
-its peak) instead of a whole sample's: a 30k-cell sample at ~2,000 genes a cell is 60M
-nonzeros, ~480 MB decoded, and 12 B/nnz more while the HDF5 read and checks run. The store is the same as a sequential ingest's, byte for byte, for
-any worker count: the parent writes the same slices in the same order.
+written. A decoded part costs 8 bytes per nonzero (int32 counts and gene indices), about twice
+that while it is pickled across; with ``PART_NNZ`` = 4M that is ~34 MB a part (~70 MB at its
+peak) instead of a whole sample's: a 30k-cell sample at ~2,000 genes a cell is 60M nonzeros,
+~480 MB decoded, and 12 B/nnz more while the HDF5 read and checks run. The store is the same
+as a sequential ingest's, byte for byte, for any worker count: the parent writes the same
+slices in the same order.
 
 The pool uses the 'forkserver' start method ('spawn' where there is none): no fork of a
 process that holds threads or open HDF5 files; the server imports the readers once, and each
@@ -36,8 +38,6 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 # Nonzeros per part (a part holds whole slices of ``tenx.SLICE_NNZ``; one slice may exceed it).
 PART_NNZ = 4 << 20
