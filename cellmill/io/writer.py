@@ -98,7 +98,7 @@ class StoreWriter:
                 col = len(self.gene_index)
                 self.gene_index[name] = col
                 row = {"gene": name}
-                row.update(zip(var.columns, values[j]))
+                row.update(zip(var.columns, values[j], strict=True))
                 self.var_rows.append(row)
             cols[j] = col
         self.sample_genes.append((sample_name, set(names)))
