@@ -91,9 +91,10 @@ def ingest(source: str | Path, out: str | Path, overwrite: bool = False,
            workers: int = 1) -> Store:
     """Ingest a manifest CSV, or a single .h5 / .h5ad / Matrix Market folder, into a store.
 
-    workers: processes decoding samples (1: this process reads, one slice at a time). Memory
-    is then about `workers` + 1 parts of ``cellmill.io.decode.PART_NNZ`` nonzeros (~34 MB
-    each) beside the writer's chunk buffers and the O(cells) obs."""
+    workers: processes decoding samples (1: this process reads, one slice at a time; at most
+    ``cellmill.io.decode.MAX_WORKERS``). This process then holds up to `workers` + 1 parts of
+    ``PART_NNZ`` nonzeros (~34 MB each) beside the writer's chunk buffers and the O(cells) obs,
+    and each worker ~200 MB (its imports and one part's read buffers; measured)."""
     from cellmill.io.progress import bar
 
     source = Path(source)
