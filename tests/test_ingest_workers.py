@@ -166,7 +166,7 @@ def test_killed_ingest_leaves_no_store_and_no_worker(tmp_path, small_parts):
     deadline = time.monotonic() + 20
     while _marked(mark) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _marked(mark) == []  # the fork server and the workers exit with their ingest
+    assert _marked(mark) == []  # the workers exit with their ingest
 
     # a rerun removes the dead one's temporary store and writes the sequential store
     store = _ingest(manifest, out, workers=2)

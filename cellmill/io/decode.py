@@ -19,10 +19,11 @@ peak) instead of a whole sample's: a 30k-cell sample at ~2,000 genes a cell is 6
 as a sequential ingest's, byte for byte, for any worker count: the parent writes the same
 slices in the same order.
 
-The pool uses the 'forkserver' start method ('spawn' where there is none): no fork of a
-process that holds threads or open HDF5 files; the server imports the readers once, and each
-worker is forked from it. Workers exit when the parent dies (a watchdog thread), so a killed
-ingest leaves no orphans.
+The pool uses the 'spawn' start method: no fork of a process that holds threads or open HDF5
+files (h5py and numba do not survive that), and no process outlives the ingest ('forkserver'
+would keep its server, ~100 MB, beside every later stage of the run). Each worker imports the
+readers once (~0.5 s of CPU). Workers exit when the parent dies (a watchdog thread), so a
+killed ingest leaves no orphans.
 """
 
 from __future__ import annotations
@@ -150,17 +151,13 @@ def decoded(task_iter: Iterator[Task], workers: int) -> Iterator[Part]:
 def _pool(workers: int) -> ProcessPoolExecutor:
     import multiprocessing as mp
 
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    if method == "forkserver":  # the server imports the readers once; ignored once it runs
-        ctx.set_forkserver_preload(["cellmill.io.readers", "cellmill.io.decode"])
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_watch_parent,
-                               initargs=(os.getpid(),))
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                               initializer=_watch_parent, initargs=(os.getpid(),))
 
 
 def _submit(pool: ProcessPoolExecutor, task: Task):
     """pool.submit, which may start a worker: the worker gets a bare ``__main__``. Otherwise
-    spawn and forkserver re-run the caller's script in each worker (a script without an
+    spawn re-runs the caller's script in each worker (a script without an
     ``if __name__ == "__main__":`` guard would then ingest again); workers need nothing of it."""
     main = sys.modules.get("__main__")
     sys.modules["__main__"] = types.ModuleType("__main__")
@@ -172,8 +169,8 @@ def _submit(pool: ProcessPoolExecutor, task: Task):
 
 def _watch_parent(pid: int) -> None:
     """Worker set-up: Ctrl-C is the parent's to handle (it shuts the pool down); exit when the
-    ingesting process is gone or a zombie (killed by SIGKILL: nothing else stops the worker,
-    as the workers themselves keep the fork server alive)."""
+    ingesting process is gone or a zombie (killed by SIGKILL: nothing else stops a worker
+    waiting for its next task)."""
     import signal
 
     import psutil
