@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='feature types to keep (default "Gene Expression"; repeatable)')
     s.add_argument("--all-features", action="store_true", help="keep every feature type")
     s.add_argument("--workers", type=_positive_int, default=2,
-                   help="processes decoding samples (default 2, at most 4 are used; the store "
-                   "is the same for any)")
+                   help="processes to use: one writes, the others (at most 4) decode samples "
+                   "(default 2; the store is the same for any)")
     s.set_defaults(func=_cmd_ingest)
 
     s = sub.add_parser("fetch", help="a GEO series' count files and a manifest.csv")

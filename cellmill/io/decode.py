@@ -43,7 +43,7 @@ from pathlib import Path
 # Nonzeros per part (a part holds whole slices of ``tenx.SLICE_NNZ``; one slice may exceed it).
 PART_NNZ = 4 << 20
 # At most this many decoding processes: decoding is about half of a sequential ingest's CPU
-# time and the writing half stays in one process, so 2-3 workers keep the writer busy; each
+# time and the writing half stays in one process, so 1-3 workers keep the writer busy; each
 # worker peaks at ~200 MB (imports and one part's buffers), so more would only cost memory.
 MAX_WORKERS = 4
 WATCH_SECONDS = 1.0
@@ -118,13 +118,13 @@ def _group(ranges: list[tuple[int, int, int]], part_nnz: int) -> list[list]:
 
 def decoded(task_iter: Iterator[Task], workers: int) -> Iterator[Part]:
     """The parts in task order, decoded by `workers` processes (at most ``MAX_WORKERS``):
-    while the caller holds a part, at most `workers` further parts are submitted (one worker,
+    while the caller holds a part, at most `workers` further parts are submitted (no worker,
     or a single part: in this process, one part at a time). An error of a part is raised when
     its turn comes; the pool is shut down on exit, early or not."""
     workers = min(workers, MAX_WORKERS)
     first = list(itertools.islice(task_iter, 2))
     task_iter = itertools.chain(first, task_iter)
-    if workers <= 1 or len(first) < 2:  # one part: no pool to start
+    if workers < 1 or len(first) < 2:  # one part: no pool to start
         for t in task_iter:
             yield decode(t)
         return

@@ -2,8 +2,9 @@
 
 Each sample is streamed (``cellmill.io.sample.open_sample``): 10x HDF5 counts go from the file to
 the store slice by slice, so peak memory does not grow with the cells of a sample. With
-`workers` > 1 the samples are decoded in that many worker processes, a part of a sample at a
-time, and written here in sample order (``cellmill.io.decode``): the same store, byte for byte.
+`workers` > 1 the samples are decoded in `workers` - 1 worker processes, a part of a sample at
+a time, and written here in sample order (``cellmill.io.decode``): the same store, byte for
+byte.
 """
 
 from __future__ import annotations
@@ -91,10 +92,11 @@ def ingest(source: str | Path, out: str | Path, overwrite: bool = False,
            workers: int = 1) -> Store:
     """Ingest a manifest CSV, or a single .h5 / .h5ad / Matrix Market folder, into a store.
 
-    workers: processes decoding samples (1: this process reads, one slice at a time; at most
-    ``cellmill.io.decode.MAX_WORKERS``). This process then holds up to `workers` + 1 parts of
-    ``PART_NNZ`` nonzeros (~34 MB each) beside the writer's chunk buffers and the O(cells) obs,
-    and each worker ~200 MB (its imports and one part's read buffers; measured)."""
+    workers: processes busy: this one writes, `workers` - 1 (at most
+    ``cellmill.io.decode.MAX_WORKERS``) decode samples; 1: this process reads too, one slice at
+    a time. This process then holds up to `workers` parts of ``PART_NNZ`` nonzeros (~34 MB
+    each) beside the writer's chunk buffers and the O(cells) obs, and each decoding process
+    ~200 MB (its imports and one part's read buffers; measured)."""
     from cellmill.io.progress import bar
 
     source = Path(source)
@@ -109,8 +111,8 @@ def ingest(source: str | Path, out: str | Path, overwrite: bool = False,
             raise InputError(s.path, f"file of sample {s.name!r} not found")
     writer = StoreWriter(out, overwrite=overwrite, block_cells=block_cells)
     try:
-        if workers > 1:
-            _add_decoded(writer, specs, feature_types, prefix, workers, progress)
+        if workers > 1:  # this process writes: workers - 1 processes decode
+            _add_decoded(writer, specs, feature_types, prefix, workers - 1, progress)
         else:
             for s in bar(specs, desc="ingest", unit="sample", enabled=progress):
                 _add(writer, s, feature_types, prefix)
