@@ -16,7 +16,7 @@ def _cmd_ingest(args) -> None:
 
     ft = None if args.all_features else tuple(args.feature_type)
     store = ingest(args.source, args.output, overwrite=args.overwrite, feature_types=ft,
-                   progress=progress_enabled())
+                   progress=progress_enabled(), workers=args.workers)
     print(f"{store.path}: {store.n_cells} cells x {store.n_genes} genes, {store.nnz} nonzeros")
 
 
@@ -139,6 +139,16 @@ def _output_options(suppress: bool) -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cellmill", description=__doc__,
                                 parents=[_output_options(suppress=False)])
@@ -153,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--feature-type", action="append", default=None,
                    help='feature types to keep (default "Gene Expression"; repeatable)')
     s.add_argument("--all-features", action="store_true", help="keep every feature type")
+    s.add_argument("--workers", type=_positive_int, default=2,
+                   help="processes to use: one writes, the others (at most 4) decode samples "
+                   "(default 2; the store is the same for any)")
     s.set_defaults(func=_cmd_ingest)
 
     s = sub.add_parser("fetch", help="a GEO series' count files and a manifest.csv")

@@ -1,7 +1,10 @@
 """Samples (a manifest, one file or folder) -> a new store.
 
 Each sample is streamed (``cellmill.io.sample.open_sample``): 10x HDF5 counts go from the file to
-the store slice by slice, so peak memory does not grow with the cells of a sample.
+the store slice by slice, so peak memory does not grow with the cells of a sample. With
+`workers` > 1 the samples are decoded in `workers` - 1 worker processes, a part of a sample at
+a time, and written here in sample order (``cellmill.io.decode``): the same store, byte for
+byte.
 """
 
 from __future__ import annotations
@@ -85,8 +88,15 @@ def is_store(path: Path) -> bool:
 
 def ingest(source: str | Path, out: str | Path, overwrite: bool = False,
            feature_types: tuple[str, ...] | None = ("Gene Expression",),
-           block_cells: int = DEFAULT_BLOCK_CELLS, progress: bool = False) -> Store:
-    """Ingest a manifest CSV, or a single .h5 / .h5ad / Matrix Market folder, into a store."""
+           block_cells: int = DEFAULT_BLOCK_CELLS, progress: bool = False,
+           workers: int = 1) -> Store:
+    """Ingest a manifest CSV, or a single .h5 / .h5ad / Matrix Market folder, into a store.
+
+    workers: processes busy: this one writes, `workers` - 1 (at most
+    ``cellmill.io.decode.MAX_WORKERS``) decode samples; 1: this process reads too, one slice at
+    a time. This process then holds up to `workers` parts of ``PART_NNZ`` nonzeros (~34 MB
+    each) beside the writer's chunk buffers and the O(cells) obs, and each decoding process
+    ~200 MB (its imports and one part's read buffers; measured)."""
     from cellmill.io.progress import bar
 
     source = Path(source)
@@ -101,8 +111,11 @@ def ingest(source: str | Path, out: str | Path, overwrite: bool = False,
             raise InputError(s.path, f"file of sample {s.name!r} not found")
     writer = StoreWriter(out, overwrite=overwrite, block_cells=block_cells)
     try:
-        for s in bar(specs, desc="ingest", unit="sample", enabled=progress):
-            _add(writer, s, feature_types, prefix)
+        if workers > 1:  # this process writes: workers - 1 processes decode
+            _add_decoded(writer, specs, feature_types, prefix, workers - 1, progress)
+        else:
+            for s in bar(specs, desc="ingest", unit="sample", enabled=progress):
+                _add(writer, s, feature_types, prefix)
         return writer.finish()
     except BaseException:
         writer.abort()
@@ -117,6 +130,44 @@ def _add(writer: StoreWriter, spec: SampleSpec, feature_types, prefix: bool) -> 
         if sample.n_cells == 0 or sample.n_genes == 0:
             raise InputError(spec.path, f"sample {spec.name!r} is empty")
         writer.add_sample(spec.name, sample, spec.metadata, prefix_cells=prefix)
+
+
+def _add_decoded(writer: StoreWriter, specs: list[SampleSpec], feature_types, prefix: bool,
+                 workers: int, progress: bool) -> None:
+    """Write the samples decoded by worker processes, in manifest order."""
+    from cellmill.io.decode import decoded, tasks
+    from cellmill.io.progress import bar
+    from cellmill.io.sample import SampleStream
+
+    parts = decoded(tasks([s.path for s in specs], feature_types), workers)
+    try:
+        for i, spec in enumerate(bar(specs, desc="ingest", unit="sample", enabled=progress)):
+            first = next(parts)
+            assert (first.sample, first.index) == (i, 0), "parts out of order"
+            barcodes, var, source = first.header
+            if len(barcodes) == 0 or len(var) == 0:
+                raise InputError(spec.path, f"sample {spec.name!r} is empty")
+            stream = SampleStream(barcodes, var, source, _sample_slices(first, parts))
+            del first
+            writer.add_sample(spec.name, stream, spec.metadata, prefix_cells=prefix)
+    finally:
+        parts.close()  # shuts the pool down, also when the writer failed
+
+
+def _sample_slices(first, parts):
+    """The slices of a sample whose first part is `first`, then of its further parts, each
+    dropped once the writer has taken it."""
+    n_parts, i = first.n_parts, first.sample
+    slices = first.slices
+    first.slices = []
+    for k in range(1, n_parts + 1):
+        while slices:
+            yield slices.pop(0)
+        if k < n_parts:
+            part = next(parts)
+            assert (part.sample, part.index) == (i, k), "parts out of order"
+            slices = part.slices
+            del part
 
 
 def _sample_name(path: Path) -> str:

@@ -79,12 +79,23 @@ def open_10x_h5(
     feature_types: Iterable[str] | str | None = (GENE_EXPRESSION,),
     genome: str | None = None,
     slice_nnz: int | None = None,
+    ranges: list[tuple[int, int]] | None = None,
+    names: bool = True,
 ) -> Iterator[SampleStream]:
     """A Cell Ranger HDF5 file as a :class:`SampleStream` (slices of at most `slice_nnz`
-    nonzeros, default ``SLICE_NNZ``); the file stays open until the block ends."""
+    nonzeros, default ``SLICE_NNZ``); the file stays open until the block ends.
+
+    ranges: give only these cell ranges [c0, c1), one slice each (a part of the sample, see
+    ``cellmill.io.decode``; ``plan_ranges`` gives the ranges of the default slicing). The
+    header (barcodes, genes) is read and checked as for the whole sample. v2 files whose
+    several genome groups are concatenated ignore it (read whole).
+    names: False leaves the barcodes as bytes and the gene names raw (no Seurat clean-up) in
+    a v3 file, for a part whose header another part gives (the checks are the same)."""
     path = Path(path)
     require_file(path)
     slice_nnz = SLICE_NNZ if slice_nnz is None else int(slice_nnz)
+    if ranges is not None:
+        slice_nnz = ranges
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -93,7 +104,7 @@ def open_10x_h5(
     with f:
         with _reading(path):
             if "matrix" in f:
-                stream = _open_v3(path, f, feature_types, genome, slice_nnz)
+                stream = _open_v3(path, f, feature_types, genome, slice_nnz, names)
             else:
                 stream = _open_v2(path, f, feature_types, genome, slice_nnz)
         # outside _reading: errors of the caller's block are not the file's
@@ -111,15 +122,19 @@ def _reading(path: Path):
         raise InputError(path, f"cannot read the 10x matrix, the file is corrupt ({e})") from e
 
 
-def _open_v3(path: Path, f: h5py.File, feature_types, genome, slice_nnz: int) -> SampleStream:
+def _open_v3(path: Path, f: h5py.File, feature_types, genome, slice_nnz,
+             names_too: bool = True) -> SampleStream:
     g = f["matrix"]
     if not isinstance(g, h5py.Group):
         raise InputError(path, "not a 10x v3 HDF5 file: 'matrix' is not a group")
     missing = [k for k in (*MATRIX_KEYS, "features/id", "features/name") if k not in g]
     if missing:
         raise InputError(path, f"not a 10x v3 HDF5 file: 'matrix' lacks {', '.join(missing)}")
-    ids = _strings(g["features/id"])
-    names = fill_empty(_strings(g["features/name"]), ids)
+    if names_too:
+        ids = _strings(g["features/id"])
+        names = fill_empty(_strings(g["features/name"]), ids)
+    else:  # a later part: the first part gave the names, these only need their count
+        ids, names = (np.asarray(g[k][()]).ravel() for k in ("features/id", "features/name"))
     n = ids.size
     types = _strings(g["features/feature_type"]) if "features/feature_type" in g else None
     if types is None:
@@ -128,15 +143,15 @@ def _open_v3(path: Path, f: h5py.File, feature_types, genome, slice_nnz: int) ->
     if names.size != n or types.size != n or (genomes is not None and genomes.size != n):
         raise InputError(path, "features/id, name, feature_type and genome differ in length")
 
-    barcodes, indptr = _header(path, g, n)
+    barcodes, indptr = _header(path, g, n, decode=names_too)
     mask = select(keep_mask(path, types, feature_types), genome_mask(path, genomes, genome))
     if mask is not None and not mask.any():
         raise InputError(path, f"no features of the requested types in genome {genome!r}")
-    unique = make_unique(names)  # Read10X_h5: over the whole feature vector
+    unique = make_unique(names) if names_too else names  # Read10X_h5: over the whole vector
     if mask is not None:
         unique, ids, types = unique[mask], ids[mask], types[mask]
         genomes = genomes[mask] if genomes is not None else None
-    var = build_var(seurat_clean(unique), ids, types, genomes)
+    var = build_var(seurat_clean(unique) if names_too else unique, ids, types, genomes)
     check_not_empty(path, len(barcodes), len(var))
     slices = _slices(path, g, indptr, n, slice_nnz, mask)
     return SampleStream(barcodes, var, os.fspath(path), slices)
@@ -190,13 +205,13 @@ def _open_v2(path: Path, f: h5py.File, feature_types, genome, slice_nnz: int) ->
     return SampleStream(barcodes, var, os.fspath(path), slices)
 
 
-def _header(path: Path, g: h5py.Group, n_features: int, prefix: str = ""):
+def _header(path: Path, g: h5py.Group, n_features: int, prefix: str = "", decode: bool = True):
     """Barcodes and the checked column pointers of a group's CSC features x barcodes."""
     shape = np.asarray(g["shape"][()]).ravel()
     if shape.size != 2:
         raise InputError(path, f"{prefix}shape has {shape.size} values, expected 2")
     n_feat, n_bc = int(shape[0]), int(shape[1])
-    barcodes = _strings(g["barcodes"])
+    barcodes = _strings(g["barcodes"]) if decode else np.asarray(g["barcodes"][()]).ravel()
     if n_feat != n_features:
         raise InputError(path, f"{prefix}shape says {n_feat} features but there are {n_features}")
     if n_bc != barcodes.size:
@@ -206,10 +221,18 @@ def _header(path: Path, g: h5py.Group, n_features: int, prefix: str = ""):
     return barcodes, indptr
 
 
-def _slices(path: Path, g: h5py.Group, indptr: np.ndarray, n_features: int, slice_nnz: int,
+def _slices(path: Path, g: h5py.Group, indptr: np.ndarray, n_features: int, slice_nnz,
             mask: np.ndarray | None = None) -> Iterator[sp.csr_matrix]:
-    """The CSC features x barcodes of a group as CSR slices of barcodes x features."""
-    for c0, c1 in cell_ranges(indptr, slice_nnz):
+    """The CSC features x barcodes of a group as CSR slices of barcodes x features; `slice_nnz`
+    is a budget of nonzeros per slice or a list of cell ranges (one slice each)."""
+    if isinstance(slice_nnz, list):
+        ranges = slice_nnz
+        if any(not 0 <= c0 < c1 < len(indptr) for c0, c1 in ranges):
+            raise InputError(path, "the file changed while being read (cell ranges outside "
+                             f"its {len(indptr) - 1} cells)")
+    else:
+        ranges = cell_ranges(indptr, slice_nnz)
+    for c0, c1 in ranges:
         with _reading(path):
             a, b = int(indptr[c0]), int(indptr[c1])
             ptr = indptr[c0: c1 + 1] - a
@@ -224,6 +247,26 @@ def _hstack_groups(path: Path, parts) -> Iterator[sp.csr_matrix]:
         counts = sp.hstack(blocks, format="csr")
         del blocks
     yield counts
+
+
+def plan_ranges(path: str | os.PathLike, slice_nnz: int = SLICE_NNZ
+                ) -> list[tuple[int, int, int]] | None:
+    """The cell ranges [c0, c1) ``open_10x_h5`` would slice a v3 file into, each with its
+    nonzeros, from the column pointers alone (8 bytes a cell; nothing else is read or checked).
+    None when the file is not a readable v3 file with sane pointers: the reader then reads it
+    whole and reports why."""
+    try:
+        with h5py.File(path, "r") as f:
+            g = f.get("matrix")
+            if not isinstance(g, h5py.Group) or "indptr" not in g:
+                return None
+            indptr = np.asarray(g["indptr"][()])
+    except Exception:  # noqa: BLE001 - any failure: the reader reports it, in sample order
+        return None
+    if indptr.ndim != 1 or indptr.size < 2 or indptr.dtype.kind not in "iu" \
+            or indptr[0] != 0 or (np.diff(indptr) < 0).any():
+        return None
+    return [(c0, c1, int(indptr[c1] - indptr[c0])) for c0, c1 in cell_ranges(indptr, slice_nnz)]
 
 
 def cell_ranges(indptr: np.ndarray, max_nnz: int) -> Iterator[tuple[int, int]]:

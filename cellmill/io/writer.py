@@ -89,13 +89,16 @@ class StoreWriter:
         """Study column of each gene of a sample (new genes are appended to the study's)."""
         names = list(var.index)
         cols = np.empty(len(names), dtype=np.int32)
+        values = None  # the rows as var.iloc[j] gives them (one common dtype), built once
         for j, name in enumerate(names):
             col = self.gene_index.get(name)
             if col is None:
+                if values is None:
+                    values = var.to_numpy()
                 col = len(self.gene_index)
                 self.gene_index[name] = col
                 row = {"gene": name}
-                row.update({c: var.iloc[j][c] for c in var.columns})
+                row.update(zip(var.columns, values[j], strict=True))
                 self.var_rows.append(row)
             cols[j] = col
         self.sample_genes.append((sample_name, set(names)))

@@ -58,8 +58,10 @@ def run_ingest(ctx: Context) -> None:
         return
     ctx.outdir.mkdir(parents=True, exist_ok=True)
     ft = tuple(ctx.cfg.input.feature_types) or None
+    c = ctx.cfg.compute  # samples decoded by worker processes: the same store for any count
+    workers = 1 if c.scheduler in ("synchronous", "sync") else c.workers
     ctx.store = ingest(src, ctx.store_path, overwrite=True, feature_types=ft,
-                       progress=ctx.progress)
+                       progress=ctx.progress, workers=workers)
 
 
 def qc_mask(n_features: np.ndarray, cfg: Config) -> np.ndarray:
