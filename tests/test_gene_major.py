@@ -89,7 +89,7 @@ def test_rebuild_replaces_and_failure_leaves_old(small_store, monkeypatch):
     def boom(*args):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(gene_major, "_scatter", boom)
+    monkeypatch.setattr(gene_major, "_merge_run", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         build_gene_major(store, 10**8)
     layers = sorted(p.name for p in (store.path / "layers").iterdir())
