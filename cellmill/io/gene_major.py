@@ -7,7 +7,8 @@ reading any counts (var `n_cells`, computed at ingest), so the whole indptr is k
 An external transpose, X decoded once (the earlier design decoded X once per gene slab: 5 to 10
 times at 196k cells, and a scatter over every nonzero per slab, ~60% of the markers stage):
 1. runs: every storage block of cells is decoded and transposed on its own (a counting sort by
-   gene, in the worker threads) and written raw to a temporary file (8 bytes per nonzero);
+   gene, in the worker threads) and written raw to a scratch file beside the store (8 bytes
+   per nonzero: the scratch folder holds a raw copy of the counts while the build runs);
 2. windows: the output is cut into ranges of whole zarr chunks; for each, the entries of its
    genes are read from every run (runs are in cell order, so the columns come out sorted),
    copied into place and written; windows are independent, so they run in the worker threads.
@@ -23,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
+from cellmill.io.scratch import scratch_dir
 from cellmill.io.store import (
     CHUNK_NNZ,
     GENE_MAJOR,
@@ -216,7 +218,8 @@ def build_gene_major(store: Store, memory_bytes: int, progress: bool = False,
                           chunks=(min(n_genes + 1, 1 << 20),), compressors=codec())
     ip[:] = indptr
 
-    runs_dir = tmp_dir / "_runs"  # raw temporaries, inside the temporary group
+    runs_dir = scratch_dir(store.path, "gene-major")  # raw runs, beside the store
+    shutil.rmtree(runs_dir, ignore_errors=True)
     runs_dir.mkdir()
     runs = _Runs(runs_dir, n_genes)
     runs.ips = [None] * len(ranges)
@@ -241,11 +244,11 @@ def build_gene_major(store: Store, memory_bytes: int, progress: bool = False,
             _bounded(pool, _window, [(runs, indptr, a, b, out_data, out_idx)
                                      for a, b in wins],
                      workers, lambda k, _: pbar.update(1))
-        shutil.rmtree(runs_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     finally:
+        shutil.rmtree(runs_dir, ignore_errors=True)
         pbar.close()
     _swap_dir(tmp_dir, store.path / "layers" / GENE_MAJOR)
     store._root = None

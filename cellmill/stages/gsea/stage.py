@@ -140,6 +140,7 @@ def run_gsea(ctx: Context) -> None:
                                 memory_bytes=cfg.compute.memory_bytes,
                                 scheduler=ctx.scheduler(), progress=ctx.progress)
         rankings = [ranking(de, cfg.gsea.ranking) for de in des]
+        del des
     if pairs:
         todo = []
         for (c, t, _, _), stats in zip(pairs, rankings, strict=True):
@@ -147,8 +148,6 @@ def run_gsea(ctx: Context) -> None:
                 log.info("gsea: cluster %s at %s: no pseudobulk test (too few samples), "
                          "skipped", c, t)
                 continue
-            write_table(pd.DataFrame({"gene": stats.index, "stat": stats.to_numpy()}),
-                        ranks_dir / f"{c}_{t}.csv")
             todo.append((c, t, stats))
         del rankings
         g = cfg.gsea
@@ -158,11 +157,16 @@ def run_gsea(ctx: Context) -> None:
                                       nperm_simple=g.nperm_simple, seed=g.seed))
 
         # rankings are independent and the kernels release the GIL: one per worker thread,
-        # results kept in pair order (each ranking's streams depend on the seed alone)
+        # results kept in pair order (each ranking's streams depend on the seed alone); the
+        # ranking CSVs (pandas, holding the GIL) are written meanwhile
         with warnings.catch_warnings():  # fold-change rankings always have ties
             warnings.filterwarnings("ignore", message=".*ties.*")
             with ThreadPoolExecutor(max_workers=max(1, cfg.compute.workers)) as pool:
-                results = list(pool.map(one, [s for _, _, s in todo]))
+                futures = [pool.submit(one, stats) for _, _, stats in todo]
+                for c, t, stats in todo:
+                    write_table(pd.DataFrame({"gene": stats.index, "stat": stats.to_numpy()}),
+                                ranks_dir / f"{c}_{t}.csv")
+                results = [f.result() for f in futures]
         for (c, t, _), res in zip(todo, results, strict=True):
             res["cluster"], res["timepoint"] = c, t
             tables.append(res)
