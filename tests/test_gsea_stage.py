@@ -1,5 +1,7 @@
 """The gsea stage: case vs control rankings per cluster x time point, then preranked GSEA."""
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -91,8 +93,6 @@ def test_gsea_stage_same_for_any_worker_count(tmp_path):
                                  "study.timepoints=['3d','5mo']", f"compute.workers={workers}",
                                  f"compute.memory='{memory}'"])
         out = tmp_path / f"out{workers}"
-        import shutil
-
         shutil.rmtree(store.path / "layers" / GENE_MAJOR, ignore_errors=True)
         run_gsea(Context(cfg, out, store=store, progress=False))
         got.append((out / "tables" / "gsea.csv").read_bytes())
