@@ -39,30 +39,44 @@ BYTES_PER_NNZ = 8  # int32 value + int32 cell index
 # compressed chunks; a window: its output (8 B/nnz) and one run's part of it (8 B/nnz)
 BLOCK_BYTES_PER_NNZ = 20
 WINDOW_BYTES_PER_NNZ = 16
+GENE_STRIPE = 2048  # genes whose columns a block's transpose writes at a time
 SHARE = 0.5  # of memory_bytes, for the blocks or windows in flight (the rest: the process)
 
 
 @numba.njit(nogil=True, cache=True)
 def _transpose_block(data, indices, indptr, row0, n_genes):
-    """A CSR block (cells row0, row0 + 1, ...) as one int32 buffer [values by gene | cell
-    indices by gene] and the gene offsets (int32, n_genes + 1). Cells stay in order within
-    each gene."""
+    """A CSR block (cells row0, row0 + 1, ...; gene indices sorted within rows) as one int32
+    buffer [values by gene | cell indices by gene] and the gene offsets (int32, n_genes + 1).
+    Cells stay in order within each gene. Genes are taken GENE_STRIPE at a time (each row's
+    next entries are a prefix of what is left of it), so the writes go to a few thousand
+    columns at once and stay in cache, instead of to every gene's column."""
     nnz = indices.shape[0]
+    n_rows = len(indptr) - 1
     ip = np.zeros(n_genes + 1, dtype=np.int64)
-    for k in range(nnz):
-        ip[indices[k] + 1] += 1
+    stripe = GENE_STRIPE
+    for r in range(n_rows):
+        for k in range(indptr[r], indptr[r + 1]):
+            ip[indices[k] + 1] += 1
+            if k > indptr[r] and indices[k] <= indices[k - 1]:
+                stripe = n_genes + 1  # a row out of gene order: all genes in one stripe
     for g in range(n_genes):
         ip[g + 1] += ip[g]
     cursor = ip[:n_genes].copy()
     out = np.empty(2 * nnz, dtype=np.int32)
-    for r in range(len(indptr) - 1):
-        cell = row0 + r
-        for k in range(indptr[r], indptr[r + 1]):
-            g = indices[k]
-            p = cursor[g]
-            out[p] = data[k]
-            out[nnz + p] = cell
-            cursor[g] = p + 1
+    pos = indptr[:n_rows].copy()  # next unread entry of each row
+    for g1 in range(stripe, n_genes + stripe, stripe):
+        for r in range(n_rows):
+            k = pos[r]
+            end = indptr[r + 1]
+            cell = row0 + r
+            while k < end and indices[k] < g1:
+                g = indices[k]
+                p = cursor[g]
+                out[p] = data[k]
+                out[nnz + p] = cell
+                cursor[g] = p + 1
+                k += 1
+            pos[r] = k
     return out, ip.astype(np.int32)
 
 
