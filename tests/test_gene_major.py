@@ -13,6 +13,7 @@ from make_10x import barcodes, write_10x_v3
 from cellmill.io import gene_major
 from cellmill.io.gene_major import build_gene_major, plan_slabs
 from cellmill.io.ingest import ingest
+from cellmill.io.scratch import scratch_dir
 from cellmill.io.store import GENE_MAJOR, Store
 
 
@@ -61,6 +62,23 @@ def test_build_matches_scipy(small_store, memory):
     assert (part != csc[:, 100:137]).nnz == 0
 
 
+
+@pytest.mark.parametrize("chunk,memory,workers", [(777, 40_000, 1), (1000, 200_000, 3),
+                                                  (50_000, 10**9, 2)])
+def test_windows_cross_genes_and_runs(small_store, monkeypatch, chunk, memory, workers):
+    """Small chunks: many windows, genes cut by window edges, every run read per window;
+    the copy is the same whatever the window size and the number of worker threads."""
+    store, m = small_store
+    monkeypatch.setattr(gene_major, "CHUNK_NNZ", chunk)
+    build_gene_major(store, memory, workers=workers)
+    csc = m.tocsc()
+    csc.sort_indices()
+    got = Store(store.path).read_genes(0, store.n_genes)
+    assert np.array_equal(got.indptr, csc.indptr)
+    assert np.array_equal(got.indices, csc.indices)
+    assert np.array_equal(got.data, csc.data)
+    assert not scratch_dir(store.path, "gene-major").exists()
+
 def test_slabs_respect_budget():
     indptr = np.r_[0, np.cumsum([5, 0, 7, 100, 1, 1, 1, 0, 30])]
     for max_nnz in (1, 8, 12, 50, 10**6):
@@ -89,11 +107,12 @@ def test_rebuild_replaces_and_failure_leaves_old(small_store, monkeypatch):
     def boom(*args):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(gene_major, "_scatter", boom)
+    monkeypatch.setattr(gene_major, "_merge_run", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         build_gene_major(store, 10**8)
     layers = sorted(p.name for p in (store.path / "layers").iterdir())
     assert layers == [GENE_MAJOR, "zarr.json"]  # no temporary left, old copy intact
+    assert not scratch_dir(store.path, "gene-major").exists()
     assert (store.path / "layers" / GENE_MAJOR / "zarr.json").read_text() == before
     assert (Store(store.path).read_genes(0, 300) != m).nnz == 0
 

@@ -1,5 +1,7 @@
 """The gsea stage: case vs control rankings per cluster x time point, then preranked GSEA."""
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -77,3 +79,21 @@ def test_gsea_missing_gmt_is_clear(tmp_path):
     stage_hash(load_stages()["gsea"], cfg, {})
     with pytest.raises(InputError, match="none.gmt"):
         run_gsea(Context(cfg=cfg, outdir=tmp_path / "out", store=store, progress=False))
+
+
+def test_gsea_stage_same_for_any_worker_count(tmp_path):
+    """Rankings run in worker threads: the table is the same for 1 and 3 workers and for
+    another memory budget (the gene-major copy is rebuilt with other windows)."""
+    from cellmill.io.store import GENE_MAJOR
+
+    store, gmt = _study(tmp_path)
+    got = []
+    for workers, memory in ((1, "2GB"), (3, "100MB")):
+        cfg = load_config(None, [f"gsea.gmt={gmt}", "gsea.min_size=5",
+                                 "study.timepoints=['3d','5mo']", f"compute.workers={workers}",
+                                 f"compute.memory='{memory}'"])
+        out = tmp_path / f"out{workers}"
+        shutil.rmtree(store.path / "layers" / GENE_MAJOR, ignore_errors=True)
+        run_gsea(Context(cfg, out, store=store, progress=False))
+        got.append((out / "tables" / "gsea.csv").read_bytes())
+    assert got[0] == got[1] and len(got[0]) > 100

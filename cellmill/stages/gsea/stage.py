@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -139,20 +140,34 @@ def run_gsea(ctx: Context) -> None:
                                 memory_bytes=cfg.compute.memory_bytes,
                                 scheduler=ctx.scheduler(), progress=ctx.progress)
         rankings = [ranking(de, cfg.gsea.ranking) for de in des]
+        del des
     if pairs:
+        todo = []
         for (c, t, _, _), stats in zip(pairs, rankings, strict=True):
             if stats.empty:
                 log.info("gsea: cluster %s at %s: no pseudobulk test (too few samples), "
                          "skipped", c, t)
                 continue
-            write_table(pd.DataFrame({"gene": stats.index, "stat": stats.to_numpy()}),
-                        ranks_dir / f"{c}_{t}.csv")
-            with warnings.catch_warnings():  # fold-change rankings always have ties
-                warnings.filterwarnings("ignore", message=".*ties.*")
-                res = fgsea(stats, pathways, min_size=cfg.gsea.min_size,
-                            max_size=cfg.gsea.max_size, nperm_simple=cfg.gsea.nperm_simple,
-                            seed=cfg.gsea.seed)
-            res = to_csv_frame(res)
+            todo.append((c, t, stats))
+        del rankings
+        g = cfg.gsea
+
+        def one(stats):
+            return to_csv_frame(fgsea(stats, pathways, min_size=g.min_size, max_size=g.max_size,
+                                      nperm_simple=g.nperm_simple, seed=g.seed))
+
+        # rankings are independent and the kernels release the GIL: one per worker thread,
+        # results kept in pair order (each ranking's streams depend on the seed alone); the
+        # ranking CSVs (pandas, holding the GIL) are written meanwhile
+        with warnings.catch_warnings():  # fold-change rankings always have ties
+            warnings.filterwarnings("ignore", message=".*ties.*")
+            with ThreadPoolExecutor(max_workers=max(1, cfg.compute.workers)) as pool:
+                futures = [pool.submit(one, stats) for _, _, stats in todo]
+                for c, t, stats in todo:
+                    write_table(pd.DataFrame({"gene": stats.index, "stat": stats.to_numpy()}),
+                                ranks_dir / f"{c}_{t}.csv")
+                results = [f.result() for f in futures]
+        for (c, t, _), res in zip(todo, results, strict=True):
             res["cluster"], res["timepoint"] = c, t
             tables.append(res)
     out = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)

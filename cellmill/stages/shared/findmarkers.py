@@ -128,10 +128,10 @@ def rank_pass(store: Store, label_of_cell: np.ndarray, stratum_of_label: np.ndar
     Labels: 0..L-1 per cell, -1 = not in any group."""
     import dask
 
-    from cellmill.engine.schedulers import compute
+    from cellmill.engine.schedulers import compute, n_workers
     from cellmill.io.gene_major import plan_slabs
 
-    workers = scheduler[1] if isinstance(scheduler, tuple) else 2
+    workers = n_workers(scheduler)
     ensure_gene_major(store, memory_bytes, progress=progress, workers=workers)
     label_of_cell = np.ascontiguousarray(label_of_cell, dtype=np.int32)
     stratum_of_label = np.ascontiguousarray(stratum_of_label, dtype=np.int32)
