@@ -165,4 +165,4 @@ def test_choice_in_run_json_and_report(tmp_path, monkeypatch, crossover, method)
         assert info["recall"] >= 0.98 and info["recall_sample"] == n  # < 1000 cells: all
         assert "NN-descent" in text and f"{info['recall']:.4f}" in text
     else:
-        assert "recall" not in info and text.startswith(" kNN search: exact")
+        assert "recall" not in info and text.startswith(" kNN search: exact on")
