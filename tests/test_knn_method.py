@@ -152,7 +152,7 @@ def test_choice_in_run_json_and_report(tmp_path, monkeypatch, crossover, method)
     sim = tmp_path / "sim"
     simulate_study(sim, n_cells=600, seed=3, n_genes=5000)
     cfg = load_config(None, [f'input.manifest="{sim / "manifest.csv"}"',
-                             "compute.progress=false"])
+                             f'gsea.gmt="{sim / "planted.gmt"}"', "compute.progress=false"])
     ctx = run_workflow(cfg, tmp_path / "out", until="neighbors")
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     info = run["stages"]["neighbors"]["info"]["knn"]
