@@ -43,7 +43,7 @@ def brute_rows(x: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
 
 
 def set_recall(approx: np.ndarray, exact: np.ndarray) -> float:
-    return sum(len(set(a) & set(e)) for a, e in zip(approx, exact)) / exact.size
+    return sum(len(set(a) & set(e)) for a, e in zip(approx, exact, strict=True)) / exact.size
 
 
 # ------------------------------------------------------------------ the recall check

@@ -114,11 +114,12 @@ def self_first(idx: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 # ------------------------------------------------------------------ approximate search
 
-# "auto" searches exactly up to this many cells and with NN-descent above: where, on the 2-core
-# development machine, pynndescent (one thread, its compile time included) and the recall
-# check take less time than the exact search (see recall_check and the measurements in
-# docs/ or the closing note of issue 21)
-EXACT_UP_TO = 1_000_000
+# "auto" searches exactly up to this many cells and with NN-descent above: from there on, on the
+# 2-core development machine, pynndescent on one thread (~30 s of Numba compiling in every
+# process included) and the recall check take less time than exact search on two threads
+# (benchmarks/bench_knn.py; the table in the README). A size, not a time: the choice must not
+# depend on the worker count (with more cores exact search stays faster for longer)
+EXACT_UP_TO = 500_000
 RECALL_MIN = 0.98  # recall@k against exact search the approximate lists must reach
 RECALL_SAMPLE = 1000  # query cells of the recall check
 RECALL_SEED = 7  # which cells those are
