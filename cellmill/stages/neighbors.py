@@ -1,8 +1,8 @@
 """Stage `neighbors` (Seurat's FindNeighbors): k nearest neighbours (self included, first) of
 the QC-passed cells on PCs 1..n_pcs (stages/shared/knn.py: exact search, or, with
 neighbors.method = "auto" above EXACT_UP_TO cells, NN-descent with its recall@k checked
-against exact search on a sample of cells; what ran goes into the stage's record), then Seurat's pruned Jaccard SNN
-graph (kernels/snn.py). Stored: obsm/knn_index (absolute cell indices, -1 rows for QC-failed
+against exact search on a sample of cells; what ran goes into the stage's record), then
+Seurat's pruned Jaccard SNN graph (kernels/snn.py). Stored: obsm/knn_index (absolute cell indices, -1 rows for QC-failed
 cells), obsm/knn_distance (Euclidean, NaN rows), obsp/snn (all cells; rows of failed cells
 empty).
 
