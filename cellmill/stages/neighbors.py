@@ -2,9 +2,9 @@
 the QC-passed cells on PCs 1..n_pcs (stages/shared/knn.py: exact search, or, with
 neighbors.method = "auto" above EXACT_UP_TO cells, NN-descent with its recall@k checked
 against exact search on a sample of cells; what ran goes into the stage's record), then
-Seurat's pruned Jaccard SNN graph (kernels/snn.py). Stored: obsm/knn_index (absolute cell indices, -1 rows for QC-failed
-cells), obsm/knn_distance (Euclidean, NaN rows), obsp/snn (all cells; rows of failed cells
-empty).
+Seurat's pruned Jaccard SNN graph (kernels/snn.py). Stored: obsm/knn_index (absolute cell
+indices, -1 rows for QC-failed cells), obsm/knn_distance (Euclidean, NaN rows), obsp/snn (all
+cells; rows of failed cells empty).
 
 Memory: the O(cells x k) arrays, not copies of them: PCs read chunk by chunk (only the passed
 rows and the used columns), int32 neighbour indices, results of parallel tasks copied wave by
