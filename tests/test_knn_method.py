@@ -166,3 +166,32 @@ def test_choice_in_run_json_and_report(tmp_path, monkeypatch, crossover, method)
         assert "NN-descent" in text and f"{info['recall']:.4f}" in text
     else:
         assert "recall" not in info and text.startswith(" kNN search: exact on")
+
+
+# ------------------------------------------------------------------ UMAP's kNN
+
+
+def test_umap_knn_follows_the_method(tmp_path, monkeypatch):
+    # the streamed UMAP's cosine lists by NN-descent past the crossover: recall >= 0.98
+    # against scipy's cosine distances on every cell, distances 1 - cos, and the record
+    from cellmill.stages.umap import streamed
+
+    monkeypatch.setattr(shared_knn, "EXACT_UP_TO", 1000)
+    monkeypatch.setattr(streamed, "ROWS", 997)
+    x = clustered(4000, seed=8)
+    info: dict = {}
+    buckets, mean = streamed._knn_to_buckets(x, 15, tmp_path, None, False, "auto", info)
+    parts = [buckets.read(b) for b in range(buckets.n)]
+    rows = np.concatenate([p["row"] for p in parts])
+    idx = np.concatenate([p["idx"] for p in parts])[np.argsort(rows)]
+    dist = np.concatenate([p["dist"] for p in parts])[np.argsort(rows)]
+    assert (np.sort(rows) == np.arange(4000)).all()
+    cos = cdist(x, x, "cosine")
+    ref = np.array([np.concatenate([[i], [j for j in np.argsort(c, kind="stable")
+                                          if j != i][:14]]) for i, c in enumerate(cos)])
+    assert set_recall(idx, ref) >= 0.98
+    np.testing.assert_allclose(dist, np.take_along_axis(cos, idx.astype(np.int64), 1),
+                               rtol=1e-5, atol=1e-6)
+    assert mean == pytest.approx(float(dist.astype(np.float64).mean()), rel=1e-6)
+    assert info["method"] == "nndescent" and info["recall"] >= 0.98
+    assert info["setting"] == "auto" and info["cells"] == 4000

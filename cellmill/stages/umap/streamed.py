@@ -38,23 +38,25 @@ NEG_RATE = 5.0  # umap-learn's negative_sample_rate
 GAMMA = 1.0  # umap-learn's repulsion_strength
 
 
-def _knn_to_buckets(points, k, root: Path, scheduler, progress,
-                    method: str = "exact") -> tuple[Buckets, float, dict]:
+def _knn_to_buckets(points, k, root: Path, scheduler, progress, method: str = "exact",
+                    info: dict | None = None) -> tuple[Buckets, float]:
     """Step 1: the cosine kNN lists, bucketed by row block: exact search, or NN-descent when
     neighbors.method = `method` says so for this many cells (stages/shared/knn.py; Euclidean
-    on unit rows orders as cosine does). Returns (buckets, mean distance, what was done)."""
+    on unit rows orders as cosine does). Returns (buckets, mean distance); what was done goes
+    into `info` when given."""
     from cellmill.stages.shared import knn as shared_knn
     from cellmill.stages.umap.in_memory import unit_rows
 
     n = points.shape[0]
-    info = {"setting": method, "exact_up_to": shared_knn.EXACT_UP_TO, "cells": int(n)}
+    info = {} if info is None else info
+    info.update(setting=method, exact_up_to=shared_knn.EXACT_UP_TO, cells=int(n))
     unit = unit_rows(points)
     if shared_knn.knn_method(method, n) == "nndescent":
-        idx, dist, done = shared_knn.approximate_knn(unit, k, scheduler=scheduler,
-                                                     progress=progress)
+        all_idx, all_dist, done = shared_knn.approximate_knn(unit, k, scheduler=scheduler,
+                                                             progress=progress)
         del unit
         info.update(done)
-        chunks = ((np.arange(a, min(a + ROWS, n)), idx[a:a + ROWS], dist[a:a + ROWS])
+        chunks = ((np.arange(a, min(a + ROWS, n)), all_idx[a:a + ROWS], all_dist[a:a + ROWS])
                   for a in range(0, n, ROWS))
     else:
         index = shared_knn.knn_index(unit)  # holds its own copy
@@ -73,7 +75,7 @@ def _knn_to_buckets(points, k, root: Path, scheduler, progress,
         out.append(rows // ROWS, row=rows.astype(np.int32), idx=idx.astype(np.int32),
                    dist=d32)
     out.close()
-    return out, total / max(n * k, 1), info
+    return out, total / max(n * k, 1)
 
 
 def fuzzy_graph(knn: Buckets, n: int, n_neighbors: int, mean_dist: float, root: Path,
@@ -210,10 +212,11 @@ def umap_streamed(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 0
         root.mkdir(parents=True)
     t0 = time.perf_counter()
     try:
-        knn, mean_dist, knn_info = _knn_to_buckets(points, k, root, scheduler, progress,
-                                                   knn_method)
+        knn_info = {}
         if record is not None:
             record["knn"] = knn_info
+        knn, mean_dist = _knn_to_buckets(points, k, root, scheduler, progress, knn_method,
+                                         knn_info)
         t1 = time.perf_counter()
         graph = fuzzy_graph(knn, n, k, mean_dist, root, progress)
         release_heap()
