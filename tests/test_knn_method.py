@@ -195,3 +195,10 @@ def test_umap_knn_follows_the_method(tmp_path, monkeypatch):
     assert mean == pytest.approx(float(dist.astype(np.float64).mean()), rel=1e-6)
     assert info["method"] == "nndescent" and info["recall"] >= 0.98
     assert info["setting"] == "auto" and info["cells"] == 4000
+
+
+def test_nndescent_on_a_handful_of_points_is_exact():
+    x = clustered(150, seed=9)
+    idx, dist, info = approximate_knn(x, 20)
+    assert info["method"] == "exact"
+    np.testing.assert_array_equal(idx, brute_rows(x, np.arange(150), 20))

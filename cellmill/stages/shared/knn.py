@@ -228,6 +228,9 @@ def approximate_knn(points: np.ndarray, k: int, seed: int = NN_SEED, scheduler=N
     query cells; more effort while it is below RECALL_MIN, then exact search (with a warning).
     Returns (indices, distances, what was done: method, recall, sample size, effort)."""
     n = points.shape[0]
+    if n <= 4 * (k + EFFORT[-1]["extra"]):  # too few points for NN-descent's lists: exact
+        idx, dist = exact_knn(points, k, scheduler, progress=progress)
+        return idx, dist, {"method": "exact", "recall": 1.0, "recall_sample": 0}
     queries = sample_queries(n)
     truth = exact_of_queries(points, queries, k, scheduler)
     info = {"method": "nndescent", "recall_sample": int(len(queries)),
