@@ -227,11 +227,13 @@ class NeighborsConfig(_Section):
     n_pcs: int = 15
     k: int = 20
     prune: float = 1.0 / 15.0
-    method: str = "exact"
+    # "auto": exact search while it is the faster one (stages/shared/knn.py EXACT_UP_TO
+    # cells), NN-descent with its recall checked above; "pynndescent" is the old name
+    method: str = "auto"
 
     def _check_more(self) -> None:
-        if self.method not in ("exact", "pynndescent"):
-            raise _bad("neighbors.method", f"{self.method!r} is not exact or pynndescent")
+        if self.method not in ("auto", "exact", "nndescent", "pynndescent"):
+            raise _bad("neighbors.method", f"{self.method!r} is not auto, exact or nndescent")
 
 
 @dataclass

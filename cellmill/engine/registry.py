@@ -5,7 +5,9 @@ the code that computes it, and the digests of the files it wrote into the output
 Records cannot lie: before a stage writes anything, its own record and those of every
 stage downstream are removed (with the output files they list), so a stage killed half
 way leaves no record and runs again. A skipped stage's files are checked in OUTDIR (and
-copied there from the folder they were written to, when they are not).
+copied there from the folder they were written to, when they are not). A stage may return a
+dict of what it did (e.g. which kNN search ran): it goes into the record as `info`, and so into
+run.json and the report.
 """
 
 from __future__ import annotations
@@ -354,7 +356,7 @@ def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             with PeakMemory() as mem:
-                st.func(ctx)
+                info = st.func(ctx)
         except BaseException as e:
             runlog.failed(name, time.perf_counter() - t0, e)
             raise
@@ -369,6 +371,8 @@ def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
                "cpu_seconds": round(time.process_time() - c0, 3),
                "peak_rss_mb": round(mem.peak / 2**20, 1), "finished": time.time(),
                "cells": cells, "outdir": str(ctx.outdir.resolve()), "outputs": outputs}
+        if isinstance(info, dict):  # what the stage says it did (e.g. neighbors: the kNN search)
+            rec["info"] = info
         ctx.store.set_stage_record(name, rec)
         faults.stage_finished()
         runlog.done(name, seconds, rec["peak_rss_mb"], cells)

@@ -186,3 +186,37 @@ def knn_self(ref_t, orig, lo, hi, leaf, q0, q1, k, out_idx, out_dist):
             for p in range(k):
                 out_idx[r, p] = bi[t, p]
                 out_dist[r, p] = np.sqrt(bd[t, p])
+
+
+@numba.njit(nogil=True, cache=True)
+def knn_of_queries(ref_t, queries, k, out_idx, out_dist):
+    """Exact k nearest neighbours (self first) of the points `queries` among all n points of
+    ref_t (d x n, C-contiguous), by brute force: every distance is computed (the reference of
+    the recall check of approximate search, independent of the tree search above). Ties are
+    broken by the smaller index. out_idx, out_dist: len(queries) x k (Euclidean)."""
+    d, n = ref_t.shape
+    buf = np.empty(n)
+    bd = np.empty(k)
+    bi = np.empty(k, dtype=np.int64)
+    for r in range(queries.shape[0]):
+        q = queries[r]
+        buf[:] = 0.0
+        for dd in range(d):  # dimension by dimension: the inner loop vectorises
+            a = ref_t[dd, q]
+            row = ref_t[dd]
+            for j in range(n):
+                x = a - row[j]
+                buf[j] += x * x
+        bd[0] = 0.0
+        bi[0] = q
+        for p in range(1, k):
+            bd[p] = np.inf
+            bi[p] = -1
+        if k > 1:
+            for j in range(n):
+                s = buf[j]
+                if j != q and (s < bd[k - 1] or (s == bd[k - 1] and j < bi[k - 1])):
+                    _insert(bd, bi, k, s, j)
+        for p in range(k):
+            out_idx[r, p] = bi[p]
+            out_dist[r, p] = np.sqrt(bd[p])

@@ -269,6 +269,39 @@ def timings_table(ctx: Context) -> tuple[pd.DataFrame, float]:
     return df, peak
 
 
+def _knn_info(ctx: Context, name: str) -> dict:
+    """What the kNN search of stage `name` was (its record's info["knn"]); {} if unknown."""
+    rec = ctx.timings.get(name)
+    if rec is None and ctx.store is not None:
+        try:
+            rec = ctx.store.stage_records().get(name)
+        except Exception:  # no uns/cellmill yet
+            rec = None
+    return ((rec or {}).get("info") or {}).get("knn") or {}
+
+
+def knn_sentence(ctx: Context) -> str:
+    """Which kNN search the neighbors and umap stages ran, in words; "" if unknown."""
+    text = ""
+    for name, what in (("neighbors", "kNN search"), ("umap", "UMAP's kNN search")):
+        info = _knn_info(ctx, name)
+        if not info:
+            continue
+        why = (f"neighbors.method = auto: exact up to {info['exact_up_to']:,} cells"
+               if info.get("setting") == "auto" else f"neighbors.method = {info.get('setting')}")
+        if info.get("method") == "nndescent":
+            text += (f" {what}: NN-descent (pynndescent) on {info['cells']:,} cells ({why}), "
+                     f"recall@k {info['recall']:.4f} against exact search on "
+                     f"{info['recall_sample']:,} sampled cells.")
+            continue
+        text += f" {what}: exact on {info['cells']:,} cells ({why})"
+        if "nndescent_recall" in info:
+            text += (f"; NN-descent reached only recall {info['nndescent_recall']:.4f} on "
+                     f"{info['recall_sample']:,} sampled cells, so exact search ran")
+        text += "."
+    return text
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -412,8 +445,8 @@ def build_report(ctx: Context, partial: str | None = None):
     page.section("Run")
     tim, peak = timings_table(ctx)
     page.table("Stage timings and peak memory", tim,
-               f"Peak resident memory of the run's stages: {peak:,.0f} MB. Full provenance "
-               "(versions, configuration, timings) in run.json.")
+               f"Peak resident memory of the run's stages: {peak:,.0f} MB.{knn_sentence(ctx)} "
+               "Full provenance (versions, configuration, timings) in run.json.")
     page.heading("Parameters")
     page.html(f"<pre>{H.esc(_toml(cfg.to_dict()))}</pre>")
     page.heading("Versions")

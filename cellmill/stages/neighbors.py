@@ -1,8 +1,10 @@
 """Stage `neighbors` (Seurat's FindNeighbors): k nearest neighbours (self included, first) of
-the QC-passed cells on PCs 1..n_pcs (stages/shared/knn.py), then Seurat's pruned Jaccard SNN
-graph (kernels/snn.py). Stored: obsm/knn_index (absolute cell indices, -1 rows for QC-failed
-cells), obsm/knn_distance (Euclidean, NaN rows), obsp/snn (all cells; rows of failed cells
-empty).
+the QC-passed cells on PCs 1..n_pcs (stages/shared/knn.py: exact search, or, with
+neighbors.method = "auto" above EXACT_UP_TO cells, NN-descent with its recall@k checked
+against exact search on a sample of cells; what ran goes into the stage's record), then
+Seurat's pruned Jaccard SNN graph (kernels/snn.py). Stored: obsm/knn_index (absolute cell
+indices, -1 rows for QC-failed cells), obsm/knn_distance (Euclidean, NaN rows), obsp/snn (all
+cells; rows of failed cells empty).
 
 Memory: the O(cells x k) arrays, not copies of them: PCs read chunk by chunk (only the passed
 rows and the used columns), int32 neighbour indices, results of parallel tasks copied wave by
@@ -21,7 +23,8 @@ from cellmill.engine.cells import passed_pcs, write_all_cells
 from cellmill.engine.registry import Context, stage
 from cellmill.engine.schedulers import in_waves
 from cellmill.io.heap import release_heap
-from cellmill.stages.shared.knn import knn_index, knn_search, nndescent_knn
+from cellmill.stages.shared import knn as shared_knn
+from cellmill.stages.shared.knn import approximate_knn, knn_index, knn_method, knn_search
 
 log = logging.getLogger("cellmill")
 # ------------------------------------------------------------------ SNN graph
@@ -148,17 +151,21 @@ def _neighbors_params(cfg):
 
 
 @stage("neighbors", after=("pca",), params=_neighbors_params)
-def run_neighbors(ctx: Context) -> None:
+def run_neighbors(ctx: Context) -> dict:
     cfg, store = ctx.cfg.neighbors, ctx.store
     cells, pcs = passed_pcs(ctx.store, ctx.cfg.neighbors.n_pcs)
     k, n_pcs = min(cfg.k, len(cells)), pcs.shape[1]
-    if cfg.method == "pynndescent":
-        idx, dist = nndescent_knn(pcs, k, workers=ctx.cfg.compute.workers)
+    info = {"setting": cfg.method, "exact_up_to": shared_knn.EXACT_UP_TO, "cells": int(len(cells))}
+    if knn_method(cfg.method, len(cells)) == "nndescent":
+        idx, dist, done = approximate_knn(pcs, k, scheduler=ctx.scheduler(),
+                                          progress=ctx.progress)
+        info.update(done)
         del pcs
     else:
         index = knn_index(pcs)
         del pcs  # the index holds its own copy
         idx, dist = knn_search(index, k, scheduler=ctx.scheduler(), progress=ctx.progress)
+        info["method"] = "exact"
         del index
     # one full-size array at a time: each is written and freed before the next is made
     release_heap()
@@ -168,8 +175,9 @@ def run_neighbors(ctx: Context) -> None:
                     lookup=cells.astype(np.int64))
     nnz = write_snn_graph(store, "obsp", "snn", idx, cfg.prune, scheduler=ctx.scheduler(),
                           progress=ctx.progress, cells=cells, n_cells=store.n_cells)
-    log.info("neighbors: %s k=%d on %d PCs, %d cells; SNN %d entries", cfg.method, k,
+    log.info("neighbors: %s k=%d on %d PCs, %d cells; SNN %d entries", info["method"], k,
              n_pcs, len(cells), nnz)
     del idx
     release_heap()
+    return {"knn": info}
 

@@ -112,21 +112,139 @@ def self_first(idx: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return idx, dist
 
 
-def nndescent_knn(points: np.ndarray, k: int, seed: int = NN_SEED,
-                  workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate k nearest neighbours by pynndescent (self first)."""
-    from pynndescent import NNDescent
+# ------------------------------------------------------------------ approximate search
 
-    index = NNDescent(np.asarray(points, dtype=np.float32), n_neighbors=k, metric="euclidean",
-                      random_state=seed, n_jobs=workers, low_memory=True, verbose=False)
-    idx, dist = index.neighbor_graph
-    return self_first(idx.astype(np.int64), dist.astype(np.float64))
+# "auto" searches exactly up to this many cells and with NN-descent above: from there on, on the
+# 2-core development machine, pynndescent on one thread (~30 s of Numba compiling in every
+# process included) and the recall check take less time than exact search on two threads
+# (benchmarks/bench_knn.py; the table in the README). A size, not a time: the choice must not
+# depend on the worker count (with more cores exact search stays faster for longer)
+EXACT_UP_TO = 500_000
+RECALL_MIN = 0.98  # recall@k against exact search the approximate lists must reach
+RECALL_SAMPLE = 1000  # query cells of the recall check
+RECALL_SEED = 7  # which cells those are
+# pynndescent's lists depend on its thread count (its candidate sampling is split per
+# thread), so it always runs on one: the result is the same whatever compute.workers is
+NN_JOBS = 1
+# pynndescent settings tried in turn until the recall holds: more neighbours kept while
+# searching (the first k are used), then more iterations
+EFFORT = ({"extra": 0, "iters": 1}, {"extra": 10, "iters": 1}, {"extra": 20, "iters": 2})
+
+
+def knn_method(setting: str, n: int) -> str:
+    """The search neighbors.method = `setting` ("auto", "exact", "nndescent") means for n
+    points: "exact" or "nndescent"."""
+    if setting == "auto":
+        return "exact" if n <= EXACT_UP_TO else "nndescent"
+    return "nndescent" if setting in ("nndescent", "pynndescent") else "exact"
+
+
+def _sample_chunk(ref_t, queries, k):
+    from cellmill.kernels.knn import knn_of_queries
+
+    idx = np.empty((len(queries), k), dtype=np.int64)
+    dist = np.empty((len(queries), k))
+    knn_of_queries(ref_t, queries, k, idx, dist)
+    return idx, dist
+
+
+def sample_queries(n: int, size: int = RECALL_SAMPLE, seed: int = RECALL_SEED) -> np.ndarray:
+    """The query cells of the recall check: `size` of the n, seeded, ascending."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, min(size, n), replace=False))
+
+
+def exact_of_queries(points: np.ndarray, queries: np.ndarray, k: int,
+                     scheduler=None) -> np.ndarray:
+    """Exact neighbour lists (self first, ties by index) of the rows `queries` among all rows
+    of `points`, by brute force (kernels/knn.py knn_of_queries), in parallel tasks."""
+    import dask
+
+    from cellmill.engine.schedulers import compute, n_workers
+
+    ref_t = np.ascontiguousarray(np.asarray(points, dtype=np.float64).T)
+    shared = dask.delayed(ref_t, pure=True)
+    step = max(1, -(-len(queries) // (4 * n_workers(scheduler))))
+    tasks = [dask.delayed(_sample_chunk, pure=True)(shared, queries[a:a + step], k)
+             for a in range(0, len(queries), step)]
+    parts = compute(tasks, scheduler=scheduler, desc="knn recall", progress=False)
+    return np.concatenate([p[0] for p in parts]) if parts else np.empty((0, k), np.int64)
 
 
 def recall(approx: np.ndarray, exact: np.ndarray) -> float:
     """Fraction of the exact neighbours (per row, as sets) that the approximate lists hold."""
     hit = 0
     for a, e in zip(approx, exact, strict=True):
-        hit += len(np.intersect1d(a, e, assume_unique=True))
+        hit += len(np.intersect1d(a, e))
     return hit / exact.size
 
+
+def _by_distance(points: np.ndarray, idx: np.ndarray, k: int,
+                 rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of candidates (n x m, m >= k) cut to the k nearest, self first then by float64
+    Euclidean distance and index (as exact search orders them); a list without the point
+    itself loses its farthest candidate to it."""
+    n = idx.shape[0]
+    out_i = np.empty((n, k), dtype=index_dtype(n))
+    out_d = np.empty((n, k))
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        cand = idx[a:b].astype(np.int64)
+        me = np.arange(a, b)
+        has = (cand == me[:, None]).any(axis=1)
+        cand[~has, -1] = me[~has]
+        diff = points[cand] - points[a:b, None, :]
+        d2 = np.einsum("rkd,rkd->rk", diff, diff)
+        d2[cand == me[:, None]] = -1.0  # self first
+        order = np.lexsort((cand, d2), axis=-1)[:, :k]
+        out_i[a:b] = np.take_along_axis(cand, order, axis=1)
+        out_d[a:b] = np.sqrt(np.maximum(np.take_along_axis(d2, order, axis=1), 0.0))
+    return out_i, out_d
+
+
+def nndescent_knn(points: np.ndarray, k: int, seed: int = NN_SEED, extra: int = 0,
+                  iters: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate k nearest neighbours by pynndescent (self first, then by distance): k +
+    `extra` neighbours searched, `iters` times pynndescent's default iterations."""
+    from pynndescent import NNDescent
+
+    x = np.asarray(points, dtype=np.float64)
+    n = x.shape[0]
+    m = min(k + extra, n)
+    n_iters = iters * max(5, int(round(np.log2(max(n, 2)))))
+    index = NNDescent(x.astype(np.float32), n_neighbors=m, metric="euclidean",
+                      random_state=seed, n_jobs=NN_JOBS, n_iters=n_iters, low_memory=True,
+                      verbose=False)
+    idx = index.neighbor_graph[0]
+    del index
+    if (idx < 0).any():  # unfilled lists: cannot happen with n > m, but never trusted
+        idx = np.where(idx < 0, np.arange(n)[:, None], idx)
+    return _by_distance(x, idx, k)
+
+
+def approximate_knn(points: np.ndarray, k: int, seed: int = NN_SEED, scheduler=None,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """NN-descent with its recall@k checked against exact search on RECALL_SAMPLE seeded
+    query cells; more effort while it is below RECALL_MIN, then exact search (with a warning).
+    Returns (indices, distances, what was done: method, recall, sample size, effort)."""
+    n = points.shape[0]
+    if n <= 4 * (k + EFFORT[-1]["extra"]):  # too few points for NN-descent's lists: exact
+        idx, dist = exact_knn(points, k, scheduler, progress=progress)
+        return idx, dist, {"method": "exact", "recall": 1.0, "recall_sample": 0}
+    queries = sample_queries(n)
+    truth = exact_of_queries(points, queries, k, scheduler)
+    info = {"method": "nndescent", "recall_sample": int(len(queries)),
+            "recall_min": RECALL_MIN, "seed": seed}
+    for level, kw in enumerate(EFFORT):
+        idx, dist = nndescent_knn(points, k, seed, **kw)
+        r = recall(idx[queries], truth)
+        log.info("knn: nndescent (effort %d) recall@%d %.4f on %d cells", level, k, r,
+                 len(queries))
+        if r >= RECALL_MIN:
+            return idx, dist, {**info, "recall": round(r, 5), "effort": level}
+        del idx, dist
+    log.warning("knn: nndescent recall %.4f < %.2f at the highest effort: exact search", r,
+                RECALL_MIN)
+    idx, dist = exact_knn(points, k, scheduler, progress=progress)
+    return idx, dist, {**info, "method": "exact", "recall": 1.0, "nndescent_recall": round(r, 5),
+                       "effort": None}

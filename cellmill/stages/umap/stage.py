@@ -1,8 +1,9 @@
 """Stage `umap` (Seurat's RunUMAP): umap-learn's method on the PCs of the QC-passed cells;
 spectral init, min_dist 0.3, 200 epochs when N > 10,000 else 500, seeded. By default with the
 graph on disk (umap/streamed.py) and the batch optimiser on all workers (`umap.optimizer`);
-`umap.backend = "umap-learn"` runs umap-learn in memory (umap/in_memory.py). Stored:
-obsm/X_umap (NaN rows for failed cells).
+`umap.backend = "umap-learn"` runs umap-learn in memory (umap/in_memory.py). The streamed
+graph's kNN search follows neighbors.method (exact, or NN-descent past its crossover); the
+stage's record says which. Stored: obsm/X_umap (NaN rows for failed cells).
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ def _umap_params(cfg):
     u = cfg.umap
     return {"n_neighbors": u.n_neighbors, "min_dist": u.min_dist, "seed": u.seed,
             "n_epochs": u.n_epochs, "n_pcs": cfg.neighbors.n_pcs, "metric": "cosine",
-            "backend": u.backend,
+            "backend": u.backend, "knn_method": cfg.neighbors.method,
             # only the streamed backend has a choice of optimiser
             "optimizer": u.optimizer if u.backend == "streamed" else None}
 
 
 @stage("umap", after=("pca",), params=_umap_params)
-def run_umap(ctx: Context) -> None:
+def run_umap(ctx: Context) -> dict:
     u, store = ctx.cfg.umap, ctx.store
+    record: dict = {}
     cells, pcs = passed_pcs(ctx.store, ctx.cfg.neighbors.n_pcs)
     if u.backend == "streamed":
         from cellmill.io.scratch import scratch_dir
@@ -36,10 +38,12 @@ def run_umap(ctx: Context) -> None:
 
         emb = umap_streamed(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
                             scratch=scratch_dir(store.path, "umap"), scheduler=ctx.scheduler(),
-                            progress=ctx.progress, optimizer=u.optimizer)
+                            progress=ctx.progress, optimizer=u.optimizer,
+                            knn_method=ctx.cfg.neighbors.method, record=record)
     else:
         emb = umap_embedding(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
                              scheduler=ctx.scheduler(), progress=ctx.progress)
     del pcs
     write_all_cells(store, "obsm", "X_umap", emb, cells, np.nan)
     release_heap()
+    return record

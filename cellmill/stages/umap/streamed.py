@@ -6,8 +6,8 @@ O(cells) arrays stay in memory (the PCs while the kNN search runs, sigma/rho of 
 degrees, the 2-D embedding); the O(cells x k) parts go through raw scratch files beside the
 store, one block of rows at a time:
 
-1. the exact 30-NN lists in cosine distance (graph.cosine_knn's search) are bucketed by row
-   block as the search returns them;
+1. the 30-NN lists in cosine distance (exact search, or NN-descent past neighbors.method's
+   crossover: stages/shared/knn.py) are bucketed by row block as the search returns them;
 2. per block, umap-learn's sigma/rho and membership strengths; each edge i -> j goes to the
    bucket of i and, transposed, to the bucket of j;
 3. per bucket, the fuzzy union a + b - a*b of the two directions: umap-learn's symmetric
@@ -49,17 +49,36 @@ BATCH_LEARNING_RATE = 5.0
 BATCH_ENTRIES = 4_000_000  # graph entries per block the batch optimiser reads: 32 MB
 
 
-def _knn_to_buckets(points, k, root: Path, scheduler, progress) -> tuple[Buckets, float]:
-    """Step 1: the cosine kNN lists, bucketed by row block. Returns (buckets, mean distance)."""
-    from cellmill.stages.shared.knn import knn_chunks, knn_index
+def _knn_to_buckets(points, k, root: Path, scheduler, progress, method: str = "exact",
+                    info: dict | None = None) -> tuple[Buckets, float]:
+    """Step 1: the cosine kNN lists, bucketed by row block: exact search, or NN-descent when
+    neighbors.method = `method` says so for this many cells (stages/shared/knn.py; Euclidean
+    on unit rows orders as cosine does). Returns (buckets, mean distance); what was done goes
+    into `info` when given."""
+    from cellmill.stages.shared import knn as shared_knn
     from cellmill.stages.umap.in_memory import unit_rows
 
     n = points.shape[0]
-    index = knn_index(unit_rows(points))  # holds its own copy
+    info = {} if info is None else info
+    info.update(setting=method, exact_up_to=shared_knn.EXACT_UP_TO, cells=int(n))
+    unit = unit_rows(points)
+    if shared_knn.knn_method(method, n) == "nndescent":
+        all_idx, all_dist, done = shared_knn.approximate_knn(unit, k, scheduler=scheduler,
+                                                             progress=progress)
+        del unit
+        info.update(done)
+        chunks = ((np.arange(a, min(a + ROWS, n)), all_idx[a:a + ROWS], all_dist[a:a + ROWS])
+                  for a in range(0, n, ROWS))
+    else:
+        index = shared_knn.knn_index(unit)  # holds its own copy
+        del unit
+        info["method"] = "exact"
+        chunks = shared_knn.knn_chunks(index, k, scheduler, progress=progress,
+                                       desc="umap knn")
     out = Buckets(root, "knn", -(-n // ROWS), {"row": (np.int32, 1), "idx": (np.int32, k),
                                                 "dist": (np.float32, k)})
     total = 0.0
-    for rows, idx, dist in knn_chunks(index, k, scheduler, progress=progress, desc="umap knn"):
+    for rows, idx, dist in chunks:
         dist *= dist  # Euclidean between unit vectors -> 1 - cos
         dist /= 2.0
         d32 = dist.astype(np.float32)
@@ -219,11 +238,13 @@ def optimize_batch(graph: DiskGraph, init: np.ndarray, epochs: int, a: float, b:
 
 def umap_streamed(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 0.3,
                   seed: int = 42, n_epochs: int = 0, scratch: Path | None = None,
-                  scheduler=None, progress: bool = False,
-                  optimizer: str = "batch") -> np.ndarray:
+                  scheduler=None, progress: bool = False, optimizer: str = "batch",
+                  knn_method: str = "exact", record: dict | None = None) -> np.ndarray:
     """UMAP of `points` as graph.umap_embedding computes it, with the graph on disk under
     `scratch` (made, then removed). `optimizer`: "batch" (on as many threads as the
-    scheduler has workers) or "sequential" (umap-learn's in-place updates, one thread)."""
+    scheduler has workers) or "sequential" (umap-learn's in-place updates, one thread). The
+    kNN search is the one neighbors.method = `knn_method` means for this many points; what
+    was done goes into `record["knn"]` when given."""
     import tempfile
 
     from umap.umap_ import find_ab_params
@@ -241,7 +262,11 @@ def umap_streamed(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 0
         root.mkdir(parents=True)
     t0 = time.perf_counter()
     try:
-        knn, mean_dist = _knn_to_buckets(points, k, root, scheduler, progress)
+        knn_info = {}
+        if record is not None:
+            record["knn"] = knn_info
+        knn, mean_dist = _knn_to_buckets(points, k, root, scheduler, progress, knn_method,
+                                         knn_info)
         t1 = time.perf_counter()
         graph = fuzzy_graph(knn, n, k, mean_dist, root, progress)
         release_heap()
