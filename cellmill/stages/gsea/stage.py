@@ -95,7 +95,8 @@ def pseudobulk_rankings(tables, cfg: Config, pairs) -> list[pd.Series]:
     if not path.is_file():
         raise InputError(path, 'gsea.ranking = "pseudobulk_t" needs the pseudobulk tests, '
                          "which did not run (no sample column, or study.pseudobulk = false)")
-    pb = pd.read_csv(path, dtype={"gene": str, "cluster": str, "timepoint": str},
+    pb = pd.read_csv(path, usecols=["gene", "cluster", "timepoint", "contrast", "t"],
+                     dtype={"gene": str, "cluster": str, "timepoint": str, "contrast": str},
                      keep_default_na=False, na_values=[""], float_precision="round_trip")
     st = cfg.study
     pb = pb[(pb["contrast"] == f"{st.case}_vs_{st.control}") & pb["gene"].notna()]
