@@ -21,6 +21,19 @@ from cellmill.io.writer import StoreWriter
 TINY = 37  # nonzeros per slice: every sample is cut into many slices
 
 
+def dense_union(expected) -> tuple[list[str], np.ndarray]:
+    """The union of the written matrices' genes (first-seen order) and the matrices stacked as
+    one dense cells x genes array over it (absent genes are zero), as ingest merges samples."""
+    union = list(dict.fromkeys(g for _, _, genes in expected.values() for g in genes))
+    col = {g: i for i, g in enumerate(union)}
+    dense = []
+    for m, _, genes in expected.values():
+        d = np.zeros((m.shape[0], len(union)), dtype=np.int64)
+        d[:, [col[g] for g in genes]] = m.toarray()
+        dense.append(d)
+    return union, np.vstack(dense)
+
+
 def write_10x_v2(path, counts: sp.csr_matrix, bcs, genes, genome="mm10"):
     """A Cell Ranger v2 HDF5 (one genome group), written here from the layout's description."""
     counts = sp.csr_matrix(counts)
@@ -106,14 +119,7 @@ def test_tiny_slices_give_the_same_store(tmp_path, monkeypatch):
     assert [k for k in a if a[k] != b[k]] == []
 
     # and the right content (independent: dense union of the written matrices)
-    union = list(dict.fromkeys(g for _, _, genes in expected.values() for g in genes))
-    col = {g: i for i, g in enumerate(union)}
-    dense = []
-    for m, _, genes in expected.values():
-        d = np.zeros((m.shape[0], len(union)), dtype=np.int64)
-        d[:, [col[g] for g in genes]] = m.toarray()
-        dense.append(d)
-    dense = np.vstack(dense)
+    union, dense = dense_union(expected)
     got = sliced.read_rows(0, sliced.n_cells)
     assert got.has_sorted_indices
     np.testing.assert_array_equal(got.toarray(), dense)

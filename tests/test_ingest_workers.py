@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from test_ingest_stream import TINY, _corrupt_last, _files, _study
+from test_ingest_stream import TINY, _corrupt_last, _files, _study, dense_union
 
 import cellmill.io.decode as decode
 import cellmill.io.tenx as tenx
@@ -53,14 +53,7 @@ def test_any_worker_count_gives_the_same_store(tmp_path, small_parts):
         assert [k for k in a if a[k] != b[k]] == []
 
     # and the content itself, against the matrices the files were written from
-    union = list(dict.fromkeys(g for _, _, genes in expected.values() for g in genes))
-    col = {g: i for i, g in enumerate(union)}
-    dense = []
-    for m, _, genes in expected.values():
-        d = np.zeros((m.shape[0], len(union)), dtype=np.int64)
-        d[:, [col[g] for g in genes]] = m.toarray()
-        dense.append(d)
-    dense = np.vstack(dense)
+    _, dense = dense_union(expected)
     np.testing.assert_array_equal(store.read_rows(0, store.n_cells).toarray(), dense)
     obs = store.obs()
     np.testing.assert_array_equal(obs["n_counts"], dense.sum(1))

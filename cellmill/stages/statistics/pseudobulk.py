@@ -110,17 +110,15 @@ def _design(meta: pd.DataFrame, case_mask: np.ndarray, covariates: list[str]):
 def run_contrast(counts: np.ndarray, meta: pd.DataFrame, case_mask: np.ndarray,
                  covariates: list[str]):
     """voom-limma of `counts` (genes x samples): the coefficient of case_mask. Returns the
-    topTable frame (index: gene positions kept by filterByExpr) and the covariates used."""
+    topTable frame (index: gene positions kept by filterByExpr); voom_de's ValueError when the
+    design cannot be estimated."""
     from cellmill.stages.statistics.pseudobulk_de import voom_de
 
-    design, used = _design(meta, case_mask, covariates)
-    if counts.shape[1] - design.shape[1] < 1:
-        raise ValueError("no residual degrees of freedom")
-    group = np.where(case_mask, "case", "control")
-    res = voom_de(counts, group, design, coef=1)
+    design, _ = _design(meta, case_mask, covariates)
+    res = voom_de(counts, np.where(case_mask, "case", "control"), design, coef=1)
     table = res.table.reset_index(drop=True)
     table.index = np.flatnonzero(res.keep)
-    return table, used
+    return table
 
 
 def plan(pb, cfg, min_cells: int):
@@ -155,7 +153,7 @@ def _coord(pb, column: str):
     return pb[key].values.astype(str) if key in pb.coords else None
 
 
-def _cell_selectors(cfg, cluster: str, tp: str, name: str) -> tuple[dict, dict]:
+def _cell_selectors(cfg, cluster: str, tp: str) -> tuple[dict, dict]:
     """The grouped-statistics selectors of the cells of one contrast (welch.contrast)."""
     st = cfg.study
     where = {} if cluster == ALL else {"cluster": cluster}
@@ -185,9 +183,9 @@ def pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 1):
         if list(ds["gene"].values.astype(str)) != list(genes):
             raise ValueError("grouped statistics and pseudobulk genes differ")
 
-    def cell_pvalues(cluster, tp, name, cols):
+    def cell_pvalues(cluster, tp, cols):
         moments = []
-        for where in _cell_selectors(cfg, cluster, tp, name):
+        for where in _cell_selectors(cfg, cluster, tp):
             idx = select_groups(coords, **where)
             nn, sm, q = pool_moments(g_n[idx], g_sum[np.ix_(idx, cols)],
                                      g_m2[np.ix_(idx, cols)], range(len(idx)))
@@ -207,8 +205,8 @@ def pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 1):
         sel = case | ctrl
         x = totals[sel] if cluster == ALL else counts[sel, clusters.index(cluster)]
         try:
-            table, _ = run_contrast(np.ascontiguousarray(x.T), meta[sel].reset_index(drop=True),
-                                    case[sel], [c for c in covs if c in meta])
+            table = run_contrast(np.ascontiguousarray(x.T), meta[sel].reset_index(drop=True),
+                                 case[sel], [c for c in covs if c in meta])
         except ValueError as e:
             return pd.DataFrame([{**row, "gene": "", "reason": f"not estimable: {e}"}]), None
         cols = np.asarray(table.index)
@@ -217,7 +215,7 @@ def pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 1):
                                ("logFC", "AveExpr", "t", "P.Value", "adj.P.Val")}})
         for k, v in row.items():
             out[k] = v
-        out["p_value_cells"] = np.nan if ds is None else cell_pvalues(cluster, tp, name, cols)
+        out["p_value_cells"] = np.nan if ds is None else cell_pvalues(cluster, tp, cols)
         out["reason"] = ""
         return out, (table, n_case, n_ctrl)
 

@@ -19,6 +19,7 @@ from cellmill.stages.statistics.grouped import (
     grouped_statistics,
     write_grouped_stats,
 )
+from cellmill.stages.statistics.pseudobulk import PSEUDOBULK
 from cellmill.stages.statistics.welch import bh_adjust, contrast, group_coords
 
 log = logging.getLogger("cellmill")
@@ -186,21 +187,18 @@ def run_statistics(ctx: Context) -> None:
     write_grouped_stats(store, ds)
     out = ctx.tables / "target_tests.csv"
     pb_out = ctx.tables / "pseudobulk.csv"
-    if not study:  # no table at all (an earlier run's would contradict this one)
-        out.unlink(missing_ok=True)
-        pb_out.unlink(missing_ok=True)
-        store.remove("uns", "pseudobulk")
-        log.info("statistics: no %r column in the cells' metadata: target tests skipped",
-                 cfg.study.condition)
-        return
-    pb_table, why = _pseudobulk(store, ds, cfg, columns, ctx.scheduler())
+    pb_table, why = (None, "") if not study else \
+        _pseudobulk(store, ds, cfg, columns, ctx.scheduler())
     if pb_table is None:  # an earlier run's sums and tests would contradict this one
-        from cellmill.stages.statistics.pseudobulk import PSEUDOBULK
-
         store.remove("uns", PSEUDOBULK)
         pb_out.unlink(missing_ok=True)
     else:
         write_table(pb_table, pb_out)
+    if not study:  # no table at all (an earlier run's would contradict this one)
+        out.unlink(missing_ok=True)
+        log.info("statistics: no %r column in the cells' metadata: target tests skipped",
+                 cfg.study.condition)
+        return
     write_table(add_pseudobulk(target_tests(ds, cfg), pb_table, why), out)
 
 
