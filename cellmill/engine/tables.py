@@ -20,6 +20,33 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
     faults.wrote()
 
 
+class TableWriter:
+    """A CSV written a piece at a time (`write(df)`, same columns each time) and renamed into
+    place on close; on an error the partial file is removed. Use as a context manager."""
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.path, self.columns = Path(path), list(columns)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self._fh = None
+
+    def __enter__(self):
+        self._fh = open(self.tmp, "w", newline="")
+        pd.DataFrame(columns=self.columns).to_csv(self._fh, index=False)
+        return self
+
+    def write(self, df: pd.DataFrame) -> None:
+        df.reindex(columns=self.columns).to_csv(self._fh, index=False, header=False)
+
+    def __exit__(self, kind, exc, tb):
+        self._fh.close()
+        if kind is not None:
+            self.tmp.unlink(missing_ok=True)
+            return False
+        self.tmp.replace(self.path)
+        faults.wrote()
+        return False
+
+
 def write_cell_table(store, path: Path, columns: dict, cells: np.ndarray | None = None) -> None:
     """A CSV of cells (all, or the ascending indices `cells`): their names, then `columns`
     (one value per listed cell). Written atomically, in pieces of QC_ROWS store cells, so

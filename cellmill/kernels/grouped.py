@@ -2,8 +2,8 @@
 
 y = log1p(x / n_counts * scale_factor), in that operation order (Seurat's LogNormalize), so the
 values are bit-identical to Seurat's. Per slot and per gene with a nonzero in the slot, the
-kernel returns the sum of y, of expm1(y), the nonzero count, the raw counts' sum and m2_nz, the sum of squared
-deviations of the nonzero values from their mean (the Youngs-Cramer update
+kernel returns the sum of y, of expm1(y), the nonzero count, the raw counts' sum and m2_nz,
+the sum of squared deviations of the nonzero values from their mean (the Youngs-Cramer update
 m2 += (c - 1) / c (y - S / (c - 1))^2, as stable as Welford's; accurate where
 sum_sq - sum^2 / n cancels). Slots are folded into the group accumulators with Chan's formula
 over the nonzeros only, in a fixed order; the zeros (all equal) join once at the end:
@@ -120,41 +120,54 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
 
 
 @numba.njit(nogil=True, cache=True)
-def fold_slots(acc_n, acc, n, ptr, genes, vals, group_of_slot):
-    """Fold slot moments into the group accumulators acc (groups, genes, 4), slot by slot in
-    order. Over the nonzeros (Chan et al.): m2_ab = m2_a + m2_b + (mean_b - mean_a)^2
-    nnz_a nnz_b / (nnz_a + nnz_b); sums add. Zeros join in `finish_m2`."""
+def fold_slots(acc_n, s_y, s_e, s_nz, s_m2, s_x, n, ptr, genes, vals, group_of_slot, g0):
+    """Fold slot moments into the group accumulators (one (groups, panel genes) plane per
+    quantity: sum y, sum expm1(y), nonzeros, m2, raw counts), slot by slot in order; entry
+    genes are absolute, the planes hold genes g0.. . Over the nonzeros (Chan et al.):
+    m2_ab = m2_a + m2_b + (mean_b - mean_a)^2 nnz_a nnz_b / (nnz_a + nnz_b); sums add.
+    Zeros join in `finish_m2`."""
     for s in range(len(group_of_slot)):
         g = group_of_slot[s]
         acc_n[g] += n[s]
         for t in range(ptr[s], ptr[s + 1]):
-            j = genes[t]
-            na = acc[g, j, NNZ]
+            j = genes[t] - g0
+            na = s_nz[g, j]
             nb = vals[t, NNZ]
             if na == 0.0:
-                for q in range(N_VALS):
-                    acc[g, j, q] = vals[t, q]
+                s_y[g, j] = vals[t, SUM]
+                s_e[g, j] = vals[t, SUM_EXPM1]
+                s_nz[g, j] = nb
+                s_m2[g, j] = vals[t, M2]
+                s_x[g, j] = vals[t, COUNTS]
                 continue
-            delta = vals[t, SUM] / nb - acc[g, j, SUM] / na
-            acc[g, j, M2] += vals[t, M2] + delta * delta * (na * nb / (na + nb))
-            acc[g, j, SUM] += vals[t, SUM]
-            acc[g, j, SUM_EXPM1] += vals[t, SUM_EXPM1]
-            acc[g, j, NNZ] = na + nb
-            acc[g, j, COUNTS] += vals[t, COUNTS]
+            delta = vals[t, SUM] / nb - s_y[g, j] / na
+            s_m2[g, j] += vals[t, M2] + delta * delta * (na * nb / (na + nb))
+            s_y[g, j] += vals[t, SUM]
+            s_e[g, j] += vals[t, SUM_EXPM1]
+            s_nz[g, j] = na + nb
+            s_x[g, j] += vals[t, COUNTS]
 
 
 @numba.njit(nogil=True, cache=True)
-def finish_m2(acc_n, acc):
+def finish_m2(acc_n, s_y, s_nz, s_m2):
     """m2 over all cells of each group (the nonzeros' m2 plus the block of zeros,
-    m2 = m2_nz + mean_nz^2 nnz (n - nnz) / n), in place; returns sum_sq = m2 + sum^2 / n."""
-    sum_sq = np.zeros(acc.shape[:2], dtype=np.float64)
-    for g in range(acc.shape[0]):
+    m2 = m2_nz + mean_nz^2 nnz (n - nnz) / n), in place."""
+    for g in range(s_y.shape[0]):
         ng = acc_n[g]
-        for j in range(acc.shape[1]):
-            nz = acc[g, j, NNZ]
+        for j in range(s_y.shape[1]):
+            nz = s_nz[g, j]
             if nz > 0.0:
-                s = acc[g, j, SUM]
-                mean = s / nz
-                acc[g, j, M2] += mean * mean * (nz * (ng - nz) / ng)
-                sum_sq[g, j] = acc[g, j, M2] + s * s / ng
-    return sum_sq
+                mean = s_y[g, j] / nz
+                s_m2[g, j] += mean * mean * (nz * (ng - nz) / ng)
+
+
+@numba.njit(nogil=True, cache=True)
+def sum_of_squares(n, s_y, s_m2):
+    """sum y^2 = m2 + sum^2 / n of some groups' rows (n: their cell counts)."""
+    out = np.zeros(s_y.shape, dtype=np.float64)
+    for g in range(s_y.shape[0]):
+        if n[g] > 0:
+            for j in range(s_y.shape[1]):
+                if s_y[g, j] != 0.0:
+                    out[g, j] = s_m2[g, j] + s_y[g, j] * s_y[g, j] / n[g]
+    return out

@@ -22,8 +22,9 @@ __all__ = ["simulate_study", "simulate_with_paths"]
 
 def simulate_with_paths(outdir, n_cells: int = 20_000, seed: int = 0, n_genes: int = 27_998,
                         gmt=None, progress: bool = False, **kwargs) -> dict:
-    """`simulate_study`'s summary (`kwargs`: replicates, replicate_sd, threads) plus the paths "manifest", "gmt" (the planted gene sets, or
-    `gmt` when given), "truth" and "planted" (`cellmill.simulate(...)` in the Python API)."""
+    """`simulate_study`'s summary (`kwargs`: replicates, replicate_sd, threads) plus the paths
+    "manifest", "gmt" (the planted gene sets, or `gmt` when given), "truth" and "planted"
+    (`cellmill.simulate(...)` in the Python API)."""
     outdir = Path(outdir)
     info = simulate_study(outdir, n_cells=n_cells, seed=seed, n_genes=n_genes, gmt=gmt,
                           progress=progress, **kwargs)

@@ -181,26 +181,29 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
     ranges = store.block_ranges(block_cells)
 
     acc_n = np.zeros(n_groups, dtype=np.float64)
-    acc = np.zeros((n_groups, n_genes, kern.N_VALS), dtype=np.float64)
+    # one plane per quantity (not one (groups, genes, 5) array): each becomes a Dataset
+    # variable without a copy, and a caller can drop the ones it no longer needs
+    planes = [np.zeros((n_groups, n_genes), dtype=np.float64) for _ in range(kern.N_VALS)]
     pbar = bar(total=len(ranges), desc="grouped statistics", enabled=progress)
     args = ((store, a, b, codes[a:b], n_counts[a:b], scale_factor, n_groups) for a, b in ranges)
     try:
         for group_of_slot, n, ptr, genes, vals in ordered_stream(_stats_task, args, scheduler,
                                                                  window):
-            kern.fold_slots(acc_n, acc, n, ptr, genes, vals, group_of_slot.astype(np.int64))
+            kern.fold_slots(acc_n, *planes, n, ptr, genes, vals,
+                            group_of_slot.astype(np.int64), 0)
             pbar.update(1)
     finally:
         pbar.close()
 
-    sum_sq = kern.finish_m2(acc_n, acc)
+    s_y, s_e, s_nz, s_m2, s_x = planes
+    del planes
+    kern.finish_m2(acc_n, s_y, s_nz, s_m2)
     genes = np.asarray(store.var().index).astype(str)
     dims = ("group", "gene")
-    data = {"n": (("group",), acc_n.astype(np.int64)), "sum_sq": (dims, sum_sq)}
-    for name, q, dtype in (("sum", kern.SUM, np.float64), ("m2", kern.M2, np.float64),
-                           ("sum_expm1", kern.SUM_EXPM1, np.float64),
-                           ("nnz", kern.NNZ, np.int64), ("counts", kern.COUNTS, np.int64)):
-        data[name] = (dims, np.ascontiguousarray(acc[:, :, q], dtype=dtype))
-    del acc
+    data = {"n": (("group",), acc_n.astype(np.int64)), "sum": (dims, s_y), "m2": (dims, s_m2),
+            "sum_expm1": (dims, s_e), "nnz": (dims, _as_int64(s_nz)),
+            "counts": (dims, _as_int64(s_x)),
+            "sum_sq": (dims, _lazy_sum_sq(acc_n, s_y, s_m2))}
     ds = xr.Dataset(
         data,
         coords={**{c: (("group",), coords[c].to_numpy().astype(str)) for c in coords.columns},
@@ -209,6 +212,26 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
                "value": "y = log1p(x / n_counts * scale_factor)",
                "cells": "QC-passed" if mask is not None else "all"})
     return ds
+
+
+def _as_int64(plane: np.ndarray) -> np.ndarray:
+    """An exact integer-valued float64 plane as int64, in its own memory (no second plane)."""
+    out = plane.view(np.int64)
+    step = max(1, (1 << 20) // max(plane.shape[1], 1))
+    for i in range(0, plane.shape[0], step):
+        out[i: i + step] = plane[i: i + step].astype(np.int64)
+    return out
+
+
+def _lazy_sum_sq(n: np.ndarray, s_y: np.ndarray, s_m2: np.ndarray):
+    """sum y^2 = m2 + sum^2 / n as a dask array: computed a chunk at a time when it is
+    written or read, never held as a whole plane."""
+    import dask.array as da
+
+    chunks = (max(1, s_y.shape[0]), max(1, min(s_y.shape[1], 4096)))
+    y = da.from_array(s_y, chunks=chunks)
+    m2 = da.from_array(s_m2, chunks=chunks)
+    return da.map_blocks(lambda a, b: kern.sum_of_squares(n, a, b), y, m2, dtype=np.float64)
 
 
 def write_grouped_stats(store: Store, ds) -> None:

@@ -162,11 +162,22 @@ def _cell_selectors(cfg, cluster: str, tp: str) -> tuple[dict, dict]:
 
 
 def pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 1):
-    """Every planned contrast as rows of COLUMNS (a skipped contrast: one row, no gene, the
-    reason); with the grouped statistics `ds`, each gene's cell-level Welch p beside it. Also
-    returns {(cluster, timepoint, contrast): (table, n_case, n_control)} of the contrasts that
-    ran. Contrasts run on `workers` threads; the result is the same for any number."""
+    """All of `iter_pseudobulk_tests` as one table, and how many contrasts ran."""
+    frames = list(iter_pseudobulk_tests(pb, cfg, min_cells, ds, workers))
+    ran = sum(1 for f in frames if len(f) and f["gene"].iloc[0] != "")
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+    return table.reindex(columns=COLUMNS), ran
+
+
+def iter_pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 1):
+    """Every planned contrast, in plan order, as a frame of COLUMNS (a skipped contrast: one
+    row, no gene, the reason); with the grouped statistics `ds` (n, sum, m2 are used), each
+    gene's cell-level Welch p beside it. Contrasts run on `workers` threads, a few ahead of
+    the consumer (so the frames are never all in memory); the result is the same for any
+    number."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
+    from itertools import islice
 
     from cellmill.stages.statistics.welch import group_coords, pool_moments, select_groups, welch
 
@@ -201,14 +212,14 @@ def pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 1):
         if min(n_case, n_ctrl) < MIN_SAMPLES:
             why = (f"fewer than {MIN_SAMPLES} samples with >= {min_cells} cells in a group "
                    f"(case {n_case}, control {n_ctrl})")
-            return pd.DataFrame([{**row, "gene": "", "reason": why}]), None
+            return pd.DataFrame([{**row, "gene": "", "reason": why}])
         sel = case | ctrl
         x = totals[sel] if cluster == ALL else counts[sel, clusters.index(cluster)]
         try:
             table = run_contrast(np.ascontiguousarray(x.T), meta[sel].reset_index(drop=True),
                                  case[sel], [c for c in covs if c in meta])
         except ValueError as e:
-            return pd.DataFrame([{**row, "gene": "", "reason": f"not estimable: {e}"}]), None
+            return pd.DataFrame([{**row, "gene": "", "reason": f"not estimable: {e}"}])
         cols = np.asarray(table.index)
         out = pd.DataFrame({"gene": genes[cols],
                             **{k: table[k].to_numpy() for k in
@@ -217,16 +228,18 @@ def pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 1):
             out[k] = v
         out["p_value_cells"] = np.nan if ds is None else cell_pvalues(cluster, tp, cols)
         out["reason"] = ""
-        return out, (table, n_case, n_ctrl)
+        return out
 
-    items = plan(pb, cfg, min_cells)
+    items = iter(plan(pb, cfg, min_cells))
+    ahead = 2 * max(1, workers)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(one, items))  # in plan order
-    frames = [f for f, _ in results]
-    fitted = {item[:3]: fit for item, (_, fit) in zip(items, results, strict=True)
-              if fit is not None}
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
-    return table.reindex(columns=COLUMNS), fitted
+        pending = deque(pool.submit(one, item) for item in islice(items, ahead))
+        while pending:
+            frame = pending.popleft().result()
+            for item in items:
+                pending.append(pool.submit(one, item))
+                break
+            yield frame.reindex(columns=COLUMNS)
 
 
 def one_sided(t: np.ndarray, p_two: np.ndarray, alternative: str = "greater") -> np.ndarray:

@@ -187,28 +187,29 @@ def run_statistics(ctx: Context) -> None:
     write_grouped_stats(store, ds)
     out = ctx.tables / "target_tests.csv"
     pb_out = ctx.tables / "pseudobulk.csv"
-    pb_table, why = (None, "") if not study else \
-        _pseudobulk(store, ds, cfg, columns, ctx.scheduler())
-    if pb_table is None:  # an earlier run's sums and tests would contradict this one
+    targets = target_tests(ds, cfg) if study else None
+    pb, why = (None, "") if not study else _pseudobulk_sums(store, ds, cfg, columns)
+    # what is left needs only these (the rest is on disk): free the other planes first
+    ds = ds[["n", "sum", "m2"]]
+    if pb is None:  # an earlier run's sums and tests would contradict this one
         store.remove("uns", PSEUDOBULK)
         pb_out.unlink(missing_ok=True)
+        pb_rows = None
     else:
-        write_table(pb_table, pb_out)
+        pb_rows = _pseudobulk_tests(pb, ds, cfg, pb_out, ctx.scheduler())
+    del ds
     if not study:  # no table at all (an earlier run's would contradict this one)
         out.unlink(missing_ok=True)
         log.info("statistics: no %r column in the cells' metadata: target tests skipped",
                  cfg.study.condition)
         return
-    write_table(add_pseudobulk(target_tests(ds, cfg), pb_table, why), out)
+    write_table(add_pseudobulk(targets, pb_rows, why), out)
 
 
-def _pseudobulk(store, ds, cfg: Config, columns: list[str], scheduler=None):
-    """The pseudobulk Dataset (stored) and its tests; (None, why) when there are none."""
-    import time
-
+def _pseudobulk_sums(store, ds, cfg: Config, columns: list[str]):
+    """The pseudobulk Dataset (also stored), or (None, why) when there is none."""
     from cellmill.stages.statistics.pseudobulk import (
         pseudobulk_dataset,
-        pseudobulk_tests,
         sample_metadata,
         write_pseudobulk,
     )
@@ -220,7 +221,6 @@ def _pseudobulk(store, ds, cfg: Config, columns: list[str], scheduler=None):
         log.warning("statistics: no 'sample' column among the grouping columns: pseudobulk "
                     "tests (samples as replicates) skipped")
         return None, "no sample column"
-    t0 = time.perf_counter()
     have = set(store.obs_columns())
     obs = pd.DataFrame({c: store.obs_column(c) for c in
                         dict.fromkeys(["sample", st.condition, st.timepoint, "sex"])
@@ -233,11 +233,36 @@ def _pseudobulk(store, ds, cfg: Config, columns: list[str], scheduler=None):
         return None, f"{st.condition!r} varies within samples"
     pb = pseudobulk_dataset(ds, "sample", meta)
     write_pseudobulk(store, pb)
+    return pb, ""
+
+
+def _pseudobulk_tests(pb, ds, cfg: Config, path, scheduler=None) -> pd.DataFrame:
+    """Every pseudobulk contrast into `path` (tables/pseudobulk.csv), written as the
+    contrasts finish; returns the rows add_pseudobulk needs (target genes, skipped
+    contrasts, and the first row of every contrast for its sample counts)."""
+    import time
+
+    from cellmill.engine.tables import TableWriter
+    from cellmill.stages.statistics.pseudobulk import COLUMNS, iter_pseudobulk_tests
+
+    st = cfg.study
+    t0 = time.perf_counter()
     workers = scheduler[1] if isinstance(scheduler, tuple) else cfg.compute.workers
-    table, fitted = pseudobulk_tests(pb, cfg, st.pseudobulk_min_cells, ds=ds,
-                                     workers=workers)
-    ran = len(fitted)
+    targets = set(st.target_genes)
+    kept, ran, skipped = [], 0, 0
+    with TableWriter(path, COLUMNS) as table:
+        for frame in iter_pseudobulk_tests(pb, cfg, st.pseudobulk_min_cells, ds=ds,
+                                           workers=workers):
+            table.write(frame)
+            gene = frame["gene"]
+            if len(frame) and gene.iloc[0] == "":
+                skipped += 1
+                kept.append(frame)
+            else:
+                ran += 1
+                first = np.arange(len(frame)) == 0
+                kept.append(frame[gene.isin(targets).to_numpy() | first])
     log.info("statistics: pseudobulk: %d samples x %d clusters, %d contrasts tested, %d "
-             "skipped (%.1f s)", pb.sizes["sample"], pb.sizes["cluster"], ran,
-             int((table["gene"] == "").sum()), time.perf_counter() - t0)
-    return table, ""
+             "skipped (%.1f s)", pb.sizes["sample"], pb.sizes["cluster"], ran, skipped,
+             time.perf_counter() - t0)
+    return pd.concat(kept, ignore_index=True) if kept else pd.DataFrame(columns=COLUMNS)
