@@ -285,3 +285,12 @@ def test_umap_optimizer_is_in_the_stage_hash():
 
     assert (_umap_params(load_config(None, []))
             != _umap_params(load_config(None, ["umap.optimizer=sequential"])))
+
+
+def test_graph_held_in_memory_gives_the_same_layout(tmp_path):
+    """A graph small enough for the memory budget is read once and used from memory: the same
+    blocks, so the same spectral start and layout bits as streamed from disk."""
+    x, _ = mixture(3000)
+    a = layout.umap_streamed(x, n_epochs=50, scratch=tmp_path / "a")
+    b = layout.umap_streamed(x, n_epochs=50, scratch=tmp_path / "b", memory_bytes=10**9)
+    np.testing.assert_array_equal(a, b)

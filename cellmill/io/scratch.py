@@ -60,6 +60,19 @@ class DiskGraph:
         self.indptr = np.zeros(n + 1, dtype=np.int64)
         self.cols_path, self.vals_path = root / "graph.cols", root / "graph.vals"
         self.w_max = 0.0
+        self._held = None  # (cols, vals) once `hold` has read them into memory
+
+    def nbytes(self) -> int:
+        """Bytes of the column indices and weights."""
+        return 8 * int(self.indptr[-1])
+
+    def hold(self, max_bytes: int) -> bool:
+        """Read the whole graph into memory when it takes at most max_bytes, so that every
+        later `blocks()` is a view instead of a read (the same blocks either way)."""
+        if self._held is None and self.nbytes() <= max_bytes:
+            self._held = (np.fromfile(self.cols_path, dtype=np.int32),
+                          np.fromfile(self.vals_path, dtype=np.float32))
+        return self._held is not None
 
     def write(self, blocks) -> None:
         """Fill from (r0, local indptr, cols, vals) blocks given in row order."""
@@ -88,6 +101,13 @@ class DiskGraph:
 
         rows = rows or self.rows
         starts = list(range(0, self.n, rows))
+        if self._held is not None:
+            cols, vals = self._held
+            for r0 in starts:
+                r1 = min(r0 + rows, self.n)
+                a, b = int(self.indptr[r0]), int(self.indptr[r1])
+                yield r0, self.indptr[r0:r1 + 1] - a, cols[a:b], vals[a:b], a
+            return
         with (open(self.cols_path, "rb") as fc, open(self.vals_path, "rb") as fv,
               ThreadPoolExecutor(1) as pool):
             nxt = pool.submit(self._read, fc, fv, starts[0], rows) if starts else None

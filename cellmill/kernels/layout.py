@@ -168,6 +168,18 @@ def spmv_rows(indptr, cols, vals, keep_from, x, out):
         out[r] = s
 
 
+@numba.njit(nogil=True, cache=True, parallel=True)
+def spmv_rows_parallel(indptr, cols, vals, keep_from, x, out):
+    """spmv_rows with the rows spread over the Numba threads: each row's sum is still taken
+    by one thread in entry order, so the result is the same bits for any thread count."""
+    for r in numba.prange(len(indptr) - 1):
+        s = 0.0
+        for p in range(indptr[r], indptr[r + 1]):
+            if vals[p] >= keep_from:
+                s += vals[p] * x[cols[p]]
+        out[r] = s
+
+
 # ------------------------------------------------------------------ layout
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -39,7 +39,8 @@ def run_umap(ctx: Context) -> dict:
         emb = umap_streamed(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
                             scratch=scratch_dir(store.path, "umap"), scheduler=ctx.scheduler(),
                             progress=ctx.progress, optimizer=u.optimizer,
-                            knn_method=ctx.cfg.neighbors.method, record=record)
+                            knn_method=ctx.cfg.neighbors.method, record=record,
+                            memory_bytes=ctx.cfg.compute.memory_bytes)
     else:
         emb = umap_embedding(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
                              scheduler=ctx.scheduler(), progress=ctx.progress)

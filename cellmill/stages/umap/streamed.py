@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numba
@@ -147,7 +148,8 @@ def _components_and_degrees(graph: DiskGraph, keep_from: float) -> tuple[int, np
     return int(kern.count_roots(parent)), deg
 
 
-def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False):
+def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False,
+                  threads: int = 1):
     """umap-learn's spectral initialisation (as graph.spectral_init) with the graph streamed:
     eigenvectors 2..3 of the largest eigenvalues of D^-1/2 W D^-1/2 (ARPACK, 32 Lanczos
     vectors, tol 1e-4, v0 ones), scaled to +-10 with umap-learn's noise. A graph of several
@@ -169,16 +171,19 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
     inv_sq = 1.0 / np.sqrt(deg)
     del deg
     calls = [0]
+    rows = _batch_rows(graph)
 
     def matvec(v):
         x = inv_sq * np.asarray(v, dtype=np.float64).ravel()
         y = np.empty(n)
-        for r0, ptr, cols, vals, _ in graph.blocks():
-            kern.spmv_rows(ptr, cols, vals, keep_from, x, y[r0:r0 + len(ptr) - 1])
+        for r0, ptr, cols, vals, _ in graph.blocks(rows):
+            kern.spmv_rows_parallel(ptr, cols, vals, keep_from, x, y[r0:r0 + len(ptr) - 1])
         calls[0] += 1
         return inv_sq * y
 
-    emb = spectral_vectors(sla.LinearOperator((n, n), matvec=matvec, dtype=np.float64), dim, rs)
+    with numba_threads(threads):
+        emb = spectral_vectors(sla.LinearOperator((n, n), matvec=matvec, dtype=np.float64),
+                               dim, rs)
     log.info("umap: spectral initialisation in %d streamed products", calls[0])
     return noisy_scale_coords(emb, rs, max_coord=10, noise=0.0001)
 
@@ -215,12 +220,8 @@ def optimize_batch(graph: DiskGraph, init: np.ndarray, epochs: int, a: float, b:
     grad = np.zeros(emb.shape)
     m, v = np.zeros(emb.shape), np.zeros(emb.shape)
     bias1 = bias2 = 1.0
-    # the result does not depend on the block: read ~BATCH_ENTRIES entries at a time, so the
-    # threads meet at fewer barriers (one slow thread holds the rest at each)
-    rows = max(graph.rows, int(BATCH_ENTRIES * graph.n / max(int(graph.indptr[-1]), 1)))
-    before = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    try:
+    rows = _batch_rows(graph)
+    with numba_threads(threads):
         for n in bar(range(epochs), desc="umap epochs", unit="epoch", enabled=progress):
             for r0, ptr, cols, vals, pos0 in graph.blocks(rows):
                 batch.batch_gradients(ptr, cols, vals, r0, pos0, emb, n, a, b, GAMMA, NEG_RATE,
@@ -231,20 +232,38 @@ def optimize_batch(graph: DiskGraph, init: np.ndarray, epochs: int, a: float, b:
             alpha = BATCH_LEARNING_RATE * (1.0 - max(n - 1, 0) / epochs)
             batch.adam_step(emb, grad, m, v, alpha, ADAM_BETA1, ADAM_BETA2, 1.0 - bias1,
                             1.0 - bias2, ADAM_EPS)
+    return emb
+
+
+def _batch_rows(graph: DiskGraph) -> int:
+    """Rows per block for the parallel kernels: ~BATCH_ENTRIES entries, so the threads meet
+    at fewer barriers (one slow thread holds the rest at each). Results do not depend on it."""
+    return max(graph.rows, int(BATCH_ENTRIES * graph.n / max(int(graph.indptr[-1]), 1)))
+
+
+@contextmanager
+def numba_threads(threads: int):
+    """Numba's parallel kernels on `threads` threads (at most what Numba started) inside."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
     finally:
         numba.set_num_threads(before)
-    return emb
 
 
 def umap_streamed(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 0.3,
                   seed: int = 42, n_epochs: int = 0, scratch: Path | None = None,
                   scheduler=None, progress: bool = False, optimizer: str = "batch",
-                  knn_method: str = "exact", record: dict | None = None) -> np.ndarray:
+                  knn_method: str = "exact", record: dict | None = None,
+                  memory_bytes: int | None = None) -> np.ndarray:
     """UMAP of `points` as graph.umap_embedding computes it, with the graph on disk under
     `scratch` (made, then removed). `optimizer`: "batch" (on as many threads as the
     scheduler has workers) or "sequential" (umap-learn's in-place updates, one thread). The
     kNN search is the one neighbors.method = `knn_method` means for this many points; what
-    was done goes into `record["knn"]` when given."""
+    was done goes into `record["knn"]` when given. A graph of at most a quarter of
+    `memory_bytes` is held in memory for the spectral products and the epochs (the same
+    numbers as streamed from disk; faster)."""
     import tempfile
 
     from umap.umap_ import find_ab_params
@@ -273,8 +292,10 @@ def umap_streamed(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 0
         t2 = time.perf_counter()
         # umap-learn drops weights below max / epochs, compared in float32
         keep_from = float(np.float32(graph.w_max / float(epochs)))
+        if memory_bytes and graph.hold(memory_bytes // 4):
+            log.info("umap: graph held in memory (%.0f MB)", graph.nbytes() / 2**20)
         rs = np.random.RandomState(seed)
-        init = spectral_init(graph, keep_from, points, rs, progress)
+        init = spectral_init(graph, keep_from, points, rs, progress, n_workers(scheduler))
         release_heap()
         t3 = time.perf_counter()
         a, b = find_ab_params(1.0, min_dist)
