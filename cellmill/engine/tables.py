@@ -10,12 +10,59 @@ import pandas as pd
 from cellmill.io import faults
 
 QC_ROWS = 65536  # cells per piece of a cell table
+CSV_ROWS = 65536  # rows formatted at a time by write_csv
+
+
+def _quoted(values: list[str]) -> list[str]:
+    """csv's minimal quoting: a field with a comma, a quote or a line break is quoted."""
+    def q(v: str) -> str:
+        if "," in v or '"' in v or "\n" in v or "\r" in v:
+            return '"' + v.replace('"', '""') + '"'
+        return v
+    return [q(v) for v in values]
+
+
+def _strings(col: pd.Series) -> list[str] | None:
+    """The CSV text of a column as pandas' to_csv writes it (na_rep ""), or None for a
+    dtype left to pandas."""
+    dtype = col.dtype
+    if dtype == np.float64:  # repr: the shortest round-trip text, as numpy's str
+        vals = col.to_numpy()
+        out = list(map(float.__repr__, vals.tolist()))
+        for i in np.flatnonzero(np.isnan(vals)).tolist():
+            out[i] = ""
+        return out
+    if isinstance(dtype, np.dtype) and dtype.kind in "iub":
+        return list(map(str, col.to_numpy().tolist()))
+    if dtype is np.dtype(object) or isinstance(dtype, pd.CategoricalDtype | pd.StringDtype):
+        # each distinct value formatted once (tables repeat names and labels)
+        codes, uniques = pd.factorize(col.astype(object), use_na_sentinel=True)
+        text = _quoted([str(v) for v in uniques.tolist()]) + [""]
+        return np.asarray(text, dtype=object)[codes].tolist()
+    return None
+
+
+def write_csv(df: pd.DataFrame, fh, header: bool = True) -> None:
+    """df.to_csv(fh, index=False, header=header), the same text, about 4x faster for the
+    numeric result tables: pandas formats every float through numpy's slower printing."""
+    for start in range(0, max(len(df), 1), CSV_ROWS):
+        part = df.iloc[start: start + CSV_ROWS]
+        cols = [_strings(part[c]) for c in part.columns]
+        # (pandas quotes an empty field of a one-column table)
+        if any(c is None for c in cols) or not df.columns.is_unique or df.shape[1] < 2:
+            part.to_csv(fh, index=False, header=header and start == 0)
+            continue
+        if header and start == 0:
+            fh.write(",".join(_quoted([str(c) for c in df.columns])) + "\n")
+        if len(part):
+            fh.write("\n".join(map(",".join, zip(*cols, strict=True))) + "\n")
 
 
 def write_table(df: pd.DataFrame, path: Path) -> None:
     """Write a CSV atomically (a crash never leaves half a table)."""
     tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
+    with open(tmp, "w", newline="") as fh:
+        write_csv(df, fh)
     tmp.replace(path)
     faults.wrote()
 
@@ -31,11 +78,11 @@ class TableWriter:
 
     def __enter__(self):
         self._fh = open(self.tmp, "w", newline="")
-        pd.DataFrame(columns=self.columns).to_csv(self._fh, index=False)
+        write_csv(pd.DataFrame(columns=self.columns), self._fh)
         return self
 
     def write(self, df: pd.DataFrame) -> None:
-        df.reindex(columns=self.columns).to_csv(self._fh, index=False, header=False)
+        write_csv(df.reindex(columns=self.columns), self._fh, header=False)
 
     def __exit__(self, kind, exc, tb):
         self._fh.close()
@@ -64,6 +111,7 @@ def write_cell_table(store, path: Path, columns: dict, cells: np.ndarray | None 
         part = {"cell": store.obs_names(a, b)[rows]}
         part.update({k: np.asarray(v[pos]).astype(str) if isinstance(v, pd.Categorical)
                      else np.asarray(v[pos]) for k, v in columns.items()})
-        pd.DataFrame(part).to_csv(tmp, index=False, header=a == 0, mode="w" if a == 0 else "a")
+        with open(tmp, "w" if a == 0 else "a", newline="") as fh:
+            write_csv(pd.DataFrame(part), fh, header=a == 0)
     tmp.replace(path)
     faults.wrote()
