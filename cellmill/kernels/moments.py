@@ -63,10 +63,14 @@ def merge_largest(top, state, part):
 
 
 @njit(nogil=True, cache=True)
-def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_factor, n_top):
+def vst_first_pass(data, indices, indptr, granule, keep, n_granules, n_genes, scale_factor,
+                   n_top, floor):
     """Counts moments and log-normalised moments in one sweep over a block.
 
-    Rows must be complete (all genes): a cell's total counts are its row sum.
+    Rows must be complete (all genes): a cell's total counts are its row sum. Rows with
+    keep[r] == 0 are skipped (left-out cells: no copy of the block without them). floor[g]:
+    counts <= floor[g] are not offered to `top` (the caller's running top of the gene is full
+    and its smallest value is floor[g], so they cannot enter it; 0: no floor).
     Returns
       sx, sxx, nnz:  int64 (n_genes,) exact sums of x, x^2 and nonzero counts per gene
                      (exact while a gene's sum of x^2 stays below 2^63, ~9.2e18);
@@ -99,7 +103,11 @@ def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_fa
         r1 = r0
         while r1 < n_rows and granule[r1] == j:
             r1 += 1
+        kept = 0
         for r in range(r0, r1):
+            if keep[r] == 0:
+                continue
+            kept += 1
             k0, k1 = indptr[r], indptr[r + 1]
             total = 0
             for k in range(k0, k1):
@@ -120,7 +128,7 @@ def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_fa
                     v = math.log1p(np.float64(x) / n * sf)
                 acc[g, 0] += x
                 acc[g, 1] += x * x
-                if x > acc[g, 6]:  # the same cache line: top is touched only then
+                if x > acc[g, 6] and x > floor[g]:  # top is touched only then
                     keep_largest(top[g], acc[g], x)
                 c = acc[g, 2]
                 if c == 0:
@@ -129,7 +137,10 @@ def vst_first_pass(data, indices, indptr, granule, n_granules, n_genes, scale_fa
                 d = v - accf[g, 3]
                 accf[g, 4] += d
                 accf[g, 5] += d * d
-        nj = np.float64(r1 - r0)
+        if kept == 0:
+            r0 = r1
+            continue
+        nj = np.float64(kept)
         for g in range(n_genes):
             c = acc[g, 2]
             if c:

@@ -112,10 +112,13 @@ def _granule_rows(start: int, stop: int, cells: np.ndarray) -> tuple[np.ndarray,
 TOP_K = 16
 
 
-def _first_block(start, stop, m, cells, sf):
+def _first_block(start, stop, m, cells, sf, mask, floor):
+    # every row of the block is read (the kernel skips the masked ones: no row copy), and
+    # full rows, so each row's sum is the cell's n_counts
     gran, n_gran = _granule_rows(start, stop, cells)
-    # full rows are read, so each row's sum is the cell's n_counts
-    return vst_first_pass(m.data, m.indices, m.indptr, gran, n_gran, m.shape[1], sf, TOP_K)
+    keep = mask[start:stop].view(np.uint8)
+    return vst_first_pass(m.data, m.indices, m.indptr, gran, keep, n_gran, m.shape[1], sf,
+                          TOP_K, floor)
 
 
 def _second_block(start, stop, m, cells, mu, sd, vmax):
@@ -191,14 +194,20 @@ def first_pass(store: Store, mask: np.ndarray, sf: float, block_cells: int | Non
     run_m2 = np.zeros(g, np.float64)
     top = np.zeros((g, TOP_K), np.int32)
     top_state = np.zeros((g, 8), np.int64)  # as keep_largest's state
+    # the smallest of each full running top: blocks skip counts that cannot enter it (read
+    # by a window of blocks while the driver waits; updated as the driver folds, never while
+    # a window runs). The tops, and so every result, are the same without it
+    floor = np.zeros(g, np.int64)
     size = _block_bytes(store, block_cells, 2, 3 + TOP_K // 2)
-    for (a, b), r in stream_blocks(store, _first_block, float(sf), mask=mask,
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    for (a, b), r in stream_blocks(store, _first_block, float(sf), mask, floor, mask=None,
                                    block_cells=block_cells, scheduler=scheduler,
                                    desc="hvg: pass 1", progress=progress, result_bytes=size):
         sx += r[0]  # integer sums: exact in any order
         sxx += r[1]
         nnz += r[2]
         merge_largest(top, top_state, r[5])  # the TOP_K largest counts so far
+        floor[:] = top_state[:, 6]
         counts = np.add.reduceat(mask[a:b].astype(np.int64), np.arange(0, b - a, GRANULE))
         for s_j, m2_j, n_j in zip(r[3], r[4], counts, strict=True):
             total += s_j
@@ -353,7 +362,9 @@ def run_hvg(ctx: Context) -> None:
     store = ctx.store
     mask = qc_passed(store)
     sf = scale_factor(store, ctx.cfg)
-    bc = block_cells_for_budget(store, ctx.cfg.compute.memory_bytes,
+    # a block in flight holds its decoded counts (8 bytes a nonzero) and decode scratch; the
+    # kernel skips left-out cells in place (no copy of the block)
+    bc = block_cells_for_budget(store, ctx.cfg.compute.memory_bytes, bytes_per_nnz=16,
                                 workers=ctx.cfg.compute.workers)
     res = vst(store, mask, sf, n_top=ctx.cfg.hvg.n_top, span=ctx.cfg.hvg.span, block_cells=bc,
               scheduler=ctx.scheduler(), progress=ctx.progress)
