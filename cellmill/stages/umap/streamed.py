@@ -155,6 +155,7 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
     vectors, tol 1e-4, v0 ones), scaled to +-10 with umap-learn's noise. A graph of several
     components or under 2,000 cells goes to umap-learn's spectral_layout in memory."""
     import scipy.sparse.linalg as sla
+    from threadpoolctl import threadpool_limits
     from umap.umap_ import noisy_scale_coords
 
     from cellmill.stages.umap.in_memory import spectral_vectors
@@ -181,7 +182,9 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
         calls[0] += 1
         return inv_sq * y
 
-    with numba_threads(threads):
+    # ARPACK's own BLAS on one thread: OpenBLAS's threads spin between its calls and would
+    # take the cores from the products (measured: 15 -> 7 ms a product on 2 cores)
+    with numba_threads(threads), threadpool_limits(1):
         emb = spectral_vectors(sla.LinearOperator((n, n), matvec=matvec, dtype=np.float64),
                                dim, rs)
     log.info("umap: spectral initialisation in %d streamed products", calls[0])
