@@ -15,6 +15,10 @@ CSV_ROWS = 65536  # rows formatted at a time by write_csv
 
 def _quoted(values: list[str]) -> list[str]:
     """csv's minimal quoting: a field with a comma, a quote or a line break is quoted."""
+    joined = "".join(values)
+    if not any(c in joined for c in ',"\n\r'):  # the usual case: one scan, no per-value work
+        return values
+
     def q(v: str) -> str:
         if "," in v or '"' in v or "\n" in v or "\r" in v:
             return '"' + v.replace('"', '""') + '"'
