@@ -238,9 +238,13 @@ def _lazy_sum_sq(n: np.ndarray, s_y: np.ndarray, s_m2: np.ndarray):
 
 
 def write_grouped_stats(store: Store, ds) -> None:
+    import dask
+
     chunk = (max(1, ds.sizes["group"]), max(1, min(ds.sizes["gene"], 4096)))
     enc = {v: {"chunks": chunk} for v in ("sum", "sum_sq", "m2", "sum_expm1", "nnz", "counts")}
-    store.write_dataset("uns", GROUPED_STATS, ds, encoding=enc)
+    # sum_sq is computed here from arrays in this process's memory: never on a cluster
+    with dask.config.set(scheduler="synchronous"):
+        store.write_dataset("uns", GROUPED_STATS, ds, encoding=enc)
 
 
 def load_grouped_stats(store: Store):

@@ -33,6 +33,8 @@ def target_tests(ds, cfg: Config) -> pd.DataFrame:
     p_adj_bh: Benjamini-Hochberg over all rows of this table that have a p-value (all target
     genes, clusters, time points and contrasts together), as R's p.adjust(p, "BH").
     """
+    import dask
+
     st = cfg.study
     genes = np.asarray(ds["gene"].values).astype(str)
     known = set(genes)
@@ -45,7 +47,8 @@ def target_tests(ds, cfg: Config) -> pd.DataFrame:
         warnings.warn(f"statistics: no {st.condition!r} column among the grouping columns "
                       f"({by}); target tests skipped", stacklevel=2)
         return pd.DataFrame(columns=TARGET_COLUMNS)
-    sub = ds.sel(gene=list(st.target_genes)).load()
+    with dask.config.set(scheduler="synchronous"):  # in-memory arrays (grouped.py's sum_sq)
+        sub = ds.sel(gene=list(st.target_genes)).load()
     coords = group_coords(sub)
     clusters = list(dict.fromkeys(coords["cluster"])) if "cluster" in by else []
     has_tp = st.timepoint in by
