@@ -23,7 +23,7 @@ from cellmill.stages.statistics.grouped import (
     load_grouped_stats,
     write_grouped_stats,
 )
-from cellmill.stages.statistics.stage import run_statistics, target_tests
+from cellmill.stages.statistics.stage import add_pseudobulk, run_statistics, target_tests
 from cellmill.stages.statistics.welch import bh_adjust, contrast, welch
 
 COLS = ["cluster", "condition", "timepoint", "sample"]
@@ -279,6 +279,15 @@ def test_stage_writes_table_and_store(study, tmp_path):
     assert (per_tp["gene"] == "").all() and per_tp["reason"].str.startswith("fewer than 2").all()
     assert study.has("uns", "pseudobulk")
     assert table["p_value_pseudobulk"].notna().sum() >= 4  # Sigmar1 pooled, per cluster + all
+    # the stage keeps only the rows the target tests need while it writes the table: the same
+    # target-test columns as from the whole table
+    whole = pd.read_csv(tmp_path / "tables" / "pseudobulk.csv")
+    whole[["gene", "reason"]] = whole[["gene", "reason"]].fillna("")
+    want = add_pseudobulk(target_tests(load_grouped_stats(study), cfg), whole)
+    np.testing.assert_array_equal(table["p_value_pseudobulk"].to_numpy(),
+                                  want["p_value_pseudobulk"].to_numpy())
+    assert list(table["reason_pseudobulk"].fillna("")) == list(want["reason_pseudobulk"])
+    assert list(table["n_samples_case"]) == list(want["n_samples_case"])
     # turned off: no sums, no table, and the target tests say why
     cfg.study.pseudobulk = False
     run_statistics(Context(cfg=cfg, outdir=tmp_path, store=study, progress=False))

@@ -34,15 +34,35 @@ MIN_SAMPLES = 2
 
 
 def sample_metadata(obs: pd.DataFrame, sample_col: str, columns: list[str]) -> pd.DataFrame:
-    """One row per sample (index: sample name, str) with each of `columns` that is constant
-    within every sample (a column that varies inside a sample is not a sample property)."""
-    sub = obs[[sample_col] + [c for c in columns if c in obs and c != sample_col]].dropna(
-        subset=[sample_col]).astype(str)
-    grouped = sub.groupby(sample_col, sort=False, observed=True)
-    keep = [c for c in sub.columns[1:] if (grouped[c].nunique() <= 1).all()]
-    meta = grouped[keep].first()
-    meta.index = meta.index.astype(str)
-    return meta
+    """One row per sample (index: sample name, str, in order of first appearance) with each of
+    `columns` that is constant within every sample (a column that varies inside a sample is
+    not a sample property), as str ("nan" for a missing value). Works on category codes: no
+    string per cell (a million cells would make hundreds of MB of them)."""
+    def codes(col):
+        s = obs[col]
+        if not isinstance(s.dtype, pd.CategoricalDtype):
+            s = s.astype("category")
+        labels = np.append(np.asarray(s.cat.categories).astype(str), "nan")
+        c = s.cat.codes.to_numpy().astype(np.int64)
+        return np.where(c < 0, len(labels) - 1, c), labels
+
+    sc, s_labels = codes(sample_col)
+    has = sc != len(s_labels) - 1  # cells without a sample are left out
+    sc = sc[has]
+    present, first = np.unique(sc, return_index=True)
+    order = present[np.argsort(first, kind="stable")]
+    out = {}
+    for c in columns:
+        if c not in obs or c == sample_col:
+            continue
+        vc, v_labels = codes(c)
+        pairs = np.unique(sc * len(v_labels) + vc[has])  # distinct (sample, value) pairs
+        per_sample = np.bincount(pairs // len(v_labels), minlength=len(s_labels))
+        if (per_sample[order] <= 1).all():
+            value = np.empty(len(s_labels), dtype=np.int64)
+            value[pairs // len(v_labels)] = pairs % len(v_labels)
+            out[c] = v_labels[value[order]]
+    return pd.DataFrame(out, index=pd.Index(s_labels[order], name=sample_col))
 
 
 def pseudobulk_dataset(ds, sample_col: str, meta: pd.DataFrame):

@@ -196,8 +196,9 @@ def run_statistics(ctx: Context) -> dict:
     out = ctx.tables / "target_tests.csv"
     pb_out = ctx.tables / "pseudobulk.csv"
     targets = target_tests(ds, cfg) if study else None
+    # what is left needs fewer planes (all are on disk now): each is freed once unused
+    ds = ds[["n", "sum", "m2", "counts"]]
     pb, why = (None, "") if not study else _pseudobulk_sums(store, ds, cfg, columns)
-    # what is left needs only these (the rest is on disk): free the other planes first
     ds = ds[["n", "sum", "m2"]]
     if pb is None:  # an earlier run's sums and tests would contradict this one
         store.remove("uns", PSEUDOBULK)
