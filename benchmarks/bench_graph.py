@@ -276,7 +276,7 @@ def main(argv=None) -> dict:
     del g
     if not args.no_pynndescent:
         with Step(res, "pynndescent"):
-            approx, _ = nndescent_knn(pcs, 20, workers=args.workers)
+            approx, _ = nndescent_knn(pcs, 20)
         res["pynndescent_recall"] = round(recall(approx, idx), 5)
         print(f"  pynndescent recall vs exact: {res['pynndescent_recall']}", flush=True)
         del approx
