@@ -129,8 +129,10 @@ NN_JOBS = 1
 # pynndescent settings tried in turn until the recall holds: more neighbours kept while
 # searching (the first k are used), then more iterations
 # NN-descent's effort, raised while the recall check fails. The first level keeps 15 candidates
-# per point and iteration (pynndescent: min(60, k)): at 1M cells that is 320 MB less at k = 30
-# (+913 against +1,231 MB) for recall 0.991 against 0.998, and recall 0.987 at k = 20
+# per point and iteration for k >= 30 (pynndescent: min(60, k)): at 1M cells, k = 30 (UMAP),
+# 320 MB less (+913 against +1,231 MB) for recall 0.991 against 0.998. At k = 20 (neighbors)
+# the saving is small and recall fell to 0.981: pynndescent's default there
+CANDIDATES_FROM_K = 30
 EFFORT = ({"extra": 0, "iters": 1, "candidates": 15}, {"extra": 10, "iters": 1},
           {"extra": 20, "iters": 2})
 
@@ -218,6 +220,8 @@ def nndescent_knn(points: np.ndarray, k: int, seed: int = NN_SEED, extra: int = 
     n = x.shape[0]
     m = min(k + extra, n)
     n_iters = iters * max(5, int(round(np.log2(max(n, 2)))))
+    if m < CANDIDATES_FROM_K:
+        candidates = None
     index = NNDescent(x.astype(np.float32), n_neighbors=m, metric="euclidean",
                       random_state=seed, n_jobs=NN_JOBS, n_iters=n_iters, low_memory=True,
                       max_candidates=candidates, verbose=False)
