@@ -124,17 +124,22 @@ def main() -> None:
                                  "load": round(os.getloadavg()[0], 2)}
             print(name, res["runs"][name], flush=True)
     res["load_after"] = os.getloadavg()
-    out = Path(args.out)
+    write_results(Path(args.out), "umap_layout", res,
+                  f"UMAP layout, {n} cells x {points.shape[1]} dims, {epochs} epochs")
+
+
+def write_results(out: Path, stem: str, res: dict, title: str, notes: tuple = ()) -> None:
+    """OUT/STEM.json and OUT/STEM.md (a table of res["runs"]), and the table printed."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "umap_layout.json").write_text(json.dumps(res, indent=1))
-    lines = [f"UMAP layout, {n} cells x {points.shape[1]} dims, {epochs} epochs "
-             f"(load {res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}, "
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    lines = [f"{title} (load {res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}, "
              f"{res['cpus']} CPUs)", "",
              "| run | wall s | CPU s | trustworthiness | silhouette |", "|---|---|---|---|---|"]
     for name, r in res["runs"].items():
         lines.append(f"| {name} | {r['wall_s']} | {r['cpu_s']} | {r['trustworthiness']} | "
                      f"{r.get('silhouette', '')} |")
-    (out / "umap_layout.md").write_text("\n".join(lines) + "\n")
+    lines += list(notes)
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

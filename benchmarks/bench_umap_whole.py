@@ -19,14 +19,13 @@ silhouette of the clusters. Writes OUT/umap_whole.json and OUT/umap_whole.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
-from bench_umap_layout import quality
+from bench_umap_layout import quality, write_results
 
 
 def timed(func):
@@ -88,21 +87,12 @@ def main() -> None:
     r = res["runs"]
     if "umap_learn" in r:
         res["time_ratio"] = round(r["cellmill"]["wall_s"] / r["umap_learn"]["wall_s"], 3)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "umap_whole.json").write_text(json.dumps(res, indent=1))
-    lines = [f"Whole UMAP, {n} cells x {args.dims} PCs, {epochs} epochs, {args.threads} threads "
-             f"(load {res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}, "
-             f"{res['cpus']} CPUs)", "",
-             "| run | wall s | CPU s | trustworthiness | silhouette |", "|---|---|---|---|---|"]
-    for name, x in r.items():
-        lines.append(f"| {name} | {x['wall_s']} | {x['cpu_s']} | {x['trustworthiness']} | "
-                     f"{x.get('silhouette', '')} |")
-    if "time_ratio" in res:
-        lines += ["", f"cellmill / umap-learn wall time: {res['time_ratio']:.2f} "
-                      "(goal at 196k: <= 0.3, and <= 35 s)"]
-    (out / "umap_whole.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    notes = () if "time_ratio" not in res else (
+        "", f"cellmill / umap-learn wall time: {res['time_ratio']:.2f} (goal at 196k: <= 0.3, "
+            "and <= 35 s)")
+    write_results(Path(args.out), "umap_whole", res,
+                  f"Whole UMAP, {n} cells x {args.dims} PCs, {epochs} epochs, "
+                  f"{args.threads} threads", notes)
 
 
 if __name__ == "__main__":
