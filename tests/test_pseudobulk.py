@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
+from test_pseudobulk_de import REF, assert_rel, read
 
 from cellmill.config import load_config
 from cellmill.io.ingest import ingest
@@ -23,8 +24,6 @@ from cellmill.stages.statistics.pseudobulk import (
     sample_metadata,
 )
 from cellmill.stages.statistics.stage import add_pseudobulk, target_tests
-
-from test_pseudobulk_de import REF, assert_rel, read
 
 COLS = ["cluster", "condition", "timepoint", "sample"]
 POPULATIONS = ("MG_homeostatic_1", "MG_Apoe_high", "MG_homeostatic_2")

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from make_10x import barcodes, random_counts, write_10x_v3
+from test_ingest_stream import dense_union
 
 from cellmill.errors import InputError
 from cellmill.io.ingest import ingest
@@ -37,24 +38,12 @@ def _study(tmp_path, sizes=(700, 1500, 300), n_genes=60, shuffle_genes=False):
     return tmp_path / "manifest.csv", mats
 
 
-def _dense_union(mats):
-    """Expected study matrix: genes unioned in first-seen order, absent genes zero."""
-    union = list(dict.fromkeys(g for _, _, genes in mats.values() for g in genes))
-    col = {g: i for i, g in enumerate(union)}
-    blocks = []
-    for m, _, genes in mats.values():
-        d = np.zeros((m.shape[0], len(union)), dtype=np.int64)
-        d[:, [col[g] for g in genes]] = m.toarray()
-        blocks.append(d)
-    return np.vstack(blocks), union
-
-
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_manifest_round_trip(tmp_path, shuffle):
     manifest, mats = _study(tmp_path, shuffle_genes=shuffle)
     with pytest.warns(UserWarning, match="absent, set to zero"):
         store = ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
-    expected, union = _dense_union(mats)
+    union, expected = dense_union(mats)
     assert store.shape == expected.shape
     assert list(store.var().index) == union
     full = store.read_rows(0, store.n_cells)
@@ -81,7 +70,7 @@ def test_blocks_and_masks(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         store = ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
-    expected, _ = _dense_union(mats)
+    _, expected = dense_union(mats)
     assert list(store.blocks) == [0, 1024, 2048, 2500]
     # blocks concatenate to the matrix, with a mask and a gene subset
     rng = np.random.default_rng(1)

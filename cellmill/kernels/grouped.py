@@ -120,17 +120,17 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
 
 
 @numba.njit(nogil=True, cache=True)
-def fold_slots(acc_n, s_y, s_e, s_nz, s_m2, s_x, n, ptr, genes, vals, group_of_slot, g0):
-    """Fold slot moments into the group accumulators (one (groups, panel genes) plane per
-    quantity: sum y, sum expm1(y), nonzeros, m2, raw counts), slot by slot in order; entry
-    genes are absolute, the planes hold genes g0.. . Over the nonzeros (Chan et al.):
+def fold_slots(acc_n, s_y, s_e, s_nz, s_m2, s_x, n, ptr, genes, vals, group_of_slot):
+    """Fold slot moments into the group accumulators (one (groups, genes) plane per quantity:
+    sum y, sum expm1(y), nonzeros, m2, raw counts), slot by slot in order. Over the nonzeros
+    (Chan et al.):
     m2_ab = m2_a + m2_b + (mean_b - mean_a)^2 nnz_a nnz_b / (nnz_a + nnz_b); sums add.
     Zeros join in `finish_m2`."""
     for s in range(len(group_of_slot)):
         g = group_of_slot[s]
         acc_n[g] += n[s]
         for t in range(ptr[s], ptr[s + 1]):
-            j = genes[t] - g0
+            j = genes[t]
             na = s_nz[g, j]
             nb = vals[t, NNZ]
             if na == 0.0:

@@ -157,21 +157,11 @@ def count_roots(parent):
     return c
 
 
-@numba.njit(nogil=True, cache=True)
-def spmv_rows(indptr, cols, vals, keep_from, x, out):
-    """out[r] = sum over kept entries of row r of w * x[col] (float64)."""
-    for r in range(len(indptr) - 1):
-        s = 0.0
-        for p in range(indptr[r], indptr[r + 1]):
-            if vals[p] >= keep_from:
-                s += vals[p] * x[cols[p]]
-        out[r] = s
-
-
 @numba.njit(nogil=True, cache=True, parallel=True)
-def spmv_rows_parallel(indptr, cols, vals, keep_from, x, out):
-    """spmv_rows with the rows spread over the Numba threads: each row's sum is still taken
-    by one thread in entry order, so the result is the same bits for any thread count."""
+def spmv_rows(indptr, cols, vals, keep_from, x, out):
+    """out[r] = sum over kept entries of row r of w * x[col] (float64), the rows spread over
+    the Numba threads: each row's sum is taken by one thread in entry order, so the result is
+    the same bits for any thread count."""
     for r in numba.prange(len(indptr) - 1):
         s = 0.0
         for p in range(indptr[r], indptr[r + 1]):

@@ -194,20 +194,18 @@ def first_pass(store: Store, mask: np.ndarray, sf: float, block_cells: int | Non
     run_m2 = np.zeros(g, np.float64)
     top = np.zeros((g, TOP_K), np.int32)
     top_state = np.zeros((g, 8), np.int64)  # as keep_largest's state
-    # the smallest of each full running top: blocks skip counts that cannot enter it (read
-    # by a window of blocks while the driver waits; updated as the driver folds, never while
-    # a window runs). The tops, and so every result, are the same without it
-    floor = np.zeros(g, np.int64)
     size = _block_bytes(store, block_cells, 2, 3 + TOP_K // 2)
     mask = np.ascontiguousarray(mask, dtype=bool)
-    for (a, b), r in stream_blocks(store, _first_block, float(sf), mask, floor, mask=None,
-                                   block_cells=block_cells, scheduler=scheduler,
+    # top_state[:, 6], the smallest of each full running top, is the blocks' floor: they skip
+    # counts that cannot enter it (read by a window of blocks while the driver waits; folded
+    # into by the driver, never while a window runs). Every result is the same without it
+    for (a, b), r in stream_blocks(store, _first_block, float(sf), mask, top_state[:, 6],
+                                   mask=None, block_cells=block_cells, scheduler=scheduler,
                                    desc="hvg: pass 1", progress=progress, result_bytes=size):
         sx += r[0]  # integer sums: exact in any order
         sxx += r[1]
         nnz += r[2]
         merge_largest(top, top_state, r[5])  # the TOP_K largest counts so far
-        floor[:] = top_state[:, 6]
         counts = np.add.reduceat(mask[a:b].astype(np.int64), np.arange(0, b - a, GRANULE))
         for s_j, m2_j, n_j in zip(r[3], r[4], counts, strict=True):
             total += s_j

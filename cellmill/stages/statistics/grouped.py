@@ -193,7 +193,7 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
         for group_of_slot, n, ptr, genes, vals in ordered_stream(_stats_task, args, scheduler,
                                                                  window):
             kern.fold_slots(acc_n, *planes, n, ptr, genes, vals,
-                            group_of_slot.astype(np.int64), 0)
+                            group_of_slot.astype(np.int64))
             pbar.update(1)
     finally:
         pbar.close()

@@ -178,7 +178,7 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
         x = inv_sq * np.asarray(v, dtype=np.float64).ravel()
         y = np.empty(n)
         for r0, ptr, cols, vals, _ in graph.blocks(rows):
-            kern.spmv_rows_parallel(ptr, cols, vals, keep_from, x, y[r0:r0 + len(ptr) - 1])
+            kern.spmv_rows(ptr, cols, vals, keep_from, x, y[r0:r0 + len(ptr) - 1])
         calls[0] += 1
         return inv_sq * y
 
@@ -187,7 +187,7 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
     with numba_threads(threads), threadpool_limits(1):
         emb = spectral_vectors(sla.LinearOperator((n, n), matvec=matvec, dtype=np.float64),
                                dim, rs)
-    log.info("umap: spectral initialisation in %d streamed products", calls[0])
+    log.info("umap: spectral initialisation in %d graph products", calls[0])
     return noisy_scale_coords(emb, rs, max_coord=10, noise=0.0001)
 
 
