@@ -4,7 +4,7 @@ umap-learn holds the kNN lists, the fuzzy graph (built with scipy temporaries) a
 per edge of optimiser state: ~1.3 GB at 400k cells, growing with the cells. Here only
 O(cells) arrays stay in memory (the PCs while the kNN search runs, sigma/rho of a block,
 degrees, the 2-D embedding); the O(cells x k) parts go through raw scratch files beside the
-store, one block of rows at a time:
+store, one block of rows at a time (the finished graph alone may be held, step 4):
 
 1. the 30-NN lists in cosine distance (exact search, or NN-descent past neighbors.method's
    crossover: stages/shared/knn.py) are bucketed by row block as the search returns them;
@@ -13,7 +13,8 @@ store, one block of rows at a time:
 3. per bucket, the fuzzy union a + b - a*b of the two directions: umap-learn's symmetric
    graph, written as CSR (row order);
 4. edges below max / epochs dropped (as umap-learn does), then the spectral initialisation:
-   ARPACK on D^-1/2 W D^-1/2 with the graph streamed for every product;
+   ARPACK on D^-1/2 W D^-1/2, the graph streamed for every product (or read into memory once
+   when it fits half of compute.memory: the same blocks either way);
 5. the layout, an epoch at a time over the blocks: by default the batch optimiser on all
    threads (kernels/layout_batch.py), or umap-learn's sequential one (kernels/layout.py).
 """
