@@ -89,14 +89,17 @@ def is_store(path: Path) -> bool:
 def ingest(source: str | Path, out: str | Path, overwrite: bool = False,
            feature_types: tuple[str, ...] | None = ("Gene Expression",),
            block_cells: int = DEFAULT_BLOCK_CELLS, progress: bool = False,
-           workers: int = 1) -> Store:
+           workers: int = 1, threads: int = 1) -> Store:
     """Ingest a manifest CSV, or a single .h5 / .h5ad / Matrix Market folder, into a store.
 
     workers: processes busy: this one writes, `workers` - 1 (at most
     ``cellmill.io.decode.MAX_WORKERS``) decode samples; 1: this process reads too, one slice at
     a time. This process then holds up to `workers` parts of ``PART_NNZ`` nonzeros (~34 MB
     each) beside the writer's chunk buffers and the O(cells) obs, and each decoding process
-    ~200 MB (its imports and one part's read buffers; measured)."""
+    ~200 MB (its imports and one part's read buffers; measured).
+    threads: with workers = 1, the compressed chunks of 10x HDF5 files are inflated by this
+    many threads (io/h5chunks.py); the bytes, and so the store, are the same for any count."""
+    from cellmill.io.h5chunks import decode_threads
     from cellmill.io.progress import bar
 
     source = Path(source)
@@ -114,8 +117,9 @@ def ingest(source: str | Path, out: str | Path, overwrite: bool = False,
         if workers > 1:  # this process writes: workers - 1 processes decode
             _add_decoded(writer, specs, feature_types, prefix, workers - 1, progress)
         else:
-            for s in bar(specs, desc="ingest", unit="sample", enabled=progress):
-                _add(writer, s, feature_types, prefix)
+            with decode_threads(threads):
+                for s in bar(specs, desc="ingest", unit="sample", enabled=progress):
+                    _add(writer, s, feature_types, prefix)
         return writer.finish()
     except BaseException:
         writer.abort()

@@ -17,8 +17,8 @@ name is named by its id.
 
 Streaming (``open_10x_h5``, used by ingest): the feature table, the barcodes and ``indptr``
 (8 bytes per cell) are read and checked first; the counts then come as CSR slices of consecutive
-cells holding at most ``SLICE_NNZ`` nonzeros (one cell may exceed it), each read with HDF5
-slicing and checked like a whole matrix (index bounds, integer non-negative counts, canonical
+cells holding at most ``SLICE_NNZ`` nonzeros (one cell may exceed it), each read chunk by chunk
+(io/h5chunks.py: inflated in threads within ``decode_threads``) and checked like a whole matrix (index bounds, integer non-negative counts, canonical
 form). v2 files whose several genome groups are concatenated are read whole (one slice).
 ``read_10x_h5`` is the same reading with one slice.
 """
@@ -35,6 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cellmill.errors import InputError
+from cellmill.io.h5chunks import read_range
 from cellmill.io.names import fill_empty, make_unique, seurat_clean
 from cellmill.io.sample import (
     GENE_EXPRESSION,
@@ -236,7 +237,8 @@ def _slices(path: Path, g: h5py.Group, indptr: np.ndarray, n_features: int, slic
         with _reading(path):
             a, b = int(indptr[c0]), int(indptr[c1])
             ptr = indptr[c0: c1 + 1] - a
-            m = slice_csr(path, g["data"][a:b], g["indices"][a:b], ptr, n_features)
+            m = slice_csr(path, read_range(g["data"], a, b), read_range(g["indices"], a, b), ptr,
+                          n_features)
             m = take_features(m, mask)
         yield m  # outside _reading: the consumer's errors pass through unchanged
 

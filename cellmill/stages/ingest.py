@@ -64,7 +64,7 @@ def run_ingest(ctx: Context) -> None:
     workers = c.workers if c.workers >= PARALLEL_DECODE_MIN_WORKERS and \
         c.scheduler not in ("synchronous", "sync") else 1
     ctx.store = ingest(src, ctx.store_path, overwrite=True, feature_types=ft,
-                       progress=ctx.progress, workers=workers)
+                       progress=ctx.progress, workers=workers, threads=max(1, c.workers))
 
 
 PARALLEL_DECODE_MIN_WORKERS = 3
