@@ -126,6 +126,17 @@ def test_nndescent_is_reproducible(approx20k):
     np.testing.assert_array_equal(idx2, idx)
     np.testing.assert_array_equal(dist2, dist)
     assert info2 == info
+    # given a loader instead of the array (the stages do, to hold no copy during the search)
+    calls = []
+
+    def load():
+        calls.append(1)
+        return x.copy()
+
+    idx3, dist3, info3 = approximate_knn(load, 20)
+    np.testing.assert_array_equal(idx3, idx)
+    np.testing.assert_array_equal(dist3, dist)
+    assert info3 == info and len(calls) >= 3
 
 
 def test_low_recall_falls_back_to_exact(monkeypatch, caplog):

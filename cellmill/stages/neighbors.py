@@ -157,10 +157,10 @@ def run_neighbors(ctx: Context) -> dict:
     k, n_pcs = min(cfg.k, len(cells)), pcs.shape[1]
     info = {"setting": cfg.method, "exact_up_to": shared_knn.EXACT_UP_TO, "cells": int(len(cells))}
     if knn_method(cfg.method, len(cells)) == "nndescent":
-        idx, dist, done = approximate_knn(pcs, k, scheduler=ctx.scheduler(),
-                                          progress=ctx.progress)
+        del pcs  # read again where needed: no copy held while NN-descent runs
+        idx, dist, done = approximate_knn(lambda: passed_pcs(store, n_pcs)[1], k,
+                                          scheduler=ctx.scheduler(), progress=ctx.progress)
         info.update(done)
-        del pcs
     else:
         index = knn_index(pcs)
         del pcs  # the index holds its own copy

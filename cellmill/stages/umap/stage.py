@@ -31,20 +31,25 @@ def _umap_params(cfg):
 def run_umap(ctx: Context) -> dict:
     u, store = ctx.cfg.umap, ctx.store
     record: dict = {}
-    cells, pcs = passed_pcs(ctx.store, ctx.cfg.neighbors.n_pcs)
+    n_pcs = ctx.cfg.neighbors.n_pcs
     if u.backend == "streamed":
+        from cellmill.engine.cells import qc_passed
         from cellmill.io.scratch import scratch_dir
         from cellmill.stages.umap.streamed import umap_streamed
 
-        emb = umap_streamed(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
+        cells = np.flatnonzero(qc_passed(store))
+        # a loader, not the PCs: read again where needed, so that no copy is held while the
+        # kNN search runs (its peak sets the stage's)
+        emb = umap_streamed(lambda: passed_pcs(store, n_pcs)[1], u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
                             scratch=scratch_dir(store.path, "umap"), scheduler=ctx.scheduler(),
                             progress=ctx.progress, optimizer=u.optimizer,
                             knn_method=ctx.cfg.neighbors.method, record=record,
                             memory_bytes=ctx.cfg.compute.memory_bytes)
     else:
+        cells, pcs = passed_pcs(store, n_pcs)
         emb = umap_embedding(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
                              scheduler=ctx.scheduler(), progress=ctx.progress)
-    del pcs
+        del pcs
     write_all_cells(store, "obsm", "X_umap", emb, cells, np.nan)
     release_heap()
     return record
