@@ -270,3 +270,34 @@ def test_cell_table_of_some_cells_written_in_pieces(tmp_path, monkeypatch):
     assert list(got.columns) == ["cell", "cluster"]
     np.testing.assert_array_equal(got["cell"].to_numpy(), names[cells])
     np.testing.assert_array_equal(got["cluster"].to_numpy(), labels)
+
+
+def test_obs_strings_written_in_chunks(tmp_path, monkeypatch):
+    """Cell names and barcodes go to disk sample by sample in chunks that do not line up with
+    the samples; anndata reads back the frame pandas would build."""
+    from cellmill.io import writer
+
+    monkeypatch.setattr(writer, "STRING_CHUNK", 7)
+    manifest, mats = _study(tmp_path, sizes=(20, 33, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store = ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
+    ad = anndata.read_zarr(store.path)
+    names = [f"{s}_{b}" for s, (_, bc, _) in mats.items() for b in bc]
+    assert list(ad.obs_names) == names
+    assert list(ad.obs["barcode"]) == [b for _, bc, _ in mats.values() for b in bc]
+    assert list(ad.obs.columns) == ["barcode", "sample", "condition", "timepoint",
+                                    "n_counts", "n_features"]
+    assert list(ad.obs["condition"]) == ["SNI"] * 20 + ["Sham"] * 33 + ["SNI"] * 5
+    assert (store.obs_names() == pd.Index(names)).all()
+
+
+def test_duplicate_cell_names_leave_no_store(tmp_path):
+    m = random_counts(6, 10, seed=3)
+    bc = barcodes(6, seed=3)
+    bc[4] = bc[1]
+    write_10x_v3(tmp_path / "dup.h5", m, bc, [f"G{i}" for i in range(10)])
+    with pytest.raises(InputError, match=f"duplicate cell name '{bc[1]}'"):
+        ingest(tmp_path / "dup.h5", tmp_path / "study.zarr")
+    assert not (tmp_path / "study.zarr").exists()
+    assert not list(tmp_path.glob(".study.zarr.tmp-*"))
