@@ -211,6 +211,9 @@ def bench_size(n: int, args, stages: list[str], log) -> dict:
         streamed = ((rec.get("info") or {}).get("pass") or {}).get("seconds")
         if streamed:  # hvg and statistics: the time spent streaming the counts
             res["stages"][stage]["pass_seconds"] = streamed
+        steps = (rec.get("info") or {}).get("seconds")
+        if isinstance(steps, dict):  # umap: seconds per step
+            res["stages"][stage]["steps"] = steps
         log(f"{_label(n)}: stage {stage}: {rec.get('seconds')} s, "
             f"peak {rec.get('peak_rss_mb')} MB")
     store = run / "study.zarr"
@@ -379,6 +382,10 @@ def markdown(doc: dict) -> str:
                      f"({dec['seconds'] / sec:.0%} of the decode)" for s, sec in passes]
             lines += ["", f"Streaming passes alone (goal: >= {GOAL_PASS:.0%} of the read-only "
                       f"decode): {'; '.join(parts)}."]
+        for s, t in r["stages"].items():
+            if t.get("steps"):
+                steps = ", ".join(f"{k} {v:.1f} s" for k, v in t["steps"].items())
+                lines += ["", f"{s} by step: {steps}."]
         lines.append("")
     flat = doc.get("flatness")
     if flat and flat["stages"]:
