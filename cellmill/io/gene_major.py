@@ -149,9 +149,9 @@ class _Runs:
     """The transposed blocks, one scratch file each: per output window, the block's values and
     cell indices of the window's genes, each compressed (Blosc-LZ4, byte shuffle: ~1.6 B/nnz
     instead of 8 raw; bit shuffle compressed window-sized pieces to 4.6 B/nnz, 2.5x slower).
-    Measured build (2 threads): 196k cells 21-24 s raw -> 14 s, where the 3.4 GB of raw runs
-    went out at the disk's pace; 1M cells 83 s raw vs 85 s, its 17 GB of raw runs mostly held
-    in the page cache of a 24 GB machine (scratch written: 17 GB -> 3.5 GB)."""
+    Measured build (2 threads, 24 GB machine): 196k cells 21-24 s with raw runs (3.4 GB) ->
+    14 s; 1M cells 83 s raw vs 85 s (17 GB of raw runs, mostly held in the page cache, vs 3.5
+    GB written). The raw writes cost more at 196k than at 1M per block; why is not known."""
 
     def __init__(self, folder, n_genes, genes: list[tuple[int, int]], n_runs: int):
         self.folder = folder
