@@ -18,9 +18,9 @@ name is named by its id.
 Streaming (``open_10x_h5``, used by ingest): the feature table, the barcodes and ``indptr``
 (8 bytes per cell) are read and checked first; the counts then come as CSR slices of consecutive
 cells holding at most ``SLICE_NNZ`` nonzeros (one cell may exceed it), each read chunk by chunk
-(io/h5chunks.py: inflated in threads within ``decode_threads``) and checked like a whole matrix (index bounds, integer non-negative counts, canonical
-form). v2 files whose several genome groups are concatenated are read whole (one slice).
-``read_10x_h5`` is the same reading with one slice.
+(io/h5chunks.py: inflated in threads within ``decode_threads``) and checked like a whole matrix
+(index bounds, integer non-negative counts, canonical form). v2 files whose several genome groups
+are concatenated are read whole (one slice). ``read_10x_h5`` is the same reading with one slice.
 """
 
 from __future__ import annotations

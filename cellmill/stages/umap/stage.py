@@ -40,9 +40,9 @@ def run_umap(ctx: Context) -> dict:
         cells = np.flatnonzero(qc_passed(store))
         # a loader, not the PCs: read again where needed, so that no copy is held while the
         # kNN search runs (its peak sets the stage's)
-        emb = umap_streamed(lambda: passed_pcs(store, n_pcs)[1], u.n_neighbors, u.min_dist, u.seed, u.n_epochs,
-                            scratch=scratch_dir(store.path, "umap"), scheduler=ctx.scheduler(),
-                            progress=ctx.progress, optimizer=u.optimizer,
+        emb = umap_streamed(lambda: passed_pcs(store, n_pcs)[1], u.n_neighbors, u.min_dist,
+                            u.seed, u.n_epochs, scratch=scratch_dir(store.path, "umap"),
+                            scheduler=ctx.scheduler(), progress=ctx.progress, optimizer=u.optimizer,
                             knn_method=ctx.cfg.neighbors.method, record=record,
                             memory_bytes=ctx.cfg.compute.memory_bytes)
     else:

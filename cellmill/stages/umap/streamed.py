@@ -272,13 +272,14 @@ def umap_streamed(points, n_neighbors: int = 30, min_dist: float = 0.3,
                   scheduler=None, progress: bool = False, optimizer: str = "batch",
                   knn_method: str = "exact", record: dict | None = None,
                   memory_bytes: int | None = None) -> np.ndarray:
-    """UMAP of `points` (an array, or a loader: see _load) as graph.umap_embedding computes it, with the graph on disk under
-    `scratch` (made, then removed). `optimizer`: "batch" (on as many threads as the
-    scheduler has workers) or "sequential" (umap-learn's in-place updates, one thread). The
-    kNN search is the one neighbors.method = `knn_method` means for this many points; what
-    was done goes into `record["knn"]` when given. A graph of at most half of
-    `memory_bytes` is held in memory for the spectral products and the epochs (the same
-    numbers as streamed from disk; faster)."""
+    """UMAP of `points` (an array, or a loader: see _load) as graph.umap_embedding computes
+    it, with the graph on disk under `scratch` (made, then removed). `optimizer`: "batch" (on
+    as many threads as the scheduler has workers) or "sequential" (umap-learn's in-place
+    updates, one thread). The kNN search is the one neighbors.method = `knn_method` means
+    for this many points; what was done goes into `record["knn"]` when given, the seconds
+    per step into `record["seconds"]`. A graph of at most half of `memory_bytes` is held in
+    memory for the spectral products and the epochs (the same numbers as streamed from disk;
+    faster)."""
     import tempfile
 
     from umap.umap_ import find_ab_params
