@@ -236,8 +236,9 @@ STRING_CHUNK = 1 << 16  # cells per chunk of the obs string columns
 def _write_obs(root, parts: list[_ObsPart], n_cells: int) -> None:
     """obs as anndata writes a DataFrame: barcode (str), sample and metadata (categorical,
     categories in order of first appearance), n_counts, n_features; index = cell names. The
-    string columns are written sample by sample from the compact barcodes: built whole as
-    Python strings (twice, with anndata's copies) they were ~300 MB at 1M cells."""
+    cell names (an object index, as before) are written sample by sample from the compact
+    barcodes: built whole as Python strings with anndata's copies they were most of the ~300
+    MB the obs took at the end of ingest at 1M cells."""
     from anndata.io import write_elem
 
     sizes = [len(p.n_counts) for p in parts]
@@ -245,10 +246,9 @@ def _write_obs(root, parts: list[_ObsPart], n_cells: int) -> None:
     keys = list(dict.fromkeys(k for p in parts for k in p.columns()))
     for key in keys:
         values = [p.value(key) for p in parts]
-        if key == "barcode":
-            _write_strings(group, key, (_per_cell(v, n) for v, n in zip(values, sizes,
-                                                                          strict=True)),
-                           n_cells)
+        if key == "barcode":  # through pandas, as anndata writes a column: under pandas 3
+            # a column of str is a StringArray, written and read back as such
+            write_elem(group, key, pd.Series(_per_cell_all(values, sizes))._values)
         else:
             write_elem(group, key, _categorical(values, sizes))
     write_elem(group, "n_counts", np.concatenate([p.n_counts for p in parts]))
@@ -260,8 +260,13 @@ def _write_obs(root, parts: list[_ObsPart], n_cells: int) -> None:
 
 
 def _write_strings(group, name: str, pieces, n: int) -> None:
-    """An anndata string array written piece by piece (pieces: object arrays of str)."""
-    arr = group.create_array(name, shape=(n,), dtype=str, chunks=(min(STRING_CHUNK, n),))
+    """An anndata string array written piece by piece (pieces: object arrays of str), with
+    the data type anndata gives them (zarr's VariableLengthUTF8: `dtype=str` reads back as
+    another dtype under pandas 3)."""
+    from zarr.core.dtype import VariableLengthUTF8
+
+    arr = group.create_array(name, shape=(n,), dtype=VariableLengthUTF8(),
+                             chunks=(min(STRING_CHUNK, n),))
     pos = 0
     for piece in pieces:
         arr[pos:pos + len(piece)] = piece
