@@ -208,8 +208,9 @@ def _by_distance(points: np.ndarray, idx: np.ndarray, k: int,
     return out_i, out_d
 
 
-def _points(points) -> np.ndarray:
-    """The points as float64: `points` itself, or what it returns when it is a loader."""
+def load_points(points) -> np.ndarray:
+    """The points as float64: `points` itself, or what it returns when it is a loader (a
+    function giving the same array at every call, so the caller need hold no copy)."""
     return np.asarray(points() if callable(points) else points, dtype=np.float64)
 
 
@@ -222,7 +223,7 @@ def nndescent_knn(points, k: int, seed: int = NN_SEED, extra: int = 0, iters: in
     (120 MB at 1M cells on 15 PCs) and the points are loaded again to order the lists."""
     from pynndescent import NNDescent
 
-    x32 = _points(points).astype(np.float32)
+    x32 = load_points(points).astype(np.float32)
     n = x32.shape[0]
     m = min(k + extra, n)
     n_iters = iters * max(5, int(round(np.log2(max(n, 2)))))
@@ -235,7 +236,7 @@ def nndescent_knn(points, k: int, seed: int = NN_SEED, extra: int = 0, iters: in
     del index, x32
     if (idx < 0).any():  # unfilled lists: cannot happen with n > m, but never trusted
         idx = np.where(idx < 0, np.arange(n)[:, None], idx)
-    return _by_distance(_points(points), idx, k)
+    return _by_distance(load_points(points), idx, k)
 
 
 def approximate_knn(points, k: int, seed: int = NN_SEED, scheduler=None,
@@ -244,12 +245,12 @@ def approximate_knn(points, k: int, seed: int = NN_SEED, scheduler=None,
     query cells; more effort while it is below RECALL_MIN, then exact search (with a warning).
     `points`: an array or a loader (see nndescent_knn). Returns (indices, distances, what was
     done: method, recall, sample size, effort)."""
-    n = _points(points).shape[0]
+    n = load_points(points).shape[0]
     if n <= 4 * (k + EFFORT[-1]["extra"]):  # too few points for NN-descent's lists: exact
-        idx, dist = exact_knn(_points(points), k, scheduler, progress=progress)
+        idx, dist = exact_knn(load_points(points), k, scheduler, progress=progress)
         return idx, dist, {"method": "exact", "recall": 1.0, "recall_sample": 0}
     queries = sample_queries(n)
-    truth = exact_of_queries(_points(points), queries, k, scheduler)
+    truth = exact_of_queries(load_points(points), queries, k, scheduler)
     info = {"method": "nndescent", "recall_sample": int(len(queries)),
             "recall_min": RECALL_MIN, "seed": seed}
     for level, kw in enumerate(EFFORT):
@@ -262,6 +263,6 @@ def approximate_knn(points, k: int, seed: int = NN_SEED, scheduler=None,
         del idx, dist
     log.warning("knn: nndescent recall %.4f < %.2f at the highest effort: exact search", r,
                 RECALL_MIN)
-    idx, dist = exact_knn(_points(points), k, scheduler, progress=progress)
+    idx, dist = exact_knn(load_points(points), k, scheduler, progress=progress)
     return idx, dist, {**info, "method": "exact", "recall": 1.0, "nndescent_recall": round(r, 5),
                        "effort": None}

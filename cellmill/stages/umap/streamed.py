@@ -36,6 +36,7 @@ from cellmill.io.progress import bar
 from cellmill.io.scratch import Buckets, DiskGraph
 from cellmill.kernels import layout as kern
 from cellmill.kernels import layout_batch as batch
+from cellmill.stages.shared.knn import load_points
 
 log = logging.getLogger("cellmill")
 
@@ -51,16 +52,6 @@ BATCH_LEARNING_RATE = 5.0
 BATCH_ENTRIES = 4_000_000  # graph entries per block the batch optimiser reads: 32 MB
 
 
-def _load(points) -> np.ndarray:
-    """`points`, or what it returns when it is a loader (a function giving the same array at
-    every call: the caller then holds no copy, 120 MB of PCs at 1M cells)."""
-    return points() if callable(points) else points
-
-
-def _n_points(points) -> int:
-    return len(_load(points))
-
-
 def _knn_to_buckets(points, k, root: Path, scheduler, progress, method: str = "exact",
                     info: dict | None = None) -> tuple[Buckets, float]:
     """Step 1: the cosine kNN lists, bucketed by row block: exact search, or NN-descent when
@@ -70,18 +61,19 @@ def _knn_to_buckets(points, k, root: Path, scheduler, progress, method: str = "e
     from cellmill.stages.shared import knn as shared_knn
     from cellmill.stages.umap.in_memory import unit_rows
 
-    n = _n_points(points)
+    n = len(load_points(points))
     info = {} if info is None else info
     info.update(setting=method, exact_up_to=shared_knn.EXACT_UP_TO, cells=int(n))
     if shared_knn.knn_method(method, n) == "nndescent":
         # a loader: the unit rows are made when needed, not held while NN-descent runs
         all_idx, all_dist, done = shared_knn.approximate_knn(
-            lambda: unit_rows(_load(points)), k, scheduler=scheduler, progress=progress)
+            lambda: unit_rows(load_points(points)), k, scheduler=scheduler,
+            progress=progress)
         info.update(done)
         chunks = ((np.arange(a, min(a + ROWS, n)), all_idx[a:a + ROWS], all_dist[a:a + ROWS])
                   for a in range(0, n, ROWS))
     else:
-        unit = unit_rows(_load(points))
+        unit = unit_rows(load_points(points))
         index = shared_knn.knn_index(unit)  # holds its own copy
         del unit
         info["method"] = "exact"
@@ -177,7 +169,7 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
         from umap.spectral import spectral_layout
 
         log.info("umap: graph of several components or few cells: spectral layout in memory")
-        emb = spectral_layout(np.asarray(_load(points), dtype=np.float32),
+        emb = spectral_layout(np.asarray(load_points(points), dtype=np.float32),
                               pruned(graph, keep_from),
                               dim, rs, metric="cosine")
         return noisy_scale_coords(emb, rs, max_coord=10, noise=0.0001)
@@ -272,7 +264,7 @@ def umap_streamed(points, n_neighbors: int = 30, min_dist: float = 0.3,
                   scheduler=None, progress: bool = False, optimizer: str = "batch",
                   knn_method: str = "exact", record: dict | None = None,
                   memory_bytes: int | None = None) -> np.ndarray:
-    """UMAP of `points` (an array, or a loader: see _load) as graph.umap_embedding computes
+    """UMAP of `points` (an array, or a loader: see load_points) as graph.umap_embedding computes
     it, with the graph on disk under `scratch` (made, then removed). `optimizer`: "batch" (on
     as many threads as the scheduler has workers) or "sequential" (umap-learn's in-place
     updates, one thread). The kNN search is the one neighbors.method = `knn_method` means
@@ -286,7 +278,7 @@ def umap_streamed(points, n_neighbors: int = 30, min_dist: float = 0.3,
 
     from cellmill.stages.umap.in_memory import umap_epochs
 
-    n = _n_points(points)
+    n = len(load_points(points))
     k = min(n_neighbors, n)
     epochs = umap_epochs(n, n_epochs)
     if scratch is None:
