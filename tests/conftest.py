@@ -22,3 +22,37 @@ def seurat_reference() -> Path:
     if not REFERENCE.is_dir():
         pytest.skip("tests/reference has not been generated")
     return REFERENCE
+
+
+class _FormatCheck:
+    """A handler that formats every cellmill log record: logging only prints a message whose
+    arguments do not fit its format ("--- Logging error ---") and goes on."""
+
+    level = 0
+
+    def __init__(self):
+        self.errors = []
+
+    def handle(self, record):
+        try:
+            record.getMessage()
+        except Exception as e:  # noqa: BLE001 - any formatting failure is the finding
+            self.errors.append(f"{record.msg!r} {record.args!r}: {e}")
+        return True
+
+
+@pytest.fixture(autouse=True)
+def _log_messages_format():
+    import logging
+
+    check = _FormatCheck()
+    logger = logging.getLogger("cellmill")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # so that info and debug records are made and checked
+    logger.addHandler(check)
+    try:
+        yield
+    finally:
+        logger.removeHandler(check)
+        logger.setLevel(level)
+    assert not check.errors, "log messages that do not format: " + "; ".join(check.errors)

@@ -319,8 +319,9 @@ def umap_streamed(points, n_neighbors: int = 30, min_dist: float = 0.3,
         if record is not None:  # the bench reports them
             record["seconds"] = {k: round(v, 2) for k, v in steps.items()}
         log.info("umap: %d cells, %d graph entries; knn %.1f s, fuzzy graph %.1f s, spectral "
-                 "init %.1f s, %d %s epochs %.1f s", n, int(graph.indptr[-1]), *steps.values(),
-                 epochs, optimizer)
+                 "init %.1f s, %d %s epochs %.1f s", n, int(graph.indptr[-1]), steps["knn"],
+                 steps["fuzzy graph"], steps["spectral init"], epochs, optimizer,
+                 steps["epochs"])
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return emb.astype(np.float64)
