@@ -35,7 +35,8 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
     within a slot), so the dense scratch is one gene vector. Returns
       n       (n_slots,)          cells per slot
       ptr     (n_slots + 1,)      entries of slot s: ptr[s]:ptr[s + 1]
-      genes   (n_entries,) int32  gene of each entry (genes with a nonzero in the slot)
+      genes   (n_entries,) int32  gene of each entry (genes with a nonzero in the slot,
+                                  ascending)
       vals    (n_entries, 5)      sum y, sum expm1(y), nonzero count, m2 of the nonzeros,
                                   sum of the raw counts
     """
@@ -74,6 +75,7 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
     genes = np.empty(bound, dtype=np.int32)
     vals = np.empty((bound, N_VALS), dtype=np.float64)
     acc = np.zeros((n_genes, N_VALS), dtype=np.float64)
+    cnt = np.zeros(n_genes, dtype=np.int64)  # nonzeros of each gene in the slot so far
     lut_y = np.empty(LUT, dtype=np.float64)
     lut_e = np.empty(LUT, dtype=np.float64)
     nt = 0
@@ -98,20 +100,39 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
                     y = math.log1p(x / nc * scale)
                     e = math.expm1(y)
                 g = indices[k]
-                b = acc[g, NNZ]
-                if b == 0.0:
-                    genes[nt] = g
-                    nt += 1
-                else:
-                    nb = int(b)
-                    d = y - acc[g, SUM] * inv[nb]
-                    acc[g, M2] += d * d * (b * inv[nb + 1])
+                nb = cnt[g]
+                # no branch on the first value (it was the kernel's cost: 10.6 -> 6.6 ns a
+                # nonzero): with nb = 0 the update adds exactly 0 (inv[0] = 0)
+                d = y - acc[g, SUM] * inv[nb]
+                acc[g, M2] += d * d * (nb * inv[nb + 1])
+                cnt[g] = nb + 1
                 acc[g, SUM] += y
                 acc[g, SUM_EXPM1] += e
-                acc[g, NNZ] = b + 1.0
                 acc[g, COUNTS] += x
+        # the touched genes in gene order (the fold then walks each group's planes forward,
+        # not at random): found by a scan of all genes, or for a slot of few values listed
+        # from its rows and sorted
+        nz = 0
+        for i in range(start[s], start[s + 1]):
+            nz += indptr[rows[i] + 1] - indptr[rows[i]]
+        if 4 * nz >= n_genes:
+            for g in range(n_genes):
+                if cnt[g] != 0:
+                    genes[nt] = g
+                    nt += 1
+        else:
+            for i in range(start[s], start[s + 1]):
+                for k in range(indptr[rows[i]], indptr[rows[i] + 1]):
+                    g = indices[k]
+                    if cnt[g] > 0:
+                        cnt[g] = -cnt[g]  # listed
+                        genes[nt] = g
+                        nt += 1
+            genes[base:nt].sort()
         for t in range(base, nt):
             g = genes[t]
+            acc[g, NNZ] = abs(cnt[g])
+            cnt[g] = 0
             for q in range(N_VALS):
                 vals[t, q] = acc[g, q]
                 acc[g, q] = 0.0
