@@ -139,6 +139,24 @@ def test_pca_bit_identical_across_blocks_and_schedulers(sim):
         np.testing.assert_array_equal(r.embeddings, ref.embeddings)
 
 
+def test_pca_bit_identical_across_blocks_with_groups_of_granules(sim, monkeypatch):
+    """Groups of 2 granules (the study's 5 granules make 3 groups, the last one short):
+    the same bits for leaves of 1 and 2 granules, and the same PCA as one tree to 1e-10."""
+    from cellmill.stages import pca
+
+    store = sim[0]
+    one_tree = compute_pca(store, n_components=20, block_cells=1024, scheduler=("sync", 1))
+    monkeypatch.setattr(pca, "GROUP_GRANULES", 2)
+    runs = [compute_pca(store, n_components=20, block_cells=b, scheduler=s)
+            for b, s in ((1024, ("sync", 1)), (2048, ("threads", 2)), (16384, ("threads", 2)))]
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r.stdev, runs[0].stdev)
+        np.testing.assert_array_equal(r.embeddings, runs[0].embeddings)
+    np.testing.assert_allclose(runs[0].stdev, one_tree.stdev, rtol=1e-10)
+    with pytest.raises(ValueError, match="power of two up to 2"):
+        pca.gram_matrix(store, sim[2], None, None, 4)
+
+
 def test_pca_stage_writes_store(sim, tmp_path):
     store, z, qc, hvg = sim
     cfg = Config()
@@ -231,3 +249,10 @@ def test_fold_aligned_adds_in_the_tree_order(count):
     if count >= 13:  # and the order matters for these numbers
         flat = sum(p for p in parts if p is not None)
         assert not np.array_equal(flat, want)
+    # in groups: one tree per group of 4 parts, the groups' sums added in order
+    total = None
+    for a in range(0, count, 4):
+        tree = _pairwise_levels(parts[a:a + 4])
+        total = tree if total is None else (total if tree is None else total + tree)
+    got = fold_aligned([None if p is None else p.copy() for p in parts], group=4)
+    np.testing.assert_array_equal(got, total)

@@ -9,7 +9,8 @@ not re-centred), never held for all cells. Two streaming passes:
    rest as sparse products) and the rank-one terms are added once at the end. Partial sums are
    summed along a fixed binary tree over the granules: granule sums are paired as aligned
    power-of-two ranges of granules, inside a Dask task for the granules of one task and, above
-   it, as the tasks' results arrive (fold_aligned). The tree does not depend on the task size
+   it, as the tasks' results arrive (fold_aligned), within groups of GROUP_GRANULES granules;
+   the groups' sums are added one after the other. The tree does not depend on the task size
    or scheduler, so the Gram matrix (and everything after it) is bit-identical for any of them;
 2. after `eigh` (A^T A = V diag(d^2) V^T), the embeddings A V = U d, granule by granule, each
    block written straight into obsm/X_pca (so the n x 50 embeddings are never all in memory).
@@ -128,12 +129,24 @@ def _add(a, b):
     return a
 
 
-def fold_aligned(parts):
+def _right_edge(stack):
+    """The sum of a binary counter's partial sums (the tree's right edge)."""
+    acc = None
+    while stack:
+        _, left = stack.pop()
+        acc = _add(left, acc)
+    return acc
+
+
+def fold_aligned(parts, group: int | None = None):
     """Sum of `parts` (in order) along the aligned binary tree over their positions, as they
     arrive: subtrees are summed as soon as they are complete (a binary counter), the right
     edge at the end. The same additions in the same order as pairing neighbours level by
-    level, with at most one partial sum per level alive. None parts are empty."""
+    level, with at most one partial sum per level alive. None parts are empty. With `group`:
+    one such tree per `group` consecutive parts, the trees' sums added in order (at most one
+    partial sum per level of a group's tree, whatever the number of parts)."""
     stack = []  # (leaves covered, partial sum), sizes strictly decreasing
+    total, count = None, 0
     for part in parts:
         size = 1
         while stack and stack[-1][0] == size:
@@ -141,11 +154,11 @@ def fold_aligned(parts):
             part = _add(left, part)
             size *= 2
         stack.append((size, part))
-    acc = None
-    while stack:
-        _, left = stack.pop()
-        acc = _add(left, acc)
-    return acc
+        count += 1
+        if group and count == group:
+            total = _add(total, _right_edge(stack))
+            count = 0
+    return _add(total, _right_edge(stack))
 
 
 def _tree(part, lo: int, hi: int):
@@ -209,19 +222,30 @@ def assemble_gram(acc: np.ndarray, sc: _Scaling, n: int) -> np.ndarray:
     return g[np.ix_(back, back)]
 
 
+# Granules per group of the Gram sum: along a binary tree within a group, then group after
+# group. A tree over all granules held one 32 MB partial sum (2,000 genes) per level: ~9 at
+# 1M cells, the pca stage's growth from 196k. Memory now stops growing past one group.
+GROUP_GRANULES = 16
+
+
 def _leaf_granules(store: Store, block_cells: int | None, memory_bytes: int, workers: int) -> int:
     """Granules per Gram task: a power of two (the tree needs aligned power-of-two ranges)."""
     from cellmill.engine.passes import block_cells_for_budget
 
     cells = block_cells or block_cells_for_budget(store, memory_bytes, workers=workers)
     g = max(1, int(cells) // GRANULE)
-    return 1 << (g.bit_length() - 1)
+    return min(1 << (g.bit_length() - 1), GROUP_GRANULES)  # a group's tree holds whole tasks
 
 
 def gram_matrix(store: Store, mask: np.ndarray, sc: _Scaling, n_counts: np.ndarray,
                 leaf_granules: int, scheduler=None, progress: bool = False) -> np.ndarray:
-    """A^T A over the masked cells, bit-identical for any leaf size and scheduler."""
+    """A^T A over the masked cells, bit-identical for any leaf size (a power of two up to
+    GROUP_GRANULES granules) and scheduler."""
     import dask
+
+    if leaf_granules > GROUP_GRANULES or leaf_granules & (leaf_granules - 1):
+        raise ValueError(f"leaf of {leaf_granules} granules: a power of two up to "
+                         f"{GROUP_GRANULES} is needed")
 
     from cellmill.engine.schedulers import in_waves
 
@@ -232,7 +256,8 @@ def gram_matrix(store: Store, mask: np.ndarray, sc: _Scaling, n_counts: np.ndarr
               for g in range(0, n_gran, leaf_granules)]
     # leaves computed one per worker at a time and folded here as they come: the partial
     # sums alive are one per tree level plus those in flight, whatever Dask's task order
-    g = fold_aligned(in_waves(leaves, scheduler, "pca gram", progress, per_worker=1))
+    g = fold_aligned(in_waves(leaves, scheduler, "pca gram", progress, per_worker=1),
+                     group=GROUP_GRANULES // leaf_granules)
     if g is None:
         raise RuntimeError(f"{store.path}: no QC-passed cells for PCA")
     return assemble_gram(g, sc, int(mask.sum()))
