@@ -101,7 +101,7 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
                     e = math.expm1(y)
                 g = indices[k]
                 nb = cnt[g]
-                # no branch on the first value (it was the kernel's cost: 10.6 -> 6.6 ns a
+                # no branch on the first value (with the scan below: 10.6 -> ~7 ns a
                 # nonzero): with nb = 0 the update adds exactly 0 (inv[0] = 0)
                 d = y - acc[g, SUM] * inv[nb]
                 acc[g, M2] += d * d * (nb * inv[nb + 1])
