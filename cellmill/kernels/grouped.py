@@ -61,10 +61,12 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
     # entries of a slot <= min(n_genes, its nonzeros); untouched memory costs nothing
     bound = 0
     max_nz = 1
+    slot_nz = np.zeros(n_slots, dtype=np.int64)  # stored values of each slot
     for s in range(n_slots):
         nz = 0
         for i in range(start[s], start[s + 1]):
             nz += indptr[rows[i] + 1] - indptr[rows[i]]
+        slot_nz[s] = nz
         bound += min(nz, n_genes)
         max_nz = max(max_nz, nz)
     inv = np.empty(min(max_nz, n_rows) + 2, dtype=np.float64)  # 1 / k for the m2 update
@@ -112,10 +114,7 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
         # the touched genes in gene order (the fold then walks each group's planes forward,
         # not at random): found by a scan of all genes, or for a slot of few values listed
         # from its rows and sorted
-        nz = 0
-        for i in range(start[s], start[s + 1]):
-            nz += indptr[rows[i] + 1] - indptr[rows[i]]
-        if 4 * nz >= n_genes:
+        if 4 * slot_nz[s] >= n_genes:
             for g in range(n_genes):
                 if cnt[g] != 0:
                     genes[nt] = g

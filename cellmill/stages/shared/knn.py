@@ -245,12 +245,14 @@ def approximate_knn(points, k: int, seed: int = NN_SEED, scheduler=None,
     query cells; more effort while it is below RECALL_MIN, then exact search (with a warning).
     `points`: an array or a loader (see nndescent_knn). Returns (indices, distances, what was
     done: method, recall, sample size, effort)."""
-    n = load_points(points).shape[0]
+    x = load_points(points)
+    n = x.shape[0]
     if n <= 4 * (k + EFFORT[-1]["extra"]):  # too few points for NN-descent's lists: exact
-        idx, dist = exact_knn(load_points(points), k, scheduler, progress=progress)
+        idx, dist = exact_knn(x, k, scheduler, progress=progress)
         return idx, dist, {"method": "exact", "recall": 1.0, "recall_sample": 0}
     queries = sample_queries(n)
-    truth = exact_of_queries(load_points(points), queries, k, scheduler)
+    truth = exact_of_queries(x, queries, k, scheduler)
+    del x  # not held while NN-descent runs
     info = {"method": "nndescent", "recall_sample": int(len(queries)),
             "recall_min": RECALL_MIN, "seed": seed}
     for level, kw in enumerate(EFFORT):

@@ -53,7 +53,7 @@ BATCH_ENTRIES = 4_000_000  # graph entries per block the batch optimiser reads: 
 
 
 def _knn_to_buckets(points, k, root: Path, scheduler, progress, method: str = "exact",
-                    info: dict | None = None) -> tuple[Buckets, float]:
+                    info: dict | None = None, n: int | None = None) -> tuple[Buckets, float]:
     """Step 1: the cosine kNN lists, bucketed by row block: exact search, or NN-descent when
     neighbors.method = `method` says so for this many cells (stages/shared/knn.py; Euclidean
     on unit rows orders as cosine does). Returns (buckets, mean distance); what was done goes
@@ -61,7 +61,8 @@ def _knn_to_buckets(points, k, root: Path, scheduler, progress, method: str = "e
     from cellmill.stages.shared import knn as shared_knn
     from cellmill.stages.umap.in_memory import unit_rows
 
-    n = len(load_points(points))
+    if n is None:  # (the caller may know it: a loader's points are not loaded to count them)
+        n = len(load_points(points))
     info = {} if info is None else info
     info.update(setting=method, exact_up_to=shared_knn.EXACT_UP_TO, cells=int(n))
     if shared_knn.knn_method(method, n) == "nndescent":
@@ -293,7 +294,7 @@ def umap_streamed(points, n_neighbors: int = 30, min_dist: float = 0.3,
         if record is not None:
             record["knn"] = knn_info
         knn, mean_dist = _knn_to_buckets(points, k, root, scheduler, progress, knn_method,
-                                         knn_info)
+                                         knn_info, n=n)
         t1 = time.perf_counter()
         graph = fuzzy_graph(knn, n, k, mean_dist, root, progress)
         release_heap()
