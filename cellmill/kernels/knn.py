@@ -111,6 +111,16 @@ def _sq_dist(ref_t, me, c0, w, b):
 
 
 @numba.njit(nogil=True, cache=True)
+def _any_at_most(b, w, thr):
+    """Whether any of b[:w] is <= thr: a count without branches (it vectorises), so the
+    scan with its branches runs only for the few blocks that hold a candidate."""
+    c = 0
+    for j in range(w):
+        c += b[j] <= thr
+    return c > 0
+
+
+@numba.njit(nogil=True, cache=True)
 def _gap2(lo_a, hi_a, lo_b, hi_b):
     """Squared distance between two boxes (0 when they overlap)."""
     s = 0.0
@@ -118,6 +128,21 @@ def _gap2(lo_a, hi_a, lo_b, hi_b):
         g = max(lo_b[dd] - hi_a[dd], lo_a[dd] - hi_b[dd], 0.0)
         s += g * g
     return s
+
+
+@numba.njit(nogil=True, cache=True)
+def _point_gaps(ref_t, t0, nt, lo, hi, b, out):
+    """out[t] = squared distance from point t0 + t to box b, t < nt (as _gap2 of a point), for
+    the tile's points at once: a loop over contiguous points that vectorises (a third of the
+    search time went to these bounds taken one point at a time)."""
+    out[:nt] = 0.0
+    for dd in range(ref_t.shape[0]):
+        lo_d = lo[dd, b]
+        hi_d = hi[dd, b]
+        row = ref_t[dd, t0:t0 + nt]
+        for t in range(nt):
+            g = max(lo_d - row[t], row[t] - hi_d, 0.0)
+            out[t] += g * g
 
 
 @numba.njit(nogil=True, cache=True)
@@ -137,7 +162,7 @@ def knn_self(ref_t, orig, lo, hi, leaf, q0, q1, k, out_idx, out_dist):
     bi = np.empty((TILE, k), dtype=np.int64)
     tlo = np.empty(d)
     thi = np.empty(d)
-    qp = np.empty(d)
+    qg = np.empty(TILE)
     lb = np.empty(nb)
     for t0 in range(q0, q1, TILE):
         nt = min(TILE, q1 - t0)
@@ -160,16 +185,17 @@ def knn_self(ref_t, orig, lo, hi, leaf, q0, q1, k, out_idx, out_dist):
                 break
             c0 = b * leaf
             w = min(leaf, n - c0)
+            if k == 1:
+                continue
+            _point_gaps(ref_t, t0, nt, lo, hi, b, qg)
             for t in range(nt):
                 me = t0 + t
                 thr = bd[t, k - 1]
-                if k == 1:
-                    continue
-                for dd in range(d):
-                    qp[dd] = ref_t[dd, me]
-                if _gap2(qp, qp, lo[:, b], hi[:, b]) > thr * (1.0 + MARGIN):
+                if qg[t] > thr * (1.0 + MARGIN):
                     continue
                 _sq_dist(ref_t, me, c0, w, buf[:w])
+                if not _any_at_most(buf, w, thr):  # most blocks: nothing to insert
+                    continue
                 last = bi[t, k - 1]
                 for j in range(w):
                     x = buf[j]
