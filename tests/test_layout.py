@@ -294,3 +294,24 @@ def test_graph_held_in_memory_gives_the_same_layout(tmp_path):
     a = layout.umap_streamed(x, n_epochs=50, scratch=tmp_path / "a")
     b = layout.umap_streamed(x, n_epochs=50, scratch=tmp_path / "b", memory_bytes=10**9)
     np.testing.assert_array_equal(a, b)
+
+
+def test_pow_many_is_x_to_the_b_rounded_to_float32():
+    """The batch optimiser's vectorised power against x ** b in float64 rounded to float32:
+    never more than one ulp off and exact for >= 99% of x over fourteen decades (numpy's
+    float32 power: ~79% there), and at the edges (subnormal x, powers outside the normal
+    range) within an ulp too (the library's pow takes those)."""
+    from cellmill.kernels.layout_batch import pow_many
+
+    rng = np.random.default_rng(4)
+    x = (10.0 ** rng.uniform(-8, 6, 20_000)).astype(np.float32)
+    x[:6] = [1e-40, 1.2e-38, 1e-30, 3e30, 1.0, 2.0]
+    for b in (0.5, 0.7915, 1.1122, 1.9, 2.6):
+        b32 = np.float32(b)
+        got, work = np.empty_like(x), np.empty_like(x)
+        pow_many(x, len(x), float(b32), got, work)
+        with np.errstate(over="ignore", under="ignore"):
+            want = (x.astype(np.float64) ** np.float64(b32)).astype(np.float32)
+        ulps = np.abs(got.view(np.int32).astype(np.int64) - want.view(np.int32))
+        assert ulps.max() <= 1, (b, x[np.argmax(ulps)])
+        assert (ulps == 0).mean() >= 0.99

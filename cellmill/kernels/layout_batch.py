@@ -44,52 +44,129 @@ def may_sample(n, w, inv_w_max):
     return math.floor(hi + tol) > math.floor(hi - step - tol)
 
 
+# x ** b for float32 x, eight at a time: log2 and 2^y by series in float64 (within an ulp of
+# powf; powf itself, one call at a time, was 40% of an epoch)
+_LN2 = math.log(2.0)
+_LOG2_ATANH = 2.0 / math.log(2.0)  # log2(m) = this * atanh(t), t = (m - 1) / (m + 1)
+_SQRT2_BITS = 0x3FB504F3  # float32 bits of sqrt(2)
+_NORMAL_MIN = 0x00800000  # float32 bits of the smallest normal number
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def pow_many(x, m, b, out, work):
+    """out[q] = x[q] ** b for float32 x[q] > 0, q < m (work: m float32 of scratch). Loops
+    without branches or library calls, so they vectorise; a subnormal x or a power outside
+    float32's normal range goes to the library's pow."""
+    xi = x.view(np.int32)
+    wi = work.view(np.int32)
+    wf = work.view(np.float32)
+    for q in range(m):  # x = mant 2^e, mant in [sqrt(1/2), sqrt(2)): mant to work, e to out
+        bits = xi[q]
+        mb = (bits & 0x7FFFFF) | 0x3F800000
+        big = np.int32(mb > _SQRT2_BITS)
+        wi[q] = mb - (big << 23)
+        out[q] = np.float32(((bits >> 23) & 0xFF) - 127 + big)
+    for q in range(m):  # b log2(x) = k + f / ln 2, |f| <= ln 2 / 2: e^f to out, k to work
+        mant = np.float64(wf[q])
+        t = (mant - 1.0) / (mant + 1.0)
+        t2 = t * t
+        lg = t * (1.0 + t2 * (1.0 / 3.0 + t2 * (1.0 / 5.0 + t2 * (1.0 / 7.0 + t2 / 9.0))))
+        y = b * (np.float64(out[q]) + _LOG2_ATANH * lg)
+        k = np.float64(np.int32(y + 1024.5)) - 1024.0  # floor(y + 0.5) for |y| < 1000
+        f = (y - k) * _LN2
+        p = 1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (
+            1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0 + f / 40320.0)))))))
+        out[q] = np.float32(p)
+        wi[q] = np.int32(k)
+    oi = out.view(np.int32)
+    rare = 0
+    for q in range(m):  # times 2^k: added to the exponent bits
+        oi[q] += wi[q] << 23
+        rare += (xi[q] < _NORMAL_MIN) | (wi[q] < -125) | (wi[q] > 127)
+    if rare:
+        for q in range(m):
+            if xi[q] < _NORMAL_MIN or wi[q] < -125 or wi[q] > 127:
+                out[q] = x[q] ** np.float32(b)
+
+
+BUF = 512  # pairs whose powers are taken together
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def batch_gradients(indptr, cols, vals, r0, pos0, emb, n, a, b, gamma, neg_rate, w_max,
                     keep_from, seed, grad):
     """grad[r0 + r] = the epoch-`n` gradient of vertex r0 + r from its row r (entries
     numbered from pos0 in the whole graph), at the 2-D positions `emb` (float32, read only).
-    Distances and coefficients in float32 (powf is the bulk of the work), sums in float64."""
+    Distances and coefficients in float32, sums in float64. A vertex's pairs (each sampled
+    edge, then its negatives) are gathered BUF at a time, their powers taken together
+    (pow_many), and their forces added in that same order."""
     n_vertices = emb.shape[0]
     n_rows = len(indptr) - 1
     key = _mix(np.uint64(seed) * _GOLDEN + np.uint64(n))
-    a32, b32 = np.float32(a), np.float32(b)
+    a32, b64 = np.float32(a), np.float64(np.float32(b))
     ab2, gb2 = np.float32(2.0 * a * b), np.float32(2.0 * gamma * b)
     one, tiny = np.float32(1.0), np.float32(0.001)
     inv_w_max = 1.0 / w_max
+    # an edge sampled every eps >= 1 epochs draws < (eps + 1) / eps * neg_rate + 1 <=
+    # 2 neg_rate + 1 negatives in an epoch (sample_counts): it always fits an empty buffer
+    cap = BUF + 2 * int(math.ceil(neg_rate)) + 2
     for c in numba.prange((n_rows + CHUNK - 1) // CHUNK):
+        dxs = np.empty(cap, np.float32)
+        dys = np.empty(cap, np.float32)
+        d2s = np.empty(cap, np.float32)
+        pbs = np.empty(cap, np.float32)
+        work = np.empty(cap, np.float32)
+        neg = np.empty(cap, np.bool_)
         for r in range(c * CHUNK, min((c + 1) * CHUNK, n_rows)):
             i = r0 + r
             x, y = emb[i, 0], emb[i, 1]
             gx = 0.0
             gy = 0.0
-            for p in range(indptr[r], indptr[r + 1]):
-                w = vals[p]
-                if w < keep_from or not may_sample(n, w, inv_w_max):
-                    continue
-                hit, n_neg = sample_counts(n, w_max / w, neg_rate)
-                if not hit:
-                    continue
-                j = cols[p]
-                dx, dy = x - emb[j, 0], y - emb[j, 1]
-                d2 = dx * dx + dy * dy
-                if d2 > 0.0:
-                    pb = d2 ** b32  # one pow: d2^(b - 1) = d2^b / d2
-                    coeff = -ab2 * (pb / d2) / (a32 * pb + one)
-                    gx += 2.0 * _clip(coeff * dx)  # twice: i -> j and j -> i both pull i
-                    gy += 2.0 * _clip(coeff * dy)
-                state = _mix(key ^ np.uint64(pos0 + p))
-                for _ in range(n_neg):
-                    state += _GOLDEN
-                    k = np.int64(_mix(state) % np.uint64(n_vertices))
-                    if k == i:
+            p = indptr[r]
+            while True:
+                m = 0
+                while p < indptr[r + 1]:
+                    w = vals[p]
+                    if w < keep_from or not may_sample(n, w, inv_w_max):
+                        p += 1
                         continue
-                    dx, dy = x - emb[k, 0], y - emb[k, 1]
+                    hit, n_neg = sample_counts(n, w_max / w, neg_rate)
+                    if not hit:
+                        p += 1
+                        continue
+                    if m > 0 and m + 1 + n_neg > cap:
+                        break  # the edge and its negatives go to the next buffer
+                    j = cols[p]
+                    dx, dy = x - emb[j, 0], y - emb[j, 1]
                     d2 = dx * dx + dy * dy
                     if d2 > 0.0:
-                        coeff = gb2 / ((tiny + d2) * (a32 * d2 ** b32 + one))
-                        gx += _clip(coeff * dx)
-                        gy += _clip(coeff * dy)
+                        dxs[m], dys[m], d2s[m], neg[m] = dx, dy, d2, False
+                        m += 1
+                    state = _mix(key ^ np.uint64(pos0 + p))
+                    for _ in range(n_neg):
+                        state += _GOLDEN
+                        k = np.int64(_mix(state) % np.uint64(n_vertices))
+                        if k == i:
+                            continue
+                        dx, dy = x - emb[k, 0], y - emb[k, 1]
+                        d2 = dx * dx + dy * dy
+                        if d2 > 0.0:
+                            dxs[m], dys[m], d2s[m], neg[m] = dx, dy, d2, True
+                            m += 1
+                    p += 1
+                if m == 0:
+                    break
+                pow_many(d2s, m, b64, pbs, work)
+                for q in range(m):
+                    d2, pb, is_neg = d2s[q], pbs[q], neg[q]
+                    den = a32 * pb + one
+                    c_neg = gb2 / ((tiny + d2) * den)
+                    c_pos = -ab2 * (pb / d2) / den  # d2^(b - 1) = d2^b / d2
+                    coeff = c_neg if is_neg else c_pos
+                    # an edge's pull counts twice (i -> j and j -> i both pull i)
+                    twice = 1.0 if is_neg else 2.0
+                    gx += twice * _clip(coeff * dxs[q])
+                    gy += twice * _clip(coeff * dys[q])
             grad[i, 0] = gx
             grad[i, 1] = gy
 
