@@ -44,8 +44,8 @@ def may_sample(n, w, inv_w_max):
     return math.floor(hi + tol) > math.floor(hi - step - tol)
 
 
-# x ** b for float32 x, eight at a time: log2 and 2^y by series in float64 (within an ulp of
-# powf; powf itself, one call at a time, was 40% of an epoch)
+# x ** b for float32 x in loops that vectorise: log2 and 2^y by series in float64, within an
+# ulp of x ** b rounded to float32 (powf, one call at a time, was 40% of an epoch)
 _LN2 = math.log(2.0)
 _LOG2_ATANH = 2.0 / math.log(2.0)  # log2(m) = this * atanh(t), t = (m - 1) / (m + 1)
 _SQRT2_BITS = 0x3FB504F3  # float32 bits of sqrt(2)
