@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib import patheffects
+from matplotlib.collections import LineCollection, PolyCollection
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
@@ -344,8 +345,6 @@ class Violins:
         self.my.append(v.mean())
 
     def draw(self, ax) -> None:
-        from matplotlib.collections import LineCollection, PolyCollection
-
         if self.polys:
             ax.add_collection(PolyCollection(self.polys, facecolors=self.poly_colors,
                                              edgecolors="black", linewidths=0.4, alpha=0.75))
