@@ -34,8 +34,9 @@ def _sift_down(heap, i, n):
 @njit(nogil=True, cache=True)
 def keep_largest(row, state, x):
     """Offer x to `row`, which keeps the len(row) largest values offered; state[7] counts
-    the values kept, state[6] is the smallest once the row is full (a min-heap from then
-    on), else 0. Values must be > 0; callers may skip any x <= state[6]."""
+    the values kept, state[6] is set to the smallest once the row is full (a min-heap from
+    then on; before that it is left as the caller set it, 0 or a floor). Values must be > 0;
+    callers may skip any x <= state[6]."""
     k = row.shape[0]
     n = state[7]
     if n < k:
@@ -97,6 +98,10 @@ def vst_first_pass(data, indices, indptr, granule, keep, n_granules, n_genes, sc
     ln_m2 = np.zeros((n_granules, n_genes), np.float64)
     memo = np.empty(MEMO, np.float64)
     sf = np.float64(scale_factor)
+    # acc[g, 6] is then the bar a count must pass to enter `top`: the floor, raised to the
+    # smallest kept value once the top is full (one compare a nonzero, in the gene's line)
+    for g in range(n_genes):
+        acc[g, 6] = floor[g]
     r0 = 0
     while r0 < n_rows:
         j = granule[r0]
@@ -128,8 +133,10 @@ def vst_first_pass(data, indices, indptr, granule, keep, n_granules, n_genes, sc
                     v = math.log1p(np.float64(x) / n * sf)
                 acc[g, 0] += x
                 acc[g, 1] += x * x
-                if x > acc[g, 6] and x > floor[g]:  # top is touched only then
+                if x > acc[g, 6]:  # top is touched only then
                     keep_largest(top[g], acc[g], x)
+                    if acc[g, 6] < floor[g]:
+                        acc[g, 6] = floor[g]
                 c = acc[g, 2]
                 if c == 0:
                     accf[g, 3] = v
