@@ -140,7 +140,10 @@ def _child_decode(store_path: str, memory: str, workers: int, result: str) -> in
                      "peak_rss_mb": round(mem.peak / 2**20, 1)})
         assert n == store.nnz
     best = min(runs, key=lambda r: r["seconds"])
-    Path(result).write_text(json.dumps({**best, "nnz": store.nnz, "block_cells": bc}))
+    # the first run is the like-for-like one: a stage's pass also runs once, in a fresh
+    # process (here its first touch of new memory costs ~5 us a page; see the README)
+    Path(result).write_text(json.dumps({**best, "first_seconds": runs[0]["seconds"],
+                                        "nnz": store.nnz, "block_cells": bc}))
     return 0
 
 
@@ -378,10 +381,13 @@ def markdown(doc: dict) -> str:
                          f"{_rate(dec['nnz'], dec['seconds'])} | | | |")
         passes = [(s, t["pass_seconds"]) for s, t in r["stages"].items() if t.get("pass_seconds")]
         if passes and dec.get("seconds"):
+            first = dec.get("first_seconds")
             parts = [f"{s} {_rate(r.get('nnz'), sec)} Mnnz/s "
-                     f"({dec['seconds'] / sec:.0%} of the decode)" for s, sec in passes]
+                     f"({dec['seconds'] / sec:.0%} of the decode"
+                     + (f"; {first / sec:.0%} of its first run" if first else "") + ")"
+                     for s, sec in passes]
             lines += ["", f"Streaming passes alone (goal: >= {GOAL_PASS:.0%} of the read-only "
-                      f"decode): {'; '.join(parts)}."]
+                      f"decode, its best of two runs): {'; '.join(parts)}."]
         for s, t in r["stages"].items():
             if t.get("steps"):
                 steps = ", ".join(f"{k} {v:.1f} s" for k, v in t["steps"].items())

@@ -18,6 +18,21 @@ def current_rss() -> int:
     return rss
 
 
+def release_free_memory() -> None:
+    """Hand memory freed by the last stage back to the system: a collection, then glibc's
+    malloc_trim, which returns the free pages of every malloc arena (the worker threads' too).
+    Without it a stage starts on what the stages before it left in the heap (196k cells in
+    one process: gsea peaked at 1.29 GB, 0.8 GB in a fresh process). No-op off glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_high_water() -> bool:
     """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0: clear_refs 5)."""
     try:

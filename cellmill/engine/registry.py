@@ -310,7 +310,7 @@ def _open_store(ctx: Context):
 
 def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
     """Run the workflow up to `until`, skipping stages whose record matches."""
-    from cellmill.engine.monitor import PeakMemory
+    from cellmill.engine.monitor import PeakMemory, release_free_memory
     from cellmill.io import faults
     from cellmill.io.store import Store
 
@@ -353,6 +353,7 @@ def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
         runlog.started(name, reason)
         faults.stage_started(name)
         before = _output_files(ctx.outdir)
+        release_free_memory()  # what the stages before left freed is not this stage's
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             with PeakMemory() as mem:
