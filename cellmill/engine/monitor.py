@@ -29,7 +29,7 @@ def release_free_memory() -> None:
     gc.collect()
     try:
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no glibc (macOS, musl, Windows)
         pass
 
 
