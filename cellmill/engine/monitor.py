@@ -33,6 +33,22 @@ def release_free_memory() -> None:
         pass
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def limit_malloc_arenas(workers: int) -> None:
+    """At most max(2, workers) glibc malloc arenas. By default every thread that meets a
+    busy arena gets its own (up to 8 a core), and each keeps the memory freed in it: the
+    statistics stage at 196k cells peaked at 930-935 MB in a fresh process, 812-826 MB with
+    two, in the same time. No-op off glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, max(2, int(workers)))
+    except (OSError, AttributeError, TypeError):  # no glibc (macOS, musl, Windows)
+        pass
+
+
 def _reset_high_water() -> bool:
     """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0: clear_refs 5)."""
     try:

@@ -310,10 +310,11 @@ def _open_store(ctx: Context):
 
 def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
     """Run the workflow up to `until`, skipping stages whose record matches."""
-    from cellmill.engine.monitor import PeakMemory, release_free_memory
+    from cellmill.engine.monitor import PeakMemory, limit_malloc_arenas, release_free_memory
     from cellmill.io import faults
     from cellmill.io.store import Store
 
+    limit_malloc_arenas(ctx.cfg.compute.workers)  # before the stages start their threads
     stages = load_stages()
     if until is not None and until not in ORDER:
         raise ValueError(f"--until: unknown stage {until!r} (stages: {', '.join(ORDER)})")
