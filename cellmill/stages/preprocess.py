@@ -145,13 +145,12 @@ def stream_blocks(store: Store, func, *args, mask: np.ndarray, block_cells: int 
 
     ranges = store.block_ranges(block_cells)
     window = max(8 * n_workers(scheduler), RESULT_BUDGET // max(result_bytes, 1))
-    cuts = [0] + ([min(first_window, window)] if first_window else [])
-    cuts += list(range(cuts[-1] + window, len(ranges), window))
+    starts = [0, *range(min(first_window or window, window), len(ranges), window)]
     pbar = bar(total=len(ranges), desc=desc, enabled=progress)
     try:
-        for i, j in zip(cuts, cuts[1:] + [len(ranges)], strict=True):
+        for i, j in zip(starts, starts[1:] + [len(ranges)], strict=True):
             part = ranges[i: j]
-            if not part:
+            if not part:  # no blocks at all
                 continue
             res = map_blocks(store, func, *args, mask=mask, scheduler=scheduler,
                              progress=False, ranges=part)
