@@ -156,6 +156,44 @@ def test_ranks_by_y_when_ratios_are_close():
                                    np.zeros(2, np.int32), 2, 1, n, 1e4)
     assert list(rs[0]) == [ranks[lab == 0].sum(), ranks[lab == 1].sum()]
     assert tie[0, 0] == (t ** 3 - t).sum() and list(nnz[0]) == [4, 4]
+    # each label its own stratum: the close values are split between them
+    rs, _, _, tie, _ = rank_slab(x, np.arange(8, dtype=np.int32), np.array([0, 8], np.int64),
+                                 lab, np.arange(2, dtype=np.int32), 2, 2, n, 1e4)
+    for g in (0, 1):
+        _, t = np.unique(y[lab == g], return_counts=True)
+        assert rs[0, g] == stats.rankdata(y[lab == g]).sum()
+        assert tie[0, g] == (t ** 3 - t).sum()
+
+
+def test_rank_slab_strata_match_rankdata():
+    """Many strata in one slab (one sort per gene, ranks counted per stratum along it): every
+    label's rank sum, every stratum's tie sum and nonzero count as scipy's rankdata of y within
+    the stratum; heavy ties across strata, unlabelled cells and zeros among them."""
+    rng = np.random.default_rng(11)
+    n_cells, n_genes = 3000, 25
+    n_counts = rng.choice([500.0, 800.0, 1000.0, 1250.0, 2000.0], size=n_cells)
+    x = rng.poisson(rng.uniform(0.05, 4.0, n_genes)[None, :], size=(n_cells, n_genes))
+    x[:, 3] = 0  # a gene without nonzeros
+    m = sp.csc_matrix(x.astype(np.int32))
+    n_labels, n_strata = 9, 4
+    stratum_of_label = np.array([0, 0, 1, 1, 1, 2, 3, 3, 2], dtype=np.int32)
+    label_of_cell = rng.integers(-1, n_labels, size=n_cells).astype(np.int32)
+    rs, nnz, sum_e, tie, nnz_s = rank_slab(m.data, m.indices, m.indptr.astype(np.int64),
+                                           label_of_cell, stratum_of_label, n_labels,
+                                           n_strata, n_counts, 1e4)
+    for g in range(n_genes):
+        for s in range(n_strata):
+            labs = np.flatnonzero(stratum_of_label == s)
+            cells = np.flatnonzero(np.isin(label_of_cell, labs) & (x[:, g] > 0))
+            y = np.log1p(x[cells, g] / n_counts[cells] * 1e4)
+            ranks = stats.rankdata(y)
+            _, t = np.unique(y, return_counts=True)
+            assert nnz_s[g, s] == len(cells)
+            assert tie[g, s] == float((t.astype(float) ** 3 - t).sum())
+            for lab in labs:
+                mine = label_of_cell[cells] == lab
+                assert rs[g, lab] == ranks[mine].sum()
+                assert nnz[g, lab] == mine.sum()
 
 
 def test_wilcoxon_p_matches_scipy():

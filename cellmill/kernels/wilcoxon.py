@@ -186,6 +186,11 @@ def rank_slab(data, indices, indptr, label_of_cell, stratum_of_label, n_labels, 
     of expm1(y) (summed as v); per stratum the nonzero count and sum(t^3 - t) over tied runs of
     nonzeros.
 
+    A gene's nonzeros are sorted once, all strata together; a walk along that order then counts
+    each stratum's ranks (a stratum's values, in the gene's order, are in its own order), so
+    many small strata cost one sort instead of one each. Every sum gets its terms in the same
+    order as sorting each stratum alone would give them.
+
     Returns rank_sum (G, L), nnz (G, L), sum_expm1 (G, L), tie (G, S), nnz_stratum (G, S).
     """
     n_genes = len(indptr) - 1
@@ -202,16 +207,13 @@ def rank_slab(data, indices, indptr, label_of_cell, stratum_of_label, n_labels, 
     tmp_k = np.empty(max_len, dtype=np.uint64)
     tmp_l = np.empty(max_len, dtype=np.int32)
     yy = np.empty(max_len, dtype=np.float64)
-    # entries of a gene, bucketed by stratum
-    b_keys = np.empty(max_len, dtype=np.uint64)
-    b_labs = np.empty(max_len, dtype=np.int32)
     count = np.empty(RADIX, dtype=np.int64)
-    s_start = np.zeros(n_strata + 1, dtype=np.int64)
-    cursor = np.zeros(n_strata, dtype=np.int64)
+    done = np.zeros(n_strata, dtype=np.int64)  # a stratum's values walked so far
+    in_run = np.zeros(n_strata, dtype=np.int64)  # its values in the current tied run
+    t_acc = np.zeros(n_strata, dtype=np.float64)
+    one = n_strata == 1  # then a value's stratum position is its gene position: no counter
     for j in range(n_genes):
         m = 0
-        for s in range(n_strata + 1):
-            s_start[s] = 0
         for k in range(indptr[j], indptr[j + 1]):
             c = indices[k]
             lab = label_of_cell[c]
@@ -222,65 +224,71 @@ def rank_slab(data, indices, indptr, label_of_cell, stratum_of_label, n_labels, 
             keys[m] = np.float64(v).view(np.uint64)  # positive doubles order as their bits
             labs[m] = lab
             m += 1
-            s_start[stratum_of_label[lab] + 1] += 1
             nnz[j, lab] += 1
             sum_e[j, lab] += v
         if m == 0:
             continue
-        if n_strata == 1:
-            kk, ll = keys, labs
-            s_start[1] = m
-        else:
-            for s in range(n_strata):
-                s_start[s + 1] += s_start[s]
-            for s in range(n_strata):
-                cursor[s] = s_start[s]
-            for i in range(m):
-                s = stratum_of_label[labs[i]]
-                p = cursor[s]
-                b_keys[p] = keys[i]
-                b_labs[p] = labs[i]
-                cursor[s] = p + 1
-            kk, ll = b_keys, b_labs
-        for s in range(n_strata):
-            lo = s_start[s]
-            hi = s_start[s + 1]
-            if hi == lo:
-                continue
-            nnz_s[j, s] = hi - lo
-            sort_pairs(kk, ll, lo, hi, tmp_k, tmp_l, count)
-            # distinct but close v (never in count data, but exactness): decided by y
-            close = False
-            for q in range(lo + 1, hi):
-                d = kk[q] - kk[q - 1]
-                if d != 0 and d <= CLOSE_ULPS:
-                    close = True
-                    break
-            if close:
-                i = lo
-                while i < hi:
-                    e = i + 1
-                    mixed = False
-                    while e < hi and kk[e] - kk[e - 1] <= CLOSE_ULPS:
-                        mixed |= kk[e] != kk[e - 1]
-                        e += 1
-                    if mixed:
-                        _resolve_close(kk, ll, i, e, yy)
-                    i = e
-            # tied runs: mid-rank within the stratum's nonzeros (1-based), zeros added later
-            i = lo
-            t_acc = 0.0
-            while i < hi:
+        sort_pairs(keys, labs, 0, m, tmp_k, tmp_l, count)
+        # distinct but close v (never in count data, but exactness): decided by y
+        close = False
+        for q in range(1, m):
+            d = keys[q] - keys[q - 1]
+            if d != 0 and d <= CLOSE_ULPS:
+                close = True
+                break
+        if close:
+            i = 0
+            while i < m:
                 e = i + 1
-                while e < hi and kk[e] == kk[i]:
+                mixed = False
+                while e < m and keys[e] - keys[e - 1] <= CLOSE_ULPS:
+                    mixed |= keys[e] != keys[e - 1]
                     e += 1
-                t = e - i
-                r = (i - lo + e - lo + 1) * 0.5  # mean of (i - lo + 1) .. (e - lo)
-                for q in range(i, e):
-                    rank_sum[j, ll[q]] += r
-                if t > 1:
-                    tf = float(t)
-                    t_acc += tf * (tf + 1.0) * (tf - 1.0)
+                if mixed:
+                    _resolve_close(keys, labs, i, e, yy)
                 i = e
-            tie[j, s] = t_acc
+        for s in range(n_strata):
+            done[s] = 0
+            t_acc[s] = 0.0
+        # tied runs: mid-rank within the stratum's nonzeros (1-based), zeros added later
+        i = 0
+        while i < m:
+            e = i + 1
+            while e < m and keys[e] == keys[i]:
+                e += 1
+            if e - i == 1:
+                lab = labs[i]
+                if one:
+                    rank_sum[j, lab] += i + 1
+                else:
+                    s = stratum_of_label[lab]
+                    done[s] += 1
+                    rank_sum[j, lab] += done[s]
+            else:
+                if one:
+                    done[0] = i
+                for q in range(i, e):
+                    in_run[stratum_of_label[labs[q]]] += 1
+                for q in range(i, e):
+                    lab = labs[q]
+                    s = stratum_of_label[lab]
+                    t = in_run[s]
+                    if t > 0:  # the stratum's first value in the run closes its share
+                        if t > 1:
+                            tf = float(t)
+                            t_acc[s] += tf * (tf + 1.0) * (tf - 1.0)
+                        in_run[s] = -t
+                    t = -in_run[s]
+                    rank_sum[j, lab] += (2 * done[s] + t + 1) * 0.5
+                for q in range(i, e):
+                    s = stratum_of_label[labs[q]]
+                    if in_run[s] < 0:
+                        done[s] -= in_run[s]
+                        in_run[s] = 0
+            i = e
+        if one:
+            done[0] = m
+        for s in range(n_strata):
+            nnz_s[j, s] = done[s]
+            tie[j, s] = t_acc[s]
     return rank_sum, nnz, sum_e, tie, nnz_s
