@@ -107,27 +107,31 @@ def test_r_round_is_not_numpy_round():
     assert list(np.round(x[:3], 3)) == [0.012, 0.538, 0.612]  # why numpy's round will not do
 
 
-def test_sort_pairs_any_size():
+@pytest.mark.parametrize("counters", [2048, 8192])  # 8192: 13-bit digits for long runs
+def test_sort_pairs_any_size(counters):
     rng = np.random.default_rng(0)
-    for n in (0, 1, 5, 31, 32, 33, 200, 1499, 1500, 1501, 9000):
+    for n in (0, 1, 5, 31, 32, 33, 200, 1499, 1500, 1501, 8191, 8192, 9000, 40000):
         vals = np.round(rng.lognormal(0, 1, n), 2)  # many ties
+        if n == 40000:  # a span of three binary orders (~23 bits to sort): two passes
+            vals = np.round(rng.uniform(1.0, 8.0, n), 5)
         keys = vals.view(np.uint64).copy()
         pay = np.arange(n, dtype=np.int32)
         sort_pairs(keys, pay, 0, n, np.empty(n, np.uint64), np.empty(n, np.int32),
-                   np.empty(2048, np.int64))
+                   np.empty(counters, np.int64))
         assert np.array_equal(keys.view(np.float64), np.sort(vals))
         assert np.array_equal(vals[pay], np.sort(vals))
         assert np.array_equal(np.sort(pay), np.arange(n))
 
 
 
+@pytest.mark.parametrize("counters", [2048, 8192])
 @pytest.mark.parametrize("digit", [0, 1, 3, 4])
-def test_sort_pairs_digit_equal_in_min_and_max(digit):
+def test_sort_pairs_digit_equal_in_min_and_max(digit, counters):
     """A radix digit that is the same in the smallest and the largest key but varies in the
     others must still be sorted (min ^ max hides it; this was a real bug: ~1 gene in 2,000
     had its nonzeros misordered, e.g. Rps15a's p off by 1.3% against scipy)."""
     rng = np.random.default_rng(digit)
-    n = 6000
+    n = 9000
     mid = rng.integers(1, 2047, n).astype(np.uint64) << np.uint64(11 * digit)
     top = rng.integers(1, 7, n).astype(np.uint64) << np.uint64(58)
     keys = top + mid
@@ -137,7 +141,7 @@ def test_sort_pairs_digit_equal_in_min_and_max(digit):
     pay = np.arange(n, dtype=np.int32)
     orig = keys.copy()
     sort_pairs(keys, pay, 0, n, np.empty(n, np.uint64), np.empty(n, np.int32),
-               np.empty(2048, np.int64))
+               np.empty(counters, np.int64))
     assert np.array_equal(keys, want)
     assert np.array_equal(orig[pay], want)
 

@@ -24,7 +24,9 @@ import numpy as np
 
 RADIX_BITS = 11
 RADIX = 1 << RADIX_BITS
-RADIX_MASK = RADIX - 1
+WIDE_BITS = 13  # digits of runs of at least WIDE_FROM keys: 8192 counters (64 KB)
+WIDE_RADIX = 1 << WIDE_BITS
+WIDE_FROM = 8192
 SMALL = 32  # below this many values, insertion sort
 # v closer than this many units in the last place (relative gap < 2^21 * 2^-52 ~ 4.7e-10, and
 # more than 2^21 ulps means a relative gap > 2.3e-10) are decided by y itself
@@ -101,57 +103,69 @@ def _sorted(keys, lo, hi):
 
 @numba.njit(nogil=True, cache=True)
 def sort_pairs(keys, payload, lo, hi, tmp_keys, tmp_payload, count):
-    """Sort keys[lo:hi] (uint64) ascending, carrying payload: LSD radix (11-bit digits; digits
-    equal in every key are skipped) on the upper 32 bits only, then the runs that share them
-    (mostly equal keys: already in order) by a comparison sort. Half the radix passes of a
-    full 64-bit sort, for the same order (any order of equal keys is fine for rank sums)."""
+    """Sort keys[lo:hi] (uint64) ascending, carrying payload: LSD radix on the upper 32 bits
+    only, then the runs that share them (mostly equal keys: already in order) by a comparison
+    sort. Half the radix passes of a full 64-bit sort, for the same order (any order of equal
+    keys is fine for rank sums).
+
+    The radix passes sort key - min(keys), so only the bits its span covers are digits: a
+    gene's v = x / N * scale span a few binary orders of magnitude, ~25 bits above the lower
+    32, split into as few passes as digits of at most 11 bits (13 for long runs, with
+    `count` of WIDE_RADIX entries: two passes instead of three) allow, of equal widths."""
     n = hi - lo
     if n < QUICK:
         _quicksort(keys, payload, lo, hi)
         return
-    # the bits that vary between keys: a digit is skipped only when no key differs there
-    # (min ^ max would miss digits where min and max agree but other keys do not)
     k0 = keys[lo]
+    kmin = k0
+    kmax = k0
     diff = np.uint64(0)
     for i in range(lo, hi):
-        diff |= keys[i] ^ k0
+        k = keys[i]
+        diff |= k ^ k0
+        kmin = min(kmin, k)
+        kmax = max(kmax, k)
+    span = (kmax - kmin) >> np.uint64(HIGH)
+    bits = 0
+    while span >> np.uint64(bits):
+        bits += 1
+    widest = WIDE_BITS if n >= WIDE_FROM and len(count) >= WIDE_RADIX else RADIX_BITS
+    passes = (bits + widest - 1) // widest
+    width = (bits + passes - 1) // passes if passes else 0
+    mask = np.uint64((1 << width) - 1)
     src_k, src_p, dst_k, dst_p = keys, payload, tmp_keys, tmp_payload
     src_lo, dst_lo = lo, 0
-    shift = HIGH
-    swapped = False
-    while shift < 64:
-        if (diff >> np.uint64(shift)) & np.uint64(RADIX_MASK):
-            for d in range(RADIX):
-                count[d] = 0
-            for i in range(src_lo, src_lo + n):
-                count[(src_k[i] >> np.uint64(shift)) & np.uint64(RADIX_MASK)] += 1
-            total = 0
-            for d in range(RADIX):
-                c = count[d]
-                count[d] = total
-                total += c
-            for i in range(src_lo, src_lo + n):
-                d = (src_k[i] >> np.uint64(shift)) & np.uint64(RADIX_MASK)
-                pos = dst_lo + count[d]
-                count[d] += 1
-                dst_k[pos] = src_k[i]
-                dst_p[pos] = src_p[i]
-            src_k, dst_k = dst_k, src_k
-            src_p, dst_p = dst_p, src_p
-            src_lo, dst_lo = dst_lo, src_lo
-            swapped = not swapped
-        shift += RADIX_BITS
-    if swapped:  # result is in the temporaries: copy back
+    for step in range(passes):
+        shift = np.uint64(HIGH + step * width)
+        for d in range(1 << width):
+            count[d] = 0
+        for i in range(src_lo, src_lo + n):
+            count[((src_k[i] - kmin) >> shift) & mask] += 1
+        total = 0
+        for d in range(1 << width):
+            c = count[d]
+            count[d] = total
+            total += c
+        for i in range(src_lo, src_lo + n):
+            d = ((src_k[i] - kmin) >> shift) & mask
+            pos = dst_lo + count[d]
+            count[d] += 1
+            dst_k[pos] = src_k[i]
+            dst_p[pos] = src_p[i]
+        src_k, dst_k = dst_k, src_k
+        src_p, dst_p = dst_p, src_p
+        src_lo, dst_lo = dst_lo, src_lo
+    if passes % 2:  # result is in the temporaries: copy back
         for i in range(n):
             keys[lo + i] = tmp_keys[i]
             payload[lo + i] = tmp_payload[i]
     if diff & np.uint64(LOW_MASK) == 0:
         return  # the lower bits are equal in every key: sorted already
     i = lo
-    while i < hi:
-        top = keys[i] >> np.uint64(HIGH)
+    while i < hi:  # keys sharing (key - min) >> HIGH: contiguous now, each run sorted alone
+        top = (keys[i] - kmin) >> np.uint64(HIGH)
         e = i + 1
-        while e < hi and keys[e] >> np.uint64(HIGH) == top:
+        while e < hi and (keys[e] - kmin) >> np.uint64(HIGH) == top:
             e += 1
         if e - i > 1 and not _sorted(keys, i, e):
             _quicksort(keys, payload, i, e)
@@ -207,7 +221,7 @@ def rank_slab(data, indices, indptr, label_of_cell, stratum_of_label, n_labels, 
     tmp_k = np.empty(max_len, dtype=np.uint64)
     tmp_l = np.empty(max_len, dtype=np.int32)
     yy = np.empty(max_len, dtype=np.float64)
-    count = np.empty(RADIX, dtype=np.int64)
+    count = np.empty(WIDE_RADIX, dtype=np.int64)
     done = np.zeros(n_strata, dtype=np.int64)  # a stratum's values walked so far
     in_run = np.zeros(n_strata, dtype=np.int64)  # its values in the current tied run
     t_acc = np.zeros(n_strata, dtype=np.float64)
