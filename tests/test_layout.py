@@ -157,7 +157,7 @@ def _gradients_by_hand(g, emb, epoch, a, b, w_max, keep_from, seed, rate=5.0):
             state = _splitmix(key ^ p)
             for _ in range(n_neg):  # negatives push i only
                 state = (state + 0x9E3779B97F4A7C15) & _U64
-                k = _splitmix(state) % n
+                k = ((_splitmix(state) >> 32) * n) >> 32  # the top 32 bits scaled to [0, n)
                 diff = e[i] - e[k]
                 d2 = float(diff @ diff)
                 if k != i and d2 > 0:

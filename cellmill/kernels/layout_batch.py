@@ -24,6 +24,7 @@ from cellmill.kernels.layout import _GOLDEN, _mix, sample_counts
 
 CHUNK = 256  # rows per parallel work item: the result does not depend on it
 _FOUR = np.float32(4.0)
+_32 = np.uint64(32)
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -101,6 +102,7 @@ def batch_gradients(indptr, cols, vals, r0, pos0, emb, n, a, b, gamma, neg_rate,
     edge, then its negatives) are gathered BUF at a time, their powers taken together
     (pow_many), and their forces added in that same order."""
     n_vertices = emb.shape[0]
+    nv = np.uint64(n_vertices)
     n_rows = len(indptr) - 1
     key = _mix(np.uint64(seed) * _GOLDEN + np.uint64(n))
     a32, b64 = np.float32(a), np.float64(np.float32(b))
@@ -145,7 +147,9 @@ def batch_gradients(indptr, cols, vals, r0, pos0, emb, n, a, b, gamma, neg_rate,
                     state = _mix(key ^ np.uint64(pos0 + p))
                     for _ in range(n_neg):
                         state += _GOLDEN
-                        k = np.int64(_mix(state) % np.uint64(n_vertices))
+                        # the hash's top 32 bits scaled to [0, n): a multiply, not a
+                        # 64-bit division (n < 2^32; bias < n / 2^32)
+                        k = np.int64(((_mix(state) >> _32) * nv) >> _32)
                         if k == i:
                             continue
                         dx, dy = x - emb[k, 0], y - emb[k, 1]
@@ -157,6 +161,8 @@ def batch_gradients(indptr, cols, vals, r0, pos0, emb, n, a, b, gamma, neg_rate,
                 if m == 0:
                     break
                 pow_many(d2s, m, b64, pbs, work)
+                # the forces first, in a loop without a running sum (it vectorises), then
+                # their float64 sums in order
                 for q in range(m):
                     d2, pb, is_neg = d2s[q], pbs[q], neg[q]
                     den = a32 * pb + one
@@ -164,9 +170,12 @@ def batch_gradients(indptr, cols, vals, r0, pos0, emb, n, a, b, gamma, neg_rate,
                     c_pos = -ab2 * (pb / d2) / den  # d2^(b - 1) = d2^b / d2
                     coeff = c_neg if is_neg else c_pos
                     # an edge's pull counts twice (i -> j and j -> i both pull i)
-                    twice = 1.0 if is_neg else 2.0
-                    gx += twice * _clip(coeff * dxs[q])
-                    gy += twice * _clip(coeff * dys[q])
+                    twice = np.float32(1.0) if is_neg else np.float32(2.0)
+                    dxs[q] = twice * _clip(coeff * dxs[q])  # (x 2 is exact)
+                    dys[q] = twice * _clip(coeff * dys[q])
+                for q in range(m):
+                    gx += dxs[q]
+                    gy += dys[q]
             grad[i, 0] = gx
             grad[i, 1] = gy
 
