@@ -31,9 +31,23 @@ def _values(dtype, seed=0):
     return rng.integers(0, 200, N).astype(dtype) if dtype != "<f8" else rng.normal(size=N)
 
 
+@pytest.fixture(params=["zlib-ng", "zlib"])
+def inflater(request, monkeypatch):
+    """Chunks inflated by zlib-ng (when installed) and by the standard library's zlib."""
+    import zlib
+
+    from cellmill.io import h5chunks
+
+    if request.param == "zlib":
+        monkeypatch.setattr(h5chunks, "inflater", zlib)
+    elif h5chunks.inflater is zlib:
+        pytest.skip("zlib-ng is not installed")
+    return request.param
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ranges_match_h5py(tmp_path, layout, dtype):
+def test_ranges_match_h5py(tmp_path, layout, dtype, inflater):
     p = tmp_path / "x.h5"
     with h5py.File(p, "w") as f:
         f.create_dataset("x", data=_values(dtype), dtype=dtype, **LAYOUTS[layout])
@@ -91,7 +105,7 @@ def test_chunked_10x_file_reads_the_same_counts(tmp_path):
         assert (got != counts).nnz == 0
 
 
-def test_corrupt_chunk_is_a_corrupt_file(tmp_path):
+def test_corrupt_chunk_is_a_corrupt_file(tmp_path, inflater):
     counts = sp.csr_matrix(np.arange(1, 61).reshape(6, 10) % 4)
     p = tmp_path / "bad.h5"
     _chunked_10x(p, counts)

@@ -8,17 +8,25 @@ and unshuffled (numpy) in a thread pool; both release the GIL. Measured on one 3
 sample, warm page cache: h5py 0.40 s (data) and 0.74 s (indices); here 0.39 / 0.72 s on one
 thread and 0.22 / 0.39 s on two. The bytes are the ones HDF5 would return; any other layout or
 filter is read through h5py as before.
+
+Inflating is most of ingest's CPU time, so it goes through zlib-ng (python-zlib-ng, the same
+DEFLATE streams and bytes, 3-5x faster than zlib on Cell Ranger's chunks: 27 -> 6.7 ns per int64
+index, 9.7 -> 1.8 ns per count) when it is installed, else the standard library's zlib.
 """
 
 from __future__ import annotations
 
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import h5py
 import numpy as np
+
+try:
+    from zlib_ng import zlib_ng as inflater
+except ImportError:  # (a platform without its wheels)
+    import zlib as inflater
 
 DEFLATE, SHUFFLE = 1, 2  # HDF5's filter ids (h5py.h5z.FILTER_DEFLATE, FILTER_SHUFFLE)
 
@@ -57,7 +65,7 @@ def _decode(raw: bytes, mask: int, codes: list[int], itemsize: int, nbytes: int,
         if mask & (1 << j):  # HDF5 skipped this filter for this chunk
             continue
         if codes[j] == DEFLATE:
-            buf = zlib.decompress(buf, 15, nbytes)  # one output buffer, not grown
+            buf = inflater.decompress(buf, 15, nbytes)  # one output buffer, not grown
         elif shuffled:  # shuffle twice: undo the outer one here
             buf = _unshuffled(np.frombuffer(buf, np.uint8), itemsize).tobytes()
         else:
@@ -111,7 +119,7 @@ def read_range(ds: h5py.Dataset, a: int, b: int) -> np.ndarray:
         try:
             _decode(raw, mask, codes, dtype.itemsize, size * dtype.itemsize, lo - i * size,
                     hi - i * size, raw_out[(lo - a) * dtype.itemsize:(hi - a) * dtype.itemsize])
-        except zlib.error as e:
+        except inflater.error as e:
             raise OSError(f"chunk {i} of {ds.name}: {e}") from e
 
     pool = getattr(_state, "pool", None)
