@@ -46,9 +46,11 @@ SHARE = 0.5  # of memory_bytes, for the blocks or windows in flight (the rest: t
 
 
 @numba.njit(nogil=True, cache=True)
-def _transpose_block(data, indices, indptr, row0, n_genes):
-    """A CSR block (cells row0, row0 + 1, ...; gene indices sorted within rows) as one int32
-    buffer [values by gene | cell indices by gene] and the gene offsets (int32, n_genes + 1).
+def _transpose_block(data, indices, indptr, row0, n_genes, out):
+    """A CSR block (cells row0, row0 + 1, ...; gene indices sorted within rows) into `out`
+    (int32, 2 x nnz: [values by gene | cell indices by gene]); returns the gene offsets (int32,
+    n_genes + 1). `out` comes from numpy, whose large arrays get transparent huge pages: its
+    first touch cost ~2 ns a nonzero more when Numba allocated it (4 KB page faults).
     Cells stay in order within each gene. Genes are taken GENE_STRIPE at a time (each row's
     next entries are a prefix of what is left of it), so the writes go to a few thousand
     columns at once and stay in cache, instead of to every gene's column."""
@@ -64,7 +66,6 @@ def _transpose_block(data, indices, indptr, row0, n_genes):
     for g in range(n_genes):
         ip[g + 1] += ip[g]
     cursor = ip[:n_genes].copy()
-    out = np.empty(2 * nnz, dtype=np.int32)
     pos = indptr[:n_rows].copy()  # next unread entry of each row
     for g1 in range(stripe, n_genes + stripe, stripe):
         for r in range(n_rows):
@@ -79,7 +80,7 @@ def _transpose_block(data, indices, indptr, row0, n_genes):
                 cursor[g] = p + 1
                 k += 1
             pos[r] = k
-    return out, ip.astype(np.int32)
+    return ip.astype(np.int32)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -165,7 +166,8 @@ class _Runs:
 
     def write(self, store, i, start, stop, x_indptr):
         m = store.read_rows(start, stop, None, x_indptr)
-        buf, ip = _transpose_block(m.data, m.indices, m.indptr, start, self.n_genes)
+        buf = np.empty(2 * m.nnz, dtype=np.int32)
+        ip = _transpose_block(m.data, m.indices, m.indptr, start, self.n_genes, buf)
         del m
         nnz = int(ip[-1])
         sizes = np.zeros((len(self.genes), 2), dtype=np.int64)
