@@ -1,9 +1,8 @@
-"""The scaled variable-gene matrix of a block of cells, dense, as Seurat's ScaleData makes it.
-
-y = ln(1 + x / n_counts * scale_factor) (LogNormalize), z = (y - mean) / sd, z = min(z, clip)
-(no lower clip), genes with sd = 0 give 0. Zeros of the count matrix give (0 - mean) / sd, so the
-scaled block is dense: it is built for one block of cells at a time (bounded memory) and fed to
-BLAS (Gram matrix Z^T Z, projections Z V) by the engine.
+"""Products with the scaled variable-gene matrix Z of a block of cells, as Seurat's ScaleData
+makes it: y = ln(1 + x / n_counts * scale_factor) (LogNormalize), z = (y - mean) / sd,
+z = min(z, clip) (no lower clip), genes with sd = 0 give 0. Zeros of the count matrix give
+(0 - mean) / sd, so Z is dense, but Z = 1 zero^T + Y with Y nonzero only where the count is:
+the Gram matrix Z^T Z and the projections Z V are taken through Y.
 """
 
 import math
@@ -20,29 +19,6 @@ def zero_values(mean, sd, clip):
         if sd[c] > 0.0:
             out[c] = min((0.0 - mean[c]) / sd[c], clip)
     return out
-
-
-@numba.njit(nogil=True, cache=True)
-def scaled_block(data, indices, indptr, rows, n_counts, col_of_gene, mean, sd, clip,
-                 scale_factor, zero, out):
-    """out[o, :] = scaled variable genes of CSR row rows[o] (the rows are picked here, so the
-    caller never copies a sub-matrix).
-
-    col_of_gene maps a gene (column of the CSR) to its column in `out` (-1: not variable);
-    n_counts[r] is the total count of row r over all genes; zero = zero_values(mean, sd, clip).
-    """
-    p = mean.shape[0]
-    for o in range(rows.shape[0]):
-        r = rows[o]
-        for c in range(p):
-            out[o, c] = zero[c]
-        nc = n_counts[r]
-        for q in range(indptr[r], indptr[r + 1]):
-            c = col_of_gene[indices[q]]
-            if c < 0 or sd[c] <= 0.0:
-                continue
-            y = math.log1p(float(data[q]) / nc * scale_factor)
-            out[o, c] = min((y - mean[c]) / sd[c], clip)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -89,3 +65,34 @@ def shifted_gram(data, indices, indptr, rows, n_counts, col_of_gene, n_dense, me
                     gram[ca, cb] += va * sv[b]
                 else:
                     gram[cb, ca] += va * sv[b]
+
+
+@numba.njit(nogil=True, cache=True)
+def project_rows(data, indices, indptr, n_counts, col_of_gene, mean, sd, clip, scale_factor,
+                 zero, v, out):
+    """out[r, :] = z_r V for every CSR row r (z_r its scaled variable genes, V = v, genes x
+    components, C order), without the dense z: z = zero + y with y nonzero only where the
+    count is, so z V = zero V + sum over the row's nonzeros of y_g V[g, :] (~25x fewer
+    multiplications than the dense product at 2,000 genes). Sums in a fixed order (zero V
+    over the genes in order, then the row's entries in order): the same bits for any block."""
+    p, k = v.shape
+    base = np.zeros(k)
+    for c in range(p):
+        zc = zero[c]
+        for j in range(k):
+            base[j] += zc * v[c, j]
+    acc = np.empty(k)
+    for r in range(len(indptr) - 1):
+        for j in range(k):
+            acc[j] = 0.0
+        nc = n_counts[r]
+        for q in range(indptr[r], indptr[r + 1]):
+            c = col_of_gene[indices[q]]
+            if c < 0 or sd[c] <= 0.0:
+                continue
+            y = math.log1p(float(data[q]) / nc * scale_factor)
+            t = min((y - mean[c]) / sd[c], clip) - zero[c]
+            for j in range(k):
+                acc[j] += t * v[c, j]
+        for j in range(k):
+            out[r, j] = base[j] + acc[j]

@@ -12,8 +12,9 @@ not re-centred), never held for all cells. Two streaming passes:
    it, as the tasks' results arrive (fold_aligned), within groups of GROUP_GRANULES granules;
    the groups' sums are added one after the other. The tree does not depend on the task size
    or scheduler, so the Gram matrix (and everything after it) is bit-identical for any of them;
-2. after `eigh` (A^T A = V diag(d^2) V^T), the embeddings A V = U d, granule by granule, each
-   block written straight into obsm/X_pca (so the n x 50 embeddings are never all in memory).
+2. after `eigh` (A^T A = V diag(d^2) V^T), the embeddings A V = U d = 1 (z^T V) + Y V from
+   the sparse counts (kernels/gram.py project_rows), each block written straight into
+   obsm/X_pca (so the n x 50 embeddings are never all in memory).
 Output as Seurat: embeddings U d, loadings V, stdev d / sqrt(N - 1). Signs: the loading of the
 largest magnitude of every component is made positive (Seurat's signs are arbitrary).
 Stored: obsm/X_pca (NaN rows for QC-failed cells), varm/PCs (zero rows for other genes),
@@ -29,7 +30,7 @@ import numpy as np
 
 from cellmill.engine.registry import Context, stage
 from cellmill.io.store import GRANULE, Store
-from cellmill.kernels.gram import scaled_block, shifted_gram, zero_values
+from cellmill.kernels.gram import project_rows, shifted_gram, zero_values
 
 log = logging.getLogger("cellmill")
 
@@ -104,14 +105,6 @@ def scaling_inputs(store: Store, clip: float, scale_factor: float):
     gcol, n_dense = gram_order(genes, detected, store.n_cells, store.n_genes)
     return genes, _Scaling(col, mean, sd, zero_values(mean, sd, float(clip)), float(clip),
                            float(scale_factor), gcol, n_dense)
-
-
-def _scaled(m, rows, n_counts, sc: _Scaling, r0: int, r1: int) -> np.ndarray:
-    """Dense scaled rows r0..r1 of `rows` (local row indices into the CSR block m)."""
-    out = np.empty((r1 - r0, len(sc.mean)))
-    scaled_block(m.data, m.indices, m.indptr, rows[r0:r1], n_counts, sc.col_of_gene,
-                 sc.mean, sc.sd, sc.clip, sc.scale_factor, sc.zero, out)
-    return out
 
 
 def _granule_rows(rows: np.ndarray, n_gran: int) -> np.ndarray:
@@ -264,20 +257,12 @@ def gram_matrix(store: Store, mask: np.ndarray, sc: _Scaling, n_counts: np.ndarr
 
 
 def _project_block(start, stop, m, cells, n_counts, sc: _Scaling, v: np.ndarray):
-    """Embeddings Z V of one block's (masked) cells, granule by granule."""
-    from threadpoolctl import threadpool_limits
-
-    rows = (cells - start).astype(np.int64)
-    local = np.arange(len(rows))
-    bounds = _granule_rows(rows, (stop - start + GRANULE - 1) // GRANULE)
-    nc = n_counts[start:stop][rows]
-    out = np.empty((len(rows), v.shape[1]))
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        if a == b:
-            continue
-        z = _scaled(m, local, nc, sc, a, b)
-        with threadpool_limits(1, user_api="blas"):
-            out[a:b] = z @ v
+    """Embeddings Z V of one block's (masked) cells, from the sparse counts (kernels/gram.py
+    project_rows: no dense scaled block)."""
+    nc = n_counts[start:stop][(cells - start).astype(np.int64)]
+    out = np.empty((len(cells), v.shape[1]))
+    project_rows(m.data, m.indices, m.indptr.astype(np.int64), nc, sc.col_of_gene, sc.mean,
+                 sc.sd, sc.clip, sc.scale_factor, sc.zero, np.ascontiguousarray(v), out)
     return out
 
 
