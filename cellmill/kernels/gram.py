@@ -21,6 +21,13 @@ def zero_values(mean, sd, clip):
     return out
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _shifted(x, nc, c, mean, sd, clip, scale_factor, zero):
+    """y = z - zero of a nonzero count x of a cell with total nc, variable-gene column c."""
+    y = math.log1p(float(x) / nc * scale_factor)
+    return min((y - mean[c]) / sd[c], clip) - zero[c]
+
+
 @numba.njit(nogil=True, cache=True)
 def shifted_gram(data, indices, indptr, rows, n_counts, col_of_gene, n_dense, mean, sd, clip,
                  scale_factor, zero, dense, gram, colsum):
@@ -45,8 +52,7 @@ def shifted_gram(data, indices, indptr, rows, n_counts, col_of_gene, n_dense, me
             c = col_of_gene[indices[q]]
             if c < 0 or sd[c] <= 0.0:
                 continue
-            y = math.log1p(float(data[q]) / nc * scale_factor)
-            v = min((y - mean[c]) / sd[c], clip) - zero[c]
+            v = _shifted(data[q], nc, c, mean, sd, clip, scale_factor, zero)
             colsum[c] += v
             if c < n_dense:
                 dense[o, c] = v
@@ -72,9 +78,10 @@ def project_rows(data, indices, indptr, n_counts, col_of_gene, mean, sd, clip, s
                  zero, v, out):
     """out[r, :] = z_r V for every CSR row r (z_r its scaled variable genes, V = v, genes x
     components, C order), without the dense z: z = zero + y with y nonzero only where the
-    count is, so z V = zero V + sum over the row's nonzeros of y_g V[g, :] (~25x fewer
-    multiplications than the dense product at 2,000 genes). Sums in a fixed order (zero V
-    over the genes in order, then the row's entries in order): the same bits for any block."""
+    count is, so z V = zero V + sum over the row's nonzeros of y_g V[g, :] (at 196k simulated
+    cells: 15.6 CPU ms per 1,000 cells against 22.6 for the dense product). Sums in a fixed
+    order (zero V over the genes in order, then the row's entries in order): the same bits for
+    any block."""
     p, k = v.shape
     base = np.zeros(k)
     for c in range(p):
@@ -90,8 +97,7 @@ def project_rows(data, indices, indptr, n_counts, col_of_gene, mean, sd, clip, s
             c = col_of_gene[indices[q]]
             if c < 0 or sd[c] <= 0.0:
                 continue
-            y = math.log1p(float(data[q]) / nc * scale_factor)
-            t = min((y - mean[c]) / sd[c], clip) - zero[c]
+            t = _shifted(data[q], nc, c, mean, sd, clip, scale_factor, zero)
             for j in range(k):
                 acc[j] += t * v[c, j]
         for j in range(k):

@@ -308,18 +308,15 @@ def compute_pca(store: Store, n_components: int = 50, clip: float = 10.0,
                 scheduler=None, progress: bool = False) -> PCAResult:
     """Exact PCA of the scaled variable genes of the masked (default: QC-passed) cells, with
     the embeddings in memory (the pca stage streams them into the store instead)."""
-    from threadpoolctl import threadpool_limits
-
     from cellmill.engine.passes import map_blocks
 
     mask = _mask(store, mask)
     v, d, genes, sc, n_counts, leaf = _fit(store, n_components, clip, scale_factor, mask,
                                            block_cells, memory_bytes, workers, scheduler,
                                            progress)
-    with threadpool_limits(1, user_api="blas"):
-        parts = map_blocks(store, _project_block, n_counts, sc, v, mask=mask,
-                           block_cells=leaf * GRANULE, scheduler=scheduler, desc="pca embed",
-                           progress=progress)
+    parts = map_blocks(store, _project_block, n_counts, sc, v, mask=mask,
+                       block_cells=leaf * GRANULE, scheduler=scheduler, desc="pca embed",
+                       progress=progress)
     emb = np.concatenate(parts, axis=0) if parts else np.empty((0, v.shape[1]))
     n = int(mask.sum())
     return PCAResult(emb, v, d / np.sqrt(max(1, n - 1)), genes, np.flatnonzero(mask))
@@ -342,8 +339,6 @@ def pca_to_store(store: Store, n_components: int = 50, clip: float = 10.0,
                  scheduler=None, progress: bool = False) -> PCAResult:
     """compute_pca whose embeddings go block by block into obsm/X_pca (all cells, NaN outside
     the mask) and are never all in memory; the result's `embeddings` is empty."""
-    from threadpoolctl import threadpool_limits
-
     from cellmill.engine.passes import map_blocks
 
     mask = _mask(store, mask)
@@ -353,9 +348,8 @@ def pca_to_store(store: Store, n_components: int = 50, clip: float = 10.0,
     rows = leaf * GRANULE
     path = store.begin_array("obsm", "X_pca", (store.n_cells, v.shape[1]), np.float64, rows,
                              fill_value=np.nan)
-    with threadpool_limits(1, user_api="blas"):
-        map_blocks(store, _project_to_array, n_counts, sc, v, str(path), mask=mask,
-                   block_cells=rows, scheduler=scheduler, desc="pca embed", progress=progress)
+    map_blocks(store, _project_to_array, n_counts, sc, v, str(path), mask=mask,
+               block_cells=rows, scheduler=scheduler, desc="pca embed", progress=progress)
     store.commit_array("obsm", "X_pca")
     n = int(mask.sum())
     return PCAResult(np.empty((0, v.shape[1])), v, d / np.sqrt(max(1, n - 1)), genes,
