@@ -21,11 +21,50 @@ def zero_values(mean, sd, clip):
     return out
 
 
+LUT = 32  # per row, y of counts 1..LUT-1 is memoised (most counts are small)
+
+
 @numba.njit(nogil=True, cache=True, inline="always")
-def _shifted(x, nc, c, mean, sd, clip, scale_factor, zero):
-    """y = z - zero of a nonzero count x of a cell with total nc, variable-gene column c."""
-    y = math.log1p(float(x) / nc * scale_factor)
+def _hits(indices, lo, hi, col_of_gene, qs, cs):
+    """The entries lo:hi of a row that fall on variable genes, into qs (entry) and cs
+    (column); returns how many. Branch-free: ~78% of the entries miss at random, and a
+    branch on each mispredicted (the scan took 3.6 ns an entry; 1.9x faster with this)."""
+    n = 0
+    for q in range(lo, hi):
+        c = col_of_gene[indices[q]]
+        qs[n] = q
+        cs[n] = c
+        n += c >= 0
+    return n
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _log_value(x, nc, scale_factor, lut):
+    """y = log1p(x / nc * scale_factor), memoised in lut (reset to -1 for each row) for
+    small x: the same expression, so the same bits."""
+    if x < LUT:
+        y = lut[x]
+        if y < 0.0:
+            y = math.log1p(float(x) / nc * scale_factor)
+            lut[x] = y
+        return y
+    return math.log1p(float(x) / nc * scale_factor)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _shifted(y, c, mean, sd, clip, zero):
+    """The shifted scaled value z - zero of a log value y in variable-gene column c."""
     return min((y - mean[c]) / sd[c], clip) - zero[c]
+
+
+@numba.njit(nogil=True, cache=True)
+def _row_buffers(indptr, rows):
+    """Scratch for _hits: as long as the longest of the rows."""
+    longest = 1
+    for o in range(rows.shape[0]):
+        r = rows[o]
+        longest = max(longest, indptr[r + 1] - indptr[r])
+    return np.empty(longest, dtype=np.int64), np.empty(longest, dtype=np.int64)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -42,17 +81,21 @@ def shifted_gram(data, indices, indptr, rows, n_counts, col_of_gene, n_dense, me
     p = mean.shape[0]
     sc = np.empty(p, dtype=np.int64)
     sv = np.empty(p)
+    qs, cs = _row_buffers(indptr, rows)
+    lut = np.empty(LUT)
     for o in range(rows.shape[0]):
         r = rows[o]
         for c in range(n_dense):
             dense[o, c] = 0.0
         ns = 0
         nc = n_counts[r]
-        for q in range(indptr[r], indptr[r + 1]):
-            c = col_of_gene[indices[q]]
-            if c < 0 or sd[c] <= 0.0:
+        lut[:] = -1.0
+        for i in range(_hits(indices, indptr[r], indptr[r + 1], col_of_gene, qs, cs)):
+            c = cs[i]
+            if sd[c] <= 0.0:
                 continue
-            v = _shifted(data[q], nc, c, mean, sd, clip, scale_factor, zero)
+            v = _shifted(_log_value(data[qs[i]], nc, scale_factor, lut), c, mean, sd, clip,
+                         zero)
             colsum[c] += v
             if c < n_dense:
                 dense[o, c] = v
@@ -79,7 +122,7 @@ def project_rows(data, indices, indptr, n_counts, col_of_gene, mean, sd, clip, s
     """out[r, :] = z_r V for every CSR row r (z_r its scaled variable genes, V = v, genes x
     components, C order), without the dense z: z = zero + y with y nonzero only where the
     count is, so z V = zero V + sum over the row's nonzeros of y_g V[g, :] (at 196k simulated
-    cells: 15.6 CPU ms per 1,000 cells against 22.6 for the dense product). Sums in a fixed
+    cells: 8.5 CPU ms per 1,000 cells, against 22.6 for the dense product). Sums in a fixed
     order (zero V over the genes in order, then the row's entries in order): the same bits for
     any block."""
     p, k = v.shape
@@ -89,15 +132,20 @@ def project_rows(data, indices, indptr, n_counts, col_of_gene, mean, sd, clip, s
         for j in range(k):
             base[j] += zc * v[c, j]
     acc = np.empty(k)
-    for r in range(len(indptr) - 1):
+    n_rows = len(indptr) - 1
+    qs, cs = _row_buffers(indptr, np.arange(n_rows))
+    lut = np.empty(LUT)
+    for r in range(n_rows):
         for j in range(k):
             acc[j] = 0.0
         nc = n_counts[r]
-        for q in range(indptr[r], indptr[r + 1]):
-            c = col_of_gene[indices[q]]
-            if c < 0 or sd[c] <= 0.0:
+        lut[:] = -1.0
+        for i in range(_hits(indices, indptr[r], indptr[r + 1], col_of_gene, qs, cs)):
+            c = cs[i]
+            if sd[c] <= 0.0:
                 continue
-            t = _shifted(data[q], nc, c, mean, sd, clip, scale_factor, zero)
+            t = _shifted(_log_value(data[qs[i]], nc, scale_factor, lut), c, mean, sd, clip,
+                         zero)
             for j in range(k):
                 acc[j] += t * v[c, j]
         for j in range(k):

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from cellmill.config import ConfigError
+from cellmill.engine.schedulers import ordered_stream
 from cellmill.io.store import GRANULE, Store
 from cellmill.kernels import grouped as kern
 
@@ -110,49 +111,6 @@ def _plan_blocks(store: Store, codes: np.ndarray, n_groups: int, memory_bytes: i
     per_granule = min(nnz, per_granule_slots * store.n_genes) * 36 + nnz * 8
     granules = int(memory_bytes / 4 / (window * per_granule))
     return GRANULE * max(1, min(16, granules))
-
-
-def ordered_stream(func, arg_tuples, scheduler, window: int):
-    """Yield func(*args) for each args in order, with at most `window` calls in flight: a
-    thread pool for ("threads", n), inline for ("sync", 1), futures of a dask.distributed
-    Client otherwise. Results are consumed (folded) as they arrive, in order, so memory is a
-    window of block results and no worker waits for a batch to finish."""
-    from collections import deque
-
-    if scheduler is None:
-        scheduler = ("threads", 2)
-    if isinstance(scheduler, tuple) and scheduler[0] == "sync":
-        for args in arg_tuples:
-            yield func(*args)
-        return
-    it = iter(arg_tuples)
-    if isinstance(scheduler, tuple):
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(max_workers=max(1, scheduler[1]))
-        submit, close = pool.submit, pool.shutdown
-    else:  # a distributed Client
-        def submit(f, *a):
-            return scheduler.submit(f, *a, pure=False)
-
-        def close(cancel_futures=False):
-            pass
-    pending = deque()
-    try:
-        for args in it:
-            pending.append(submit(func, *args))
-            if len(pending) >= window:
-                break
-        while pending:
-            res = pending.popleft().result()
-            for args in it:
-                pending.append(submit(func, *args))
-                break
-            yield res
-    finally:
-        for f in pending:
-            f.cancel()
-        close(cancel_futures=True)
 
 
 def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1e4,
