@@ -74,6 +74,35 @@ def test_exact_knn_ties_and_duplicates():
     assert (idx[:, 0] == np.arange(400)).all()
 
 
+@pytest.mark.parametrize("offset,spread", [(0.0, 1.0), (1e4, 1e-3), (-3e2, 1e-5)])
+def test_exact_knn_float32_screen_never_drops_a_neighbour(offset, spread):
+    # far from the origin, float32 cannot tell these points apart (its coordinate rounding
+    # is about the size of their distances): the screen's slack must let every true
+    # neighbour through to the float64 distances
+    x = offset + spread * mixture(600, d=7, seed=11)
+    idx, dist = exact_knn(x, 15, chunk=64)
+    ref_idx, ref_dist = brute_knn(x, 15)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 50.0, 1e5])
+def test_float32_distance_within_the_screen_bound(scale):
+    from cellmill.kernels.knn import U32, _sq_dist32, screen_slack
+
+    rng = np.random.default_rng(3)
+    d = 15
+    ref = scale * rng.normal(size=(d, 128))
+    ref[:, 64:] = ref[:, :64] + scale * 1e-6 * rng.normal(size=(d, 64))  # near pairs too
+    slack = screen_slack(ref)
+    grow = (1.0 + 2.0 * (d + 2) * U32) * (1.0 + 4.0 * U32)
+    buf = np.empty(128, dtype=np.float32)
+    for me in range(0, 128, 9):
+        _sq_dist32(ref.astype(np.float32), me, 0, 128, buf)
+        true = np.sqrt(((ref - ref[:, [me]]) ** 2).sum(axis=0))
+        assert (buf.astype(np.float64) <= (true + slack) ** 2 * grow).all()
+
+
 def test_self_first_for_approximate_lists():
     # pynndescent's lists (the neighbors.method = "pynndescent" option) may miss the point
     # itself or hold it later: it is put first at distance 0, the last neighbour dropped

@@ -22,12 +22,12 @@ def index_dtype(n: int):
     return np.int32 if n < 2**31 else np.int64
 
 
-def _knn_chunk(ref_t, orig, lo, hi, leaf, q0, q1, k):
+def _knn_chunk(ref_t, ref32, slack, orig, lo, hi, leaf, q0, q1, k):
     from cellmill.kernels.knn import knn_self
 
     idx = np.empty((q1 - q0, k), dtype=index_dtype(ref_t.shape[1]))
     dist = np.empty((q1 - q0, k))
-    knn_self(ref_t, orig, lo, hi, leaf, q0, q1, k, idx, dist)
+    knn_self(ref_t, ref32, slack, orig, lo, hi, leaf, q0, q1, k, idx, dist)
     return idx, dist
 
 
@@ -44,9 +44,10 @@ def exact_knn(points: np.ndarray, k: int, scheduler=None, chunk: int | None = No
 
 def knn_index(points: np.ndarray):
     """The search structure of exact_knn: (tree permutation, points in tree order dimension-
-    major, leaf boxes). It holds its own copy, so the caller may free `points` before the
-    search (the neighbors stage does: one copy of the PCs instead of two)."""
-    from cellmill.kernels.knn import LEAF, block_boxes, tree_order
+    major, leaf boxes, those points in float32 and the screen's slack). It holds its own copy,
+    so the caller may free `points` before the search (the neighbors stage does: one copy of
+    the PCs instead of two)."""
+    from cellmill.kernels.knn import LEAF, block_boxes, screen_slack, tree_order
 
     x = np.asarray(points, dtype=np.float64)
     perm = tree_order(x, LEAF)
@@ -55,7 +56,7 @@ def knn_index(points: np.ndarray):
     # numpy buffers `out` in a temporary of the same size under the default mode="raise"
     np.take(x.T, perm, axis=1, out=ref_t, mode="clip")
     lo, hi = block_boxes(ref_t, LEAF)
-    return perm, ref_t, lo, hi
+    return perm, ref_t, lo, hi, ref_t.astype(np.float32), screen_slack(ref_t)
 
 
 def knn_chunks(index, k: int, scheduler=None, chunk: int | None = None,
@@ -67,15 +68,17 @@ def knn_chunks(index, k: int, scheduler=None, chunk: int | None = None,
     from cellmill.engine.schedulers import n_workers
     from cellmill.kernels.knn import LEAF
 
-    perm, ref_t, lo, hi = index
+    perm, ref_t, lo, hi, ref32, slack = index
     n = ref_t.shape[1]
     if n == 0:
         return
     if chunk is None:
         chunk = min(8192, max(256, -(-n // (8 * n_workers(scheduler)))))
-    shared = [dask.delayed(a, pure=True) for a in (ref_t, perm, lo, hi)]
+    d_ref, d_ref32, d_perm, d_lo, d_hi = (dask.delayed(a, pure=True)
+                                          for a in (ref_t, ref32, perm, lo, hi))
     starts = range(0, n, chunk)
-    tasks = [dask.delayed(_knn_chunk, pure=True)(*shared, LEAF, a, min(a + chunk, n), k)
+    tasks = [dask.delayed(_knn_chunk, pure=True)(d_ref, d_ref32, slack, d_perm, d_lo, d_hi,
+                                                 LEAF, a, min(a + chunk, n), k)
              for a in starts]
     for a, (p_idx, p_dist) in zip(starts, in_waves(tasks, scheduler, desc, progress),
                                   strict=True):
