@@ -200,3 +200,50 @@ def test_bad_value_in_a_late_slice_aborts(tmp_path, monkeypatch, key, value, mat
     assert len(slices) > 20  # the first sample and most of the second were written already
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint16, np.float64, np.float32,
+                                   np.bool_])
+def test_slice_checks_match_scipy_canonical(dtype):
+    # unsorted rows, duplicates (some summing to 0 are impossible with counts >= 0, but an
+    # explicit 0 is not), explicit zeros: the same matrix as scipy's sum_duplicates and
+    # eliminate_zeros, with int32 counts and indices
+    from cellmill.io.sample import slice_csr
+
+    rng = np.random.default_rng(4)
+    n_rows, n_cols = 60, 40
+    lens = rng.integers(0, 12, n_rows)
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    indices = rng.integers(0, n_cols, indptr[-1])
+    for i in range(0, n_rows, 3):  # every third row sorted and duplicate-free
+        a, b = indptr[i], indptr[i + 1]
+        indices[a:b] = np.sort(rng.choice(n_cols, b - a, replace=False))
+    data = rng.integers(0, 5, indptr[-1]).astype(dtype)
+    ref = sp.csr_matrix((data.astype(np.int64), indices.copy(), indptr.copy()),
+                        shape=(n_rows, n_cols))
+    ref.sum_duplicates()
+    ref.eliminate_zeros()
+    m = slice_csr(Path("x.h5"), data, indices, indptr, n_cols)
+    assert m.data.dtype == np.int32 and m.indices.dtype == np.int32
+    assert m.has_canonical_format
+    np.testing.assert_array_equal(m.indptr, ref.indptr)
+    np.testing.assert_array_equal(m.indices, ref.indices)
+    np.testing.assert_array_equal(m.data, ref.data)
+
+
+@pytest.mark.parametrize("values, indices, match", [
+    ([1, 2, -3, 4], [0, 1, 2, 3], "negative values \\(minimum -3\\)"),
+    ([1.0, np.nan, 2.5, -1.0], [0, 1, 2, 3], "NaN or infinite"),
+    ([1.0, 2.0, 2.5, -1.0], [0, 1, 2, 3], "not integers \\(found np.float64\\(2.5\\)\\)|"
+                                           "not integers \\(found 2.5\\)"),
+    ([1, 2**31, -1, 4], [0, 1, 2, 3], "negative"),
+    ([1, 2**31, 5, 4], [0, 1, 2, 3], "count 2147483648 is larger"),
+    ([1, -2, 5, 4], [0, 1, 9, 3], "indices out of range for 5 features"),
+])
+def test_slice_checks_in_order(values, indices, match):
+    from cellmill.io.sample import slice_csr
+
+    dtype = np.float64 if any(isinstance(v, float) for v in values) else np.int64
+    with pytest.raises(InputError, match=match):
+        slice_csr(Path("x.h5"), np.array(values, dtype=dtype), np.array(indices),
+                  np.array([0, 2, 4]), 5)

@@ -76,3 +76,41 @@ def test_written_file_reads_back(tmp_path):
 def test_string_dtype_columns():
     df = pd.DataFrame({"s": pd.array(["a", None, "b,c"], dtype="string"), "x": [1.5, 2.0, 3.0]})
     assert fast_text(df) == pandas_text(df)
+
+
+def _texts(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+    raw = blob.tobytes()
+    return [raw[a:b].decode("ascii") for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+
+
+def test_float_text_is_python_repr():
+    # Python's repr (the shortest text that reads back to the same double) is the reference:
+    # every power of two and its neighbours (the uneven rounding intervals), subnormals, any
+    # bit pattern, and values of the tables' kinds
+    from cellmill.kernels.text import float_text
+
+    rng = np.random.default_rng(7)
+    pw = 2.0 ** np.arange(-1074, 1024)
+    bits = rng.integers(0, 2**63, 300_000, dtype=np.int64).view(np.float64)
+    values = np.concatenate([
+        [0.0, -0.0, 1.0, 0.1, 1e16, 1e15, 9999999999999998.0, 1e-4, 1e-5, 5e-324, 1e23,
+         2.2250738585072014e-308, 1.7976931348623157e308, 9007199254740993.0, np.inf,
+         -np.inf],
+        pw, -pw, np.nextafter(pw, 0), np.nextafter(pw, np.inf), 10.0 ** np.arange(-323, 309),
+        bits[~np.isnan(bits)], rng.random(50_000), np.round(rng.random(20_000), 3),
+        rng.standard_normal(50_000) * 10.0 ** rng.integers(-300, 300, 50_000),
+        rng.integers(-10**6, 10**6, 20_000).astype(float)])
+    got = _texts(*float_text(values))
+    want = [repr(v) for v in values.tolist()]
+    bad = [(w, g) for w, g in zip(want, got, strict=True) if w != g]
+    assert not bad, bad[:5]
+    assert _texts(*float_text(np.array([np.nan, 2.5, -np.nan]))) == ["", "2.5", ""]
+
+
+def test_int_text_is_str():
+    from cellmill.kernels.text import int_text
+
+    info = np.iinfo(np.int64)
+    values = np.concatenate([[0, -1, 9, 10, 99, 100, info.min, info.max, info.min + 1],
+                             np.random.default_rng(2).integers(info.min, info.max, 5000)])
+    assert _texts(*int_text(values)) == [str(v) for v in values.tolist()]

@@ -224,14 +224,50 @@ def check_indptr(path: Path, indptr: np.ndarray, n_rows: int, n_indices: int,
 
 def slice_csr(path: Path, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
               n_cols: int) -> sp.csr_matrix:
-    """A canonical CSR of some rows, after the checks of their values; `indptr` (starting at 0)
-    must have passed :func:`check_indptr`."""
-    indices = np.asarray(indices)
-    if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
+    """A canonical CSR of some rows (int32 counts and indices), after the checks of their
+    values; `indptr` (starting at 0) must have passed :func:`check_indptr`. One sweep
+    (kernels/ingest.py check_slice) checks and converts what took numpy and scipy seven."""
+    from cellmill.kernels import ingest as kern
+
+    data, indices = np.asarray(data), np.asarray(indices)
+    kind = data.dtype.kind
+    if kind == "b":
+        data = data.astype(np.int8)
+    elif kind not in "iuf":
+        raise InputError(path, f"counts have a non-numeric type ({data.dtype})")
+    out_idx = np.empty(indices.size, dtype=np.int32)
+    out_data = np.empty(0 if data.dtype == np.int32 else data.size, dtype=np.int32)
+    indptr = np.asarray(indptr)
+    ptr = indptr.astype(np.int32) if indices.size < 2**31 else indptr.astype(np.int64)
+    problem, where, is_canonical, zeros = kern.check_slice(
+        data, indices, ptr, int(n_cols), out_idx, out_data)
+    if problem != kern.OK:
+        _slice_problem(path, problem, where, data, indices, n_cols)
+    values = data if data.dtype == np.int32 else out_data
+    m = sp.csr_matrix((values, out_idx, ptr), shape=(len(indptr) - 1, n_cols))
+    if not is_canonical:
+        m.sum_duplicates()
+        zeros = 1  # duplicates may have summed to 0
+    if zeros:
+        m.eliminate_zeros()
+    return m
+
+
+def _slice_problem(path: Path, problem: int, where: int, data: np.ndarray,
+                   indices: np.ndarray, n_cols: int) -> None:
+    """The InputError of check_slice's finding."""
+    from cellmill.kernels import ingest as kern
+
+    if problem == kern.BAD_INDEX:
         raise InputError(path, f"indices out of range for {n_cols} features (corrupt matrix)")
-    values = integer_counts(path, data)
-    m = sp.csr_matrix((values, indices, indptr), shape=(len(indptr) - 1, n_cols))
-    return canonical(m)
+    if problem == kern.NOT_FINITE:
+        raise InputError(path, "counts contain NaN or infinite values")
+    if problem == kern.NOT_INTEGER:
+        raise InputError(path, f"counts are not integers (found {data[where]!r})")
+    if problem == kern.NEGATIVE:
+        raise InputError(path, f"counts contain negative values (minimum {data.min()})")
+    raise InputError(path, f"count {data.max()} is larger than the largest count a store "
+                     f"holds ({INT32_MAX})")
 
 
 def canonical(m: sp.csr_matrix) -> sp.csr_matrix:

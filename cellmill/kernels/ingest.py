@@ -40,3 +40,56 @@ def sort_rows(data, indices, indptr):
         order = np.argsort(indices[a:b], kind="mergesort")
         indices[a:b] = indices[a:b][order]
         data[a:b] = data[a:b][order]
+
+
+# what check_slice found, in the order the messages take precedence
+OK, BAD_INDEX, NOT_FINITE, NOT_INTEGER, NEGATIVE, TOO_LARGE = 0, 1, 2, 3, 4, 5
+INT32_MAX = 2**31 - 1
+
+
+@numba.njit(nogil=True, cache=True)
+def check_slice(data, indices, indptr, n_cols, out_indices, out_data):
+    """The checks of a slice's CSR arrays in one sweep, with its indices copied into
+    out_indices (int32) and, when out_data is not empty, its counts into out_data (int32).
+
+    Returns (problem, position, canonical, zeros): the first problem in precedence order
+    (an index out of 0..n_cols-1, then a non-finite, non-integer, negative or too large count)
+    and where it first occurs; whether every row's indices increase strictly (sorted, no
+    duplicates); and how many stored counts are 0."""
+    problem = OK
+    where = -1
+    canonical = True
+    zeros = 0
+    copy = len(out_data) > 0
+    for i in range(len(indptr) - 1):
+        prev = -1
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            if j < 0 or j >= n_cols:
+                if problem != BAD_INDEX:
+                    problem, where = BAD_INDEX, p
+                continue
+            out_indices[p] = j
+            if j <= prev:
+                canonical = False
+            prev = j
+            x = data[p]
+            xf = np.float64(x)  # exact for floats; an integer type gives an integral value
+            found = OK
+            if not (xf - xf == 0.0):  # NaN or infinite
+                found = NOT_FINITE
+            elif xf != np.floor(xf):
+                found = NOT_INTEGER
+            elif xf < 0.0:
+                found = NEGATIVE
+            elif xf > INT32_MAX:
+                found = TOO_LARGE
+            if found != OK:
+                if problem == OK or found < problem:
+                    problem, where = found, p
+                continue
+            if x == 0:
+                zeros += 1
+            if copy:
+                out_data[p] = np.int32(x)
+    return problem, where, canonical, zeros
