@@ -88,7 +88,7 @@ def test_exact_knn_float32_screen_never_drops_a_neighbour(offset, spread):
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 50.0, 1e5])
 def test_float32_distance_within_the_screen_bound(scale):
-    from cellmill.kernels.knn import U32, _sq_dist32, screen_slack
+    from cellmill.kernels.knn import U32, _sq_dist, screen_slack
 
     rng = np.random.default_rng(3)
     d = 15
@@ -98,7 +98,7 @@ def test_float32_distance_within_the_screen_bound(scale):
     grow = (1.0 + 2.0 * (d + 2) * U32) * (1.0 + 4.0 * U32)
     buf = np.empty(128, dtype=np.float32)
     for me in range(0, 128, 9):
-        _sq_dist32(ref.astype(np.float32), me, 0, 128, buf)
+        _sq_dist(ref.astype(np.float32), me, 0, 128, buf)
         true = np.sqrt(((ref - ref[:, [me]]) ** 2).sum(axis=0))
         assert (buf.astype(np.float64) <= (true + slack) ** 2 * grow).all()
 

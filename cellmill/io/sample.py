@@ -161,34 +161,46 @@ def decode_strings(values: np.ndarray) -> np.ndarray:
     return values.astype(object)
 
 
+def _numeric(path: Path, data: np.ndarray) -> np.ndarray:
+    """Count values of a numeric type (booleans as int8), or the error naming the file."""
+    kind = data.dtype.kind
+    if kind == "b":
+        return data.astype(np.int8)
+    if kind not in "iuf":
+        raise InputError(path, f"counts have a non-numeric type ({data.dtype})")
+    return data
+
+
+def _count_error(path: Path, problem: int, where: int, data: np.ndarray) -> None:
+    """The InputError of what kernels/ingest.py found wrong with the counts `data`."""
+    from cellmill.kernels import ingest as kern
+
+    if problem == kern.NOT_FINITE:
+        raise InputError(path, "counts contain NaN or infinite values")
+    if problem == kern.NOT_INTEGER:
+        raise InputError(path, f"counts are not integers (found {data[where]!r})")
+    if problem == kern.NEGATIVE:
+        raise InputError(path, f"counts contain negative values (minimum {data.min()})")
+    # the store keeps counts as int32: a larger one would wrap around
+    raise InputError(path, f"count {data.max()} is larger than the largest count a store "
+                     f"holds ({INT32_MAX})")
+
+
 def integer_counts(path: Path, data: np.ndarray) -> np.ndarray:
     """Validate count values and return them as int32.
 
     Integers must be in 0..2^31-1; floats must also be finite and integral (1.0 is fine, 1.5
     is not).
     """
-    data = np.asarray(data)
-    kind = data.dtype.kind
-    if kind == "b":
-        data = data.astype(np.int8)
-        kind = "i"
-    if kind == "f":
-        if data.size and not np.isfinite(data).all():
-            raise InputError(path, "counts contain NaN or infinite values")
-        if data.size and not (np.floor(data) == data).all():
-            bad = data[np.floor(data) != data][0]
-            raise InputError(path, f"counts are not integers (found {bad!r})")
-    elif kind not in "iu":
-        raise InputError(path, f"counts have a non-numeric type ({data.dtype})")
-    if data.size == 0:
-        return data.astype(np.int32)
-    lo, hi = data.min(), data.max()
-    if lo < 0:
-        raise InputError(path, f"counts contain negative values (minimum {lo})")
-    if hi > INT32_MAX:  # the store keeps counts as int32: a larger one would wrap around
-        raise InputError(path, f"count {hi} is larger than the largest count a store holds "
-                         f"({INT32_MAX})")
-    return data.astype(np.int32, copy=data.dtype != np.int32)
+    from cellmill.kernels import ingest as kern
+
+    data = _numeric(path, np.asarray(data))
+    flat = data.reshape(-1)
+    out = np.empty(0 if data.dtype == np.int32 else flat.size, dtype=np.int32)
+    problem, where = kern.check_counts(flat, out)
+    if problem != kern.OK:
+        _count_error(path, problem, where, flat)
+    return data if data.dtype == np.int32 else out.reshape(data.shape)
 
 
 def counts_csr(
@@ -229,20 +241,17 @@ def slice_csr(path: Path, data: np.ndarray, indices: np.ndarray, indptr: np.ndar
     (kernels/ingest.py check_slice) checks and converts what took numpy and scipy seven."""
     from cellmill.kernels import ingest as kern
 
-    data, indices = np.asarray(data), np.asarray(indices)
-    kind = data.dtype.kind
-    if kind == "b":
-        data = data.astype(np.int8)
-    elif kind not in "iuf":
-        raise InputError(path, f"counts have a non-numeric type ({data.dtype})")
+    data, indices = _numeric(path, np.asarray(data)), np.asarray(indices)
     out_idx = np.empty(indices.size, dtype=np.int32)
     out_data = np.empty(0 if data.dtype == np.int32 else data.size, dtype=np.int32)
     indptr = np.asarray(indptr)
     ptr = indptr.astype(np.int32) if indices.size < 2**31 else indptr.astype(np.int64)
     problem, where, is_canonical, zeros = kern.check_slice(
         data, indices, ptr, int(n_cols), out_idx, out_data)
+    if problem == kern.BAD_INDEX:
+        raise InputError(path, f"indices out of range for {n_cols} features (corrupt matrix)")
     if problem != kern.OK:
-        _slice_problem(path, problem, where, data, indices, n_cols)
+        _count_error(path, problem, where, data)
     values = data if data.dtype == np.int32 else out_data
     m = sp.csr_matrix((values, out_idx, ptr), shape=(len(indptr) - 1, n_cols))
     if not is_canonical:
@@ -251,23 +260,6 @@ def slice_csr(path: Path, data: np.ndarray, indices: np.ndarray, indptr: np.ndar
     if zeros:
         m.eliminate_zeros()
     return m
-
-
-def _slice_problem(path: Path, problem: int, where: int, data: np.ndarray,
-                   indices: np.ndarray, n_cols: int) -> None:
-    """The InputError of check_slice's finding."""
-    from cellmill.kernels import ingest as kern
-
-    if problem == kern.BAD_INDEX:
-        raise InputError(path, f"indices out of range for {n_cols} features (corrupt matrix)")
-    if problem == kern.NOT_FINITE:
-        raise InputError(path, "counts contain NaN or infinite values")
-    if problem == kern.NOT_INTEGER:
-        raise InputError(path, f"counts are not integers (found {data[where]!r})")
-    if problem == kern.NEGATIVE:
-        raise InputError(path, f"counts contain negative values (minimum {data.min()})")
-    raise InputError(path, f"count {data.max()} is larger than the largest count a store "
-                     f"holds ({INT32_MAX})")
 
 
 def canonical(m: sp.csr_matrix) -> sp.csr_matrix:

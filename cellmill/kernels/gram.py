@@ -135,6 +135,8 @@ def project_rows(data, indices, indptr, n_counts, col_of_gene, mean, sd, clip, s
     n_rows = len(indptr) - 1
     qs, cs = _row_buffers(indptr, np.arange(n_rows))
     lut = np.empty(LUT)
+    # the row's scan is written out as in shifted_gram: a shared helper measured 15% (values
+    # compacted first) to 2x (a (column, value) per hit) slower in Numba
     for r in range(n_rows):
         for j in range(k):
             acc[j] = 0.0

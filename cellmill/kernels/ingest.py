@@ -42,9 +42,47 @@ def sort_rows(data, indices, indptr):
         data[a:b] = data[a:b][order]
 
 
-# what check_slice found, in the order the messages take precedence
+# what check_counts / check_slice found, in the order the messages take precedence
 OK, BAD_INDEX, NOT_FINITE, NOT_INTEGER, NEGATIVE, TOO_LARGE = 0, 1, 2, 3, 4, 5
 INT32_MAX = 2**31 - 1
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _count_problem(x):
+    """What is wrong with a count (OK when it is an integer in 0..INT32_MAX)."""
+    xf = np.float64(x)  # exact for floats; an integer type gives an integral value
+    if not (xf - xf == 0.0):  # NaN or infinite
+        return NOT_FINITE
+    if xf != np.floor(xf):
+        return NOT_INTEGER
+    if xf < 0.0:
+        return NEGATIVE
+    if xf > INT32_MAX:
+        return TOO_LARGE
+    return OK
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _worse(problem, where, found, p):
+    """The problem to report: the first occurrence of the one of highest precedence."""
+    if found != OK and (problem == OK or found < problem):
+        return found, p
+    return problem, where
+
+
+@numba.njit(nogil=True, cache=True)
+def check_counts(data, out_data):
+    """check_slice's checks of counts alone (1-D), copied into out_data (int32) when it is
+    not empty. Returns (problem, position)."""
+    problem = OK
+    where = -1
+    copy = len(out_data) > 0
+    for p in range(len(data)):
+        found = _count_problem(data[p])
+        problem, where = _worse(problem, where, found, p)
+        if copy and found == OK:
+            out_data[p] = np.int32(data[p])
+    return problem, where
 
 
 @numba.njit(nogil=True, cache=True)
@@ -66,27 +104,16 @@ def check_slice(data, indices, indptr, n_cols, out_indices, out_data):
         for p in range(indptr[i], indptr[i + 1]):
             j = indices[p]
             if j < 0 or j >= n_cols:
-                if problem != BAD_INDEX:
-                    problem, where = BAD_INDEX, p
+                problem, where = _worse(problem, where, BAD_INDEX, p)
                 continue
             out_indices[p] = j
             if j <= prev:
                 canonical = False
             prev = j
             x = data[p]
-            xf = np.float64(x)  # exact for floats; an integer type gives an integral value
-            found = OK
-            if not (xf - xf == 0.0):  # NaN or infinite
-                found = NOT_FINITE
-            elif xf != np.floor(xf):
-                found = NOT_INTEGER
-            elif xf < 0.0:
-                found = NEGATIVE
-            elif xf > INT32_MAX:
-                found = TOO_LARGE
+            found = _count_problem(x)
             if found != OK:
-                if problem == OK or found < problem:
-                    problem, where = found, p
+                problem, where = _worse(problem, where, found, p)
                 continue
             if x == 0:
                 zeros += 1

@@ -98,7 +98,8 @@ def _insert(bd, bi, k, d, j):
 
 @numba.njit(nogil=True, cache=True)
 def _sq_dist(ref_t, me, c0, w, b):
-    """b[j] = squared distance between point `me` and point c0 + j, j < w.
+    """b[j] = squared distance between point `me` and point c0 + j, j < w, in the arrays'
+    precision (float64 for results, float32 for the screen).
 
     Four dimensions per sweep keep the buffer traffic low; the order of the additions is fixed
     (and symmetric in the two points), so the value never depends on the tiling.
@@ -125,37 +126,6 @@ def _sq_dist(ref_t, me, c0, w, b):
     while dd < d:
         r0 = ref_t[dd, c0:c0 + w]
         a0 = ref_t[dd, me]
-        for j in range(w):
-            x0 = a0 - r0[j]
-            b[j] += x0 * x0
-        dd += 1
-
-
-@numba.njit(nogil=True, cache=True)
-def _sq_dist32(ref32, me, c0, w, b):
-    """_sq_dist in float32, for the screen only (never a result)."""
-    d = ref32.shape[0]
-    b[:] = 0.0
-    dd = 0
-    while dd + 4 <= d:
-        r0 = ref32[dd, c0:c0 + w]
-        r1 = ref32[dd + 1, c0:c0 + w]
-        r2 = ref32[dd + 2, c0:c0 + w]
-        r3 = ref32[dd + 3, c0:c0 + w]
-        a0 = ref32[dd, me]
-        a1 = ref32[dd + 1, me]
-        a2 = ref32[dd + 2, me]
-        a3 = ref32[dd + 3, me]
-        for j in range(w):
-            x0 = a0 - r0[j]
-            x1 = a1 - r1[j]
-            x2 = a2 - r2[j]
-            x3 = a3 - r3[j]
-            b[j] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3)
-        dd += 4
-    while dd < d:
-        r0 = ref32[dd, c0:c0 + w]
-        a0 = ref32[dd, me]
         for j in range(w):
             x0 = a0 - r0[j]
             b[j] += x0 * x0
@@ -252,7 +222,7 @@ def knn_self(ref_t, ref32, slack, orig, lo, hi, leaf, q0, q1, k, out_idx, out_di
                     continue
                 if thr < np.inf and slack < np.inf:  # the float32 screen
                     r = np.sqrt(thr) + slack
-                    _sq_dist32(ref32, me, c0, w, buf32[:w])
+                    _sq_dist(ref32, me, c0, w, buf32[:w])
                     if not _any_at_most(buf32, w, np.float32(r * r * grow)):
                         continue
                 _sq_dist(ref_t, me, c0, w, buf[:w])
