@@ -289,14 +289,13 @@ def test_results_identical_on_processes(synth, synth_result):
 
 
 @pytest.mark.parametrize("scheduler", [("sync", 1), ("threads", 2)])
-def test_first_pass_keeps_each_genes_largest_counts(synth, monkeypatch, scheduler):
+def test_first_pass_keeps_each_genes_largest_counts(synth, scheduler):
     """The TOP_K largest counts of every gene over the selected cells, as brute force finds
-    them, with one-granule blocks in windows of a few (so later windows skip what cannot enter
-    the running top) and the left-out cells skipped in place."""
+    them, with one-granule blocks (so later blocks skip what cannot enter the running top,
+    raised as earlier blocks are folded) and the left-out cells skipped in place."""
     from cellmill.stages import preprocess
 
     store, counts, mask = synth
-    monkeypatch.setattr(preprocess, "RESULT_BUDGET", 1)  # windows of 8 blocks per worker
     p1 = preprocess.first_pass(store, mask, 1e4, GRANULE, scheduler)
     dense = counts[mask].toarray()
     want = -np.sort(-dense, axis=0)[: preprocess.TOP_K].T  # genes x TOP_K, largest first

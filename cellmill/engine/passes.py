@@ -54,6 +54,31 @@ def map_blocks(store: Store, func: Callable[..., Any], *args, mask: np.ndarray |
     return compute(tasks, scheduler=scheduler, desc=desc, progress=progress)
 
 
+def stream_blocks(store: Store, func: Callable[..., Any], *args, mask: np.ndarray | None = None,
+                  cell_arrays: tuple = (), block_cells: int | None = None, scheduler=None,
+                  per_worker: int = 4, desc: str = "pass", progress: bool = False):
+    """Yield ((start, stop), func(start, stop, csr, cells, *cell_args, *args)) block by block in
+    order, with `per_worker` blocks a worker computed or in flight (a worker that finishes
+    takes the next block: no wave waits for its slowest block). `cell_arrays`: per-cell arrays
+    each task gets only its block's slice of (a cluster is not sent the whole array each time).
+    Args may be read by later blocks while the caller folds earlier results into them."""
+    from cellmill.engine.schedulers import n_workers, ordered_stream
+    from cellmill.io.progress import bar
+
+    ranges = store.block_ranges(block_cells)
+    tasks = ((store, a, b, mask, None, func, (*(c[a:b] for c in cell_arrays), *args))
+             for a, b in ranges)
+    pbar = bar(total=len(ranges), desc=desc, enabled=progress)
+    try:
+        window = max(2, per_worker * n_workers(scheduler))
+        for rng, res in zip(ranges, ordered_stream(_run_block, tasks, scheduler, window),
+                            strict=True):
+            pbar.update(1)
+            yield rng, res
+    finally:
+        pbar.close()
+
+
 def ordered_sum(partials: list[np.ndarray]) -> np.ndarray:
     """Fold per-granule partials (each block: n_granules x ...) strictly in granule order."""
     acc = None

@@ -14,7 +14,9 @@ import math
 import numpy as np
 from numba import njit
 
-from cellmill.kernels.lognorm import MEMO
+# Per row, y of counts 1..LUT-1 is computed once before the sweep (~60% of the counts are 1,
+# ~99% below 32): a lookup, not a branch on whether the value is memoised yet
+LUT = 32
 
 
 @njit(nogil=True, cache=True)
@@ -53,22 +55,23 @@ def keep_largest(row, state, x):
 
 
 @njit(nogil=True, cache=True)
-def merge_largest(top, state, part):
-    """Fold the kept values of one block (`part`, rows as vst_first_pass returns them) into
-    `top`/`state` (as keep_largest keeps them)."""
-    for g in range(top.shape[0]):
+def merge_largest(top, state, part, part_genes):
+    """Fold the kept values of one block (`part` row i: gene part_genes[i], as vst_first_pass
+    returns them) into `top`/`state` (as keep_largest keeps them)."""
+    for i in range(len(part_genes)):
+        g = part_genes[i]
         for j in range(part.shape[1]):
-            x = part[g, j]
+            x = part[i, j]
             if x > state[g, 6]:
                 keep_largest(top[g], state[g], x)
 
 
 @njit(nogil=True, cache=True)
-def vst_first_pass(data, indices, indptr, granule, keep, n_granules, n_genes, scale_factor,
-                   n_top, floor):
+def vst_first_pass(data, indices, indptr, n_counts, granule, keep, n_granules, n_genes,
+                   scale_factor, n_top, floor):
     """Counts moments and log-normalised moments in one sweep over a block.
 
-    Rows must be complete (all genes): a cell's total counts are its row sum. Rows with
+    n_counts[r]: row r's cell's total counts (float64; obs n_counts). Rows with
     keep[r] == 0 are skipped (left-out cells: no copy of the block without them). floor[g]:
     counts <= floor[g] are not offered to `top` (the caller's running top of the gene is full
     and its smallest value is floor[g], so they cannot enter it; 0: no floor).
@@ -78,9 +81,11 @@ def vst_first_pass(data, indices, indptr, granule, keep, n_granules, n_genes, sc
       ln_sum:        float64 (n_granules, n_genes) sum of y = log1p(x / n_counts * sf);
       ln_m2:         float64 (n_granules, n_genes) sum over the granule's cells (zeros
                      included) of (y - granule mean)^2;
-      top:           int32 (n_genes, n_top) the gene's n_top largest counts (a min-heap
-                     once full, 0 in empty slots; see keep_largest): all that the vst clip
-                     at sqrt(N) needs when a gene has at most n_top counts above its clip.
+      top, top_genes: int32 (n_kept, n_top), (n_kept,): row i holds the n_top largest
+                     counts of gene top_genes[i] that passed its floor (a min-heap once full,
+                     0 in empty slots; see keep_largest); genes with none have no row. All
+                     that the vst clip at sqrt(N) needs when a gene has at most n_top counts
+                     above its clip.
     M2 of a granule comes from sums of y - K, K = the gene's first value in the granule
     (shifted data): (mean - K)^2 <= n_j * variance, so at most log2(1024) bits cancel, unlike
     sum y^2 - n mean^2 whose loss is unbounded. The caller merges granules in order with
@@ -91,12 +96,17 @@ def vst_first_pass(data, indices, indptr, granule, keep, n_granules, n_genes, sc
     # viewed as float64: shift K, sum (y - K), sum (y - K)^2; then (int64) the smallest
     # value kept in `top` (0 until it is full) and how many it keeps
     acc = np.zeros((n_genes, 8), np.int64)
-    top = np.zeros((n_genes, n_top), np.int32)
+    # rows of `top` are handed out as genes get their first kept count: once the floors
+    # are up most genes get none, and untouched memory costs nothing
+    top = np.empty((n_genes, n_top), np.int32)
+    top_row = np.full(n_genes, -1, np.int32)
+    top_genes = np.empty(n_genes, np.int32)
+    n_kept = 0
     accf = acc.view(np.float64)
     nnz = np.zeros(n_genes, np.int64)
     ln_sum = np.zeros((n_granules, n_genes), np.float64)
     ln_m2 = np.zeros((n_granules, n_genes), np.float64)
-    memo = np.empty(MEMO, np.float64)
+    lut = np.empty(LUT, np.float64)
     sf = np.float64(scale_factor)
     # acc[g, 6] is then the bar a count must pass to enter `top`: the floor, raised to the
     # smallest kept value once the top is full (one compare a nonzero, in the gene's line)
@@ -114,27 +124,29 @@ def vst_first_pass(data, indices, indptr, granule, keep, n_granules, n_genes, sc
                 continue
             kept += 1
             k0, k1 = indptr[r], indptr[r + 1]
-            total = 0
-            for k in range(k0, k1):
-                total += np.int64(data[k])
-            n = np.float64(total)
-            memo[:] = -1.0
+            n = n_counts[r]
+            # LogNormalize exactly as kernels.lognorm.lognorm_row (the same expression),
+            # inlined so that one sweep computes y and the sums
+            for x in range(1, LUT):
+                lut[x] = math.log1p(np.float64(x) / n * sf)
             for k in range(k0, k1):
                 x = np.int64(data[k])
                 g = indices[k]
-                # LogNormalize exactly as kernels.lognorm.lognorm_row (same expression,
-                # same memo), inlined so that one sweep computes y and the sums
-                if x < MEMO:
-                    v = memo[x]
-                    if v < 0.0:
-                        v = math.log1p(np.float64(x) / n * sf)
-                        memo[x] = v
+                if x < LUT:
+                    v = lut[x]
                 else:
                     v = math.log1p(np.float64(x) / n * sf)
                 acc[g, 0] += x
                 acc[g, 1] += x * x
                 if x > acc[g, 6]:  # top is touched only then
-                    keep_largest(top[g], acc[g], x)
+                    i = top_row[g]
+                    if i < 0:
+                        i = n_kept
+                        top_row[g] = i
+                        top_genes[i] = g
+                        top[i, :] = 0
+                        n_kept += 1
+                    keep_largest(top[i], acc[g], x)
                     if acc[g, 6] < floor[g]:
                         acc[g, 6] = floor[g]
                 c = acc[g, 2]
@@ -163,7 +175,8 @@ def vst_first_pass(data, indices, indptr, granule, keep, n_granules, n_genes, sc
                 accf[g, 4] = 0.0
                 accf[g, 5] = 0.0
         r0 = r1
-    return acc[:, 0].copy(), acc[:, 1].copy(), nnz, ln_sum, ln_m2, top
+    return (acc[:, 0].copy(), acc[:, 1].copy(), nnz, ln_sum, ln_m2, top[:n_kept].copy(),
+            top_genes[:n_kept].copy())
 
 
 @njit(nogil=True, cache=True)

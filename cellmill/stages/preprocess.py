@@ -28,9 +28,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cellmill.config import Config, ConfigError
-from cellmill.engine.passes import block_cells_for_budget, granules, map_blocks
+from cellmill.engine.passes import block_cells_for_budget, granules, stream_blocks
 from cellmill.engine.registry import Context, stage
-from cellmill.engine.schedulers import n_workers
 from cellmill.errors import InputError
 from cellmill.io.store import GRANULE, Store
 from cellmill.kernels.lognorm import lognorm_values
@@ -110,63 +109,18 @@ def _granule_rows(start: int, stop: int, cells: np.ndarray) -> tuple[np.ndarray,
 # Largest counts kept per gene in pass 1: when no gene has more counts than this above its
 # clip, the clipped variance follows from pass 1 alone and pass 2 is skipped.
 TOP_K = 16
-# Blocks per worker in pass 1's first window. The blocks' floors come from the driver's
-# running top, which is empty until a window is folded: with a first window of one block a
-# worker, every later block has floors (196k cells: 19.5M -> 3.9M counts offered to a top)
-FIRST_WINDOW = 1
 
 
-def _first_block(start, stop, m, cells, sf, mask, floor):
-    # every row of the block is read (the kernel skips the masked ones: no row copy), and
-    # full rows, so each row's sum is the cell's n_counts
+def _first_block(start, stop, m, cells, keep, n_counts, sf, floor):
+    # every row of the block is read (the kernel skips the rows with keep 0: no row copy)
     gran, n_gran = _granule_rows(start, stop, cells)
-    keep = mask[start:stop].view(np.uint8)
-    return vst_first_pass(m.data, m.indices, m.indptr, gran, keep, n_gran, m.shape[1], sf,
-                          TOP_K, floor)
+    return vst_first_pass(m.data, m.indices, m.indptr, n_counts, gran, keep, n_gran,
+                          m.shape[1], sf, TOP_K, floor)
 
 
 def _second_block(start, stop, m, cells, mu, sd, vmax):
     gran, n_gran = _granule_rows(start, stop, cells)
     return clipped_z2_nonzero(m.data, m.indices, m.indptr, gran, n_gran, mu, sd, vmax)
-
-
-# Partial results held by the driver at once: passes fold a window of blocks at a time, so
-# memory does not grow with the number of cells.
-RESULT_BUDGET = 128 * 2**20
-
-
-def stream_blocks(store: Store, func, *args, mask: np.ndarray, block_cells: int | None,
-                  scheduler, desc: str, progress: bool, result_bytes: int,
-                  first_window: int | None = None):
-    """map_blocks window by window: yields ((start, stop), result) in block order, holding
-    at most ~RESULT_BUDGET of results (`result_bytes` per block) but at least 8 blocks per
-    worker in flight. `first_window`: blocks in the first window (default: a full one)."""
-    from cellmill.io.progress import bar
-
-    ranges = store.block_ranges(block_cells)
-    window = max(8 * n_workers(scheduler), RESULT_BUDGET // max(result_bytes, 1))
-    starts = [0, *range(min(first_window or window, window), len(ranges), window)]
-    pbar = bar(total=len(ranges), desc=desc, enabled=progress)
-    try:
-        for i, j in zip(starts, starts[1:] + [len(ranges)], strict=True):
-            part = ranges[i: j]
-            if not part:  # no blocks at all
-                continue
-            res = map_blocks(store, func, *args, mask=mask, scheduler=scheduler,
-                             progress=False, ranges=part)
-            pbar.update(len(part))
-            for j, rng in enumerate(part):  # drop each result once handed over, so one
-                r, res[j] = res[j], None    # window is alive while the next is computed
-                yield rng, r
-            del res, r
-    finally:
-        pbar.close()
-
-
-def _block_bytes(store: Store, block_cells: int | None, per_granule: int, per_block: int) -> int:
-    ranges = store.block_ranges(block_cells)
-    most = max(granules(a, b) for a, b in ranges)
-    return 8 * store.n_genes * (most * per_granule + per_block)
 
 
 def centred_sum_of_squares(sx: np.ndarray, sxx: np.ndarray, n: int) -> np.ndarray:
@@ -202,19 +156,20 @@ def first_pass(store: Store, mask: np.ndarray, sf: float, block_cells: int | Non
     run_m2 = np.zeros(g, np.float64)
     top = np.zeros((g, TOP_K), np.int32)
     top_state = np.zeros((g, 8), np.int64)  # as keep_largest's state
-    size = _block_bytes(store, block_cells, 2, 3 + TOP_K // 2)
     mask = np.ascontiguousarray(mask, dtype=bool)
+    n_counts = np.asarray(store.obs_column("n_counts"), dtype=np.float64)
     # top_state[:, 6], the smallest of each full running top, is the blocks' floor: they skip
-    # counts that cannot enter it (read by a window of blocks while the driver waits; folded
-    # into by the driver, never while a window runs). Every result is the same without it
-    for (a, b), r in stream_blocks(store, _first_block, float(sf), mask, top_state[:, 6],
-                                   mask=None, block_cells=block_cells, scheduler=scheduler,
-                                   desc="hvg: pass 1", progress=progress, result_bytes=size,
-                                   first_window=FIRST_WINDOW * n_workers(scheduler)):
+    # counts that cannot enter it. The driver raises it as results are folded, while later
+    # blocks read it: a floor only rises and any floor it had is safe, so every result is
+    # the same whatever a block read (or with no floor at all)
+    for (a, b), r in stream_blocks(store, _first_block, float(sf), top_state[:, 6],
+                                   cell_arrays=(mask.view(np.uint8), n_counts),
+                                   block_cells=block_cells, scheduler=scheduler,
+                                   desc="hvg: pass 1", progress=progress):
         sx += r[0]  # integer sums: exact in any order
         sxx += r[1]
         nnz += r[2]
-        merge_largest(top, top_state, r[5])  # the TOP_K largest counts so far
+        merge_largest(top, top_state, r[5], r[6])  # the TOP_K largest counts so far
         counts = np.add.reduceat(mask[a:b].astype(np.int64), np.arange(0, b - a, GRANULE))
         for s_j, m2_j, n_j in zip(r[3], r[4], counts, strict=True):
             total += s_j
@@ -265,10 +220,9 @@ def second_pass(store: Store, mask: np.ndarray, mean: np.ndarray, sd: np.ndarray
     n = int(mask.sum())
     vmax = math.sqrt(n)
     acc = np.zeros(store.n_genes, np.float64)
-    size = _block_bytes(store, block_cells, 1, 0)
     for _, r in stream_blocks(store, _second_block, mean, sd, vmax, mask=mask,
                               block_cells=block_cells, scheduler=scheduler,
-                              desc="hvg: pass 2", progress=progress, result_bytes=size):
+                              desc="hvg: pass 2", progress=progress):
         for row in r:  # granule order, as ordered_sum
             acc += row
     ok = sd > 0
