@@ -184,15 +184,29 @@ def _as_int64(plane: np.ndarray) -> np.ndarray:
     return out
 
 
+class _SumSq:
+    """sum y^2 = m2 + sum^2 / n of the rows and columns asked for, computed when read. An
+    array-like without .copy: dask's from_array copies whatever has one (two planes, 114 MB
+    at 196k cells), and hashes it unless name=False."""
+
+    ndim, dtype = 2, np.dtype(np.float64)
+
+    def __init__(self, n: np.ndarray, s_y: np.ndarray, s_m2: np.ndarray):
+        self.n, self.s_y, self.s_m2, self.shape = n, s_y, s_m2, s_y.shape
+
+    def __getitem__(self, key):
+        rows, cols = key
+        return kern.sum_of_squares(self.n[rows], self.s_y[rows, cols], self.s_m2[rows, cols])
+
+
 def _lazy_sum_sq(n: np.ndarray, s_y: np.ndarray, s_m2: np.ndarray):
     """sum y^2 = m2 + sum^2 / n as a dask array: computed a chunk at a time when it is
     written or read, never held as a whole plane."""
     import dask.array as da
 
     chunks = (max(1, s_y.shape[0]), max(1, min(s_y.shape[1], 4096)))
-    y = da.from_array(s_y, chunks=chunks)
-    m2 = da.from_array(s_m2, chunks=chunks)
-    return da.map_blocks(lambda a, b: kern.sum_of_squares(n, a, b), y, m2, dtype=np.float64)
+    return da.from_array(_SumSq(n, s_y, s_m2), chunks=chunks, name=False,
+                         meta=np.empty((0, 0), np.float64))
 
 
 def write_grouped_stats(store: Store, ds) -> None:
