@@ -220,7 +220,9 @@ def rank_slab(data, indices, indptr, label_of_cell, stratum_of_label, n_labels, 
     labs = np.empty(max_len, dtype=np.int32)
     tmp_k = np.empty(max_len, dtype=np.uint64)
     tmp_l = np.empty(max_len, dtype=np.int32)
-    yy = np.empty(max_len, dtype=np.float64)
+    # the close runs' y (rare) use the sort's scratch, free once a gene is sorted: 8 bytes a
+    # value less (the densest gene of 1M cells has ~1M values; two slabs run at a time)
+    yy = tmp_k.view(np.float64)
     count = np.empty(WIDE_RADIX, dtype=np.int64)
     done = np.zeros(n_strata, dtype=np.int64)  # a stratum's values walked so far
     in_run = np.zeros(n_strata, dtype=np.int64)  # its values in the current tied run
