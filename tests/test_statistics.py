@@ -346,3 +346,27 @@ def test_ttest_parity_with_r(seurat_reference, shared_data, tmp_path):
         res = welch(5, 0.0, 0.0, 5, r["mean_y"], 0.0, r["alternative"])
         assert "constant" in str(res["reason"]) and np.isnan(res["p_value"])
         assert "constant" in r["error"]
+
+
+def test_group_codes_match_pandas_groupby():
+    """Codes and coordinates as pandas' sorted groupby numbers them (observed combinations in
+    category-code order; cells with a missing value or outside the mask are left out)."""
+    from cellmill.stages.statistics.grouped import group_codes
+
+    rng = np.random.default_rng(3)
+    n = 5000
+    obs = pd.DataFrame({
+        "cluster": pd.Categorical(rng.integers(0, 12, n).astype(str)),
+        "sample": pd.Categorical(rng.choice(["s2", "s10", "s1", None], n),
+                                 categories=["s2", "s10", "s1"]),
+        "sex": pd.Categorical(rng.choice(["M", "F"], n))})
+    mask = rng.random(n) < 0.9
+    codes, coords = group_codes(obs, ["cluster", "sample", "sex"], mask)
+    sub = obs[mask & obs["sample"].notna().to_numpy()]
+    want = sub.groupby(["cluster", "sample", "sex"], observed=True, sort=True).ngroup()
+    expect = np.full(n, -1)
+    expect[want.index.to_numpy()] = want.to_numpy()
+    np.testing.assert_array_equal(codes, expect)
+    first = sub.groupby(["cluster", "sample", "sex"], observed=True, sort=True).size().index
+    assert [tuple(r) for r in coords.itertuples(index=False)] == [tuple(map(str, t))
+                                                                  for t in first]
