@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
+from cellmill.io.heap import release_heap
 from cellmill.io.store import Store
 from cellmill.kernels import wilcoxon as kern
 
@@ -242,6 +243,10 @@ def find_markers_many(store: Store, contrasts: list, logfc_threshold: float = 0.
             label[sets[k][1]] = 2 * s + 1
         stratum = np.repeat(np.arange(len(members), dtype=np.int32), 2)
         r = rank_pass(store, label, stratum, scale_factor, memory_bytes, scheduler, progress)
+        del label
+        # the pass's freed slabs and scratch go back to the system before the tables are
+        # built (glibc keeps them otherwise: at 1M cells the tables then grew the heap further)
+        release_heap()
         for s, k in enumerate(members):
             a, b = 2 * s, 2 * s + 1
             out[k] = de_table(genes, r["n_label"][a], r["n_label"][b], r["nnz"][:, a],
