@@ -19,6 +19,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from cellmill.config import Config, ConfigError
+from cellmill.io.heap import release_heap
 from cellmill.report.raster import dot_image
 
 log = logging.getLogger("cellmill")
@@ -795,7 +796,6 @@ def fig_markers(inp: ReportInputs, out: Path) -> FigureResult:
     lab = inp.clusters()
     order = lab.levels
     colors = cluster_colors(order)
-    expr = inp.expression(genes)
     ncol = 2 if len(genes) > 3 else 1
     nrow = (len(genes) + ncol - 1) // ncol
     fig = _figure((max(6, 0.45 * len(order) + 1.5) * ncol, 2.6 * nrow))
@@ -803,8 +803,10 @@ def fig_markers(inp: ReportInputs, out: Path) -> FigureResult:
     for i, g in enumerate(genes):
         ax = fig.add_subplot(nrow, ncol, i + 1)
         vs = Violins()
+        y = inp.expression([g])[g]  # one gene's n-cell vector alive at a time
         for j, c in enumerate(order):
-            vs.add(j, expr[g][lab.is_(c)], color=colors[c], points=60, rng=rng)
+            vs.add(j, y[lab.is_(c)], color=colors[c], points=60, rng=rng)
+        del y
         vs.draw(ax)
         if coi in order:
             ax.axvspan(order.index(coi) - 0.5, order.index(coi) + 0.5, color="#f4d03f",
@@ -823,7 +825,10 @@ def fig_markers(inp: ReportInputs, out: Path) -> FigureResult:
 def fig_qc(inp: ReportInputs, out: Path) -> FigureResult:
     qc = inp.table("qc.csv", ("sample", "n_counts", "n_features", "pass"), cache=False)
     lo, hi = inp.cfg.qc.min_features, inp.cfg.qc.max_features
-    ok = qc["pass"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
+    flag = qc["pass"]
+    # pandas reads True/False as bool: no string a cell (1M cells: ~70 MB of them)
+    ok = flag.to_numpy(dtype=bool) if flag.dtype == bool else \
+        flag.astype(str).str.lower().isin(["true", "1"]).to_numpy()
     nf = qc["n_features"].to_numpy(dtype=float)
     nc = qc["n_counts"].to_numpy(dtype=float)
     fig = _figure((15, 4.2))
@@ -1012,4 +1017,8 @@ def make_figures(inp: ReportInputs, out: Path) -> list[FigureResult]:
             for stale in out.glob(FILE_PREFIX[key] + "*.png"):
                 stale.unlink()
         results.append(res)
+        # what a figure freed goes back to the system before the next one: glibc keeps it
+        # otherwise, and the per-cell figures' leftovers (~100 MB at 1M cells) were then
+        # under every later figure's peak
+        release_heap()
     return results
