@@ -15,3 +15,32 @@ def release_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def free_heap_bytes() -> int | None:
+    """Bytes glibc holds freed in its heaps (all arenas), or None where it cannot say (not
+    glibc, or older than 2.33)."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return int(fn().fordblks)
+
+
+def trim_heap(min_free: int) -> None:
+    """malloc_trim only when at least `min_free` bytes lie freed in the heap: a trim hands
+    pages back, and on a virtual machine each page touched again costs a fault (~5 us), so
+    trimming after every small step costs more time than it saves memory."""
+    free = free_heap_bytes()
+    if free is None or free >= min_free:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

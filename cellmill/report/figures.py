@@ -19,7 +19,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from cellmill.config import Config, ConfigError
-from cellmill.io.heap import release_heap
+from cellmill.io.heap import trim_heap
 from cellmill.report.raster import dot_image
 
 log = logging.getLogger("cellmill")
@@ -374,6 +374,9 @@ def _save(fig: Figure, path: Path) -> Path:
 
     tmp = path.with_name(path.name + ".tmp")  # a killed run leaves no half-drawn figure
     fig.savefig(tmp, dpi=DPI, facecolor="white", format=path.suffix.lstrip(".") or "png")
+    # figure, axes and artists refer to each other: only the cyclic collector would free them
+    # (and the per-cell arrays they hold); cleared, they go as the figure's function returns
+    fig.clear()
     tmp.replace(path)
     faults.wrote()
     return path
@@ -994,6 +997,8 @@ FIGURES = [
 ]
 
 
+TRIM_FROM = 32 * 2**20  # freed heap bytes worth handing back between figures
+
 FILE_PREFIX = {"fig1a": "fig1a_", "fig1b": "fig1b_", "fig1c": "fig1c_", "fig1d": "fig1d_",
                "fig1e": "fig1e_", "fig2": "fig2_", "fig2b": "fig2b_", "fig2c": "fig2c_",
                "fig3": "fig3_", "calib": "calibration_", "qc": "qc_", "hvg": "hvg_", "pca": "pca_"}
@@ -1017,8 +1022,8 @@ def make_figures(inp: ReportInputs, out: Path) -> list[FigureResult]:
             for stale in out.glob(FILE_PREFIX[key] + "*.png"):
                 stale.unlink()
         results.append(res)
-        # what a figure freed goes back to the system before the next one: glibc keeps it
-        # otherwise, and the per-cell figures' leftovers (~100 MB at 1M cells) were then
-        # under every later figure's peak
-        release_heap()
+        # what a figure freed goes back to the system before the next one when it is much:
+        # glibc keeps it otherwise, and the per-cell figures' leftovers (~100 MB at 1M cells)
+        # were then under every later figure's peak
+        trim_heap(TRIM_FROM)
     return results
