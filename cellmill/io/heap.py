@@ -11,6 +11,10 @@ def release_heap() -> None:
     so the next step starts from a lower RSS, and at the end of a stage, so the next stage of the
     same `cellmill run` process does."""
     gc.collect()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
@@ -40,7 +44,4 @@ def trim_heap(min_free: int) -> None:
     trimming after every small step costs more time than it saves memory."""
     free = free_heap_bytes()
     if free is None or free >= min_free:
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+        _malloc_trim()
