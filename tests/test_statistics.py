@@ -128,11 +128,23 @@ def test_m2_is_accurate_where_sums_cancel(study, grouped):
 
 def test_deterministic_for_any_block_size_and_scheduler(study, grouped):
     obs = study.obs()
-    for kw in ({"block_cells": 1024, "scheduler": ("sync", 1)},
-               {"block_cells": 3072, "scheduler": ("threads", 2)}):
-        other = grouped_statistics(study, COLS, 1e4, mask=obs["qc_pass"].to_numpy(), **kw)
+    qc = obs["qc_pass"].to_numpy()
+    assert study.n_cells > 4096  # the default granule: two slots a group, one or two blocks
+    for kw in ({"block_cells": 4096, "scheduler": ("sync", 1)},
+               {"block_cells": 8192, "scheduler": ("threads", 2)}):
+        other = grouped_statistics(study, COLS, 1e4, mask=qc, **kw)
         for v in ("n", "sum", "sum_sq", "m2", "sum_expm1", "nnz", "counts"):
             assert np.array_equal(other[v].values, grouped[v].values), v
+    # a finer granule: the same bits for blocks of one, three or all granules
+    ref = grouped_statistics(study, COLS, 1e4, mask=qc, granule=1024, block_cells=1024,
+                             scheduler=("sync", 1))
+    for kw in ({"block_cells": 3072, "scheduler": ("threads", 2)},
+               {"block_cells": 10**6, "scheduler": ("threads", 3)}):
+        other = grouped_statistics(study, COLS, 1e4, mask=qc, granule=1024, **kw)
+        for v in ("n", "sum", "sum_sq", "m2", "sum_expm1", "nnz", "counts"):
+            assert np.array_equal(other[v].values, ref[v].values), v
+    with pytest.raises(ValueError, match="granule"):
+        grouped_statistics(study, COLS, 1e4, mask=qc, granule=1000)
 
 
 def test_store_round_trip_and_anndata(study, grouped):
@@ -370,3 +382,58 @@ def test_group_codes_match_pandas_groupby():
     first = sub.groupby(["cluster", "sample", "sex"], observed=True, sort=True).size().index
     assert [tuple(r) for r in coords.itertuples(index=False)] == [tuple(map(str, t))
                                                                   for t in first]
+
+
+def _slot_reference(x, n_counts, slot_of_row, n_slots):
+    """Per slot and touched gene, with numpy: sum y, sum expm1(y), nonzeros, m2 of the
+    nonzeros (two-pass), sum of counts."""
+    out = {}
+    y = np.log1p(x / n_counts[:, None] * 1e4)
+    for s in range(n_slots):
+        sel = slot_of_row == s
+        xs, ys = x[sel], y[sel]
+        for g in np.flatnonzero((xs > 0).any(0)):
+            v = ys[xs[:, g] > 0, g]
+            out[s, g] = (v.sum(), np.expm1(v).sum(), len(v), ((v - v.mean()) ** 2).sum(),
+                         xs[:, g].sum())
+    return out
+
+
+def test_grouped_block_long_and_short_rows_match_numpy():
+    """Rows past EAGER_ROW stored values take the table filled up front, shorter ones the
+    memoised one; counts past the table (>= LUT) are computed directly."""
+    from cellmill.kernels import grouped as kern
+
+    rng = np.random.default_rng(3)
+    n_rows, n_genes = 40, 700
+    dense = rng.random((n_rows, n_genes)) < np.where(np.arange(n_rows) % 2, 0.6, 0.1)[:, None]
+    x = np.where(dense, rng.geometric(0.15, (n_rows, n_genes)), 0).astype(np.int64)
+    x[0, :5] = [40, 100, 31, 32, 1]
+    lengths = (x > 0).sum(1)
+    assert lengths.max() >= kern.EAGER_ROW > lengths.min()
+    n_counts = x.sum(1).astype(np.float64)
+    slot_of_row = rng.integers(-1, 4, n_rows)
+    m = sp.csr_matrix(x)
+    n, ptr, genes, vals = kern.grouped_block(m.data.astype(np.int32), m.indices,
+                                             m.indptr.astype(np.int64), slot_of_row, n_counts,
+                                             1e4, 4, n_genes)
+    ref = _slot_reference(x, n_counts, slot_of_row, 4)
+    assert np.array_equal(n, np.bincount(slot_of_row[slot_of_row >= 0], minlength=4))
+    assert len(genes) == len(ref)
+    for s in range(4):
+        assert np.all(np.diff(genes[ptr[s]:ptr[s + 1]]) > 0)  # ascending within a slot
+        for t in range(ptr[s], ptr[s + 1]):
+            want = ref[s, genes[t]]
+            got = vals[t]
+            np.testing.assert_allclose(got[[kern.SUM, kern.SUM_EXPM1]], want[:2], rtol=1e-14)
+            assert got[kern.NNZ] == want[2] and got[kern.COUNTS] == want[4]
+            np.testing.assert_allclose(got[kern.M2], want[3], rtol=1e-10, atol=1e-14)
+
+
+def test_grouped_block_refuses_counts_past_the_packed_sums():
+    from cellmill.kernels import grouped as kern
+
+    m = sp.csr_matrix(np.array([[3, 0, 2]], dtype=np.int32))
+    with pytest.raises(ValueError, match="packed"):
+        kern.grouped_block(m.data, m.indices, m.indptr.astype(np.int64), np.zeros(1, np.int64),
+                           np.array([2.0 ** 44]), 1e4, 1, 3)

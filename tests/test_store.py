@@ -86,6 +86,38 @@ def test_blocks_and_masks(tmp_path):
     assert sp.issparse(got) and np.array_equal(got.toarray(), expected[mask][:, genes])
 
 
+def test_reads_into_reused_buffers(tmp_path):
+    """read_rows(buffers=...) gives the same matrices, in one thread's arrays, reused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cellmill.io.buffers import ThreadBuffers
+
+    manifest, mats = _study(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store = ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
+    _, expected = dense_union(mats)
+    buf = ThreadBuffers()
+    first = store.read_rows(0, 1024, buffers=buf)
+    assert np.array_equal(first.toarray(), expected[:1024])
+    held = buf.nbytes()
+    again = store.read_rows(0, 512, buffers=buf)  # fewer values: the same arrays
+    assert np.array_equal(again.toarray(), expected[:512])
+    assert np.shares_memory(again.data, first.data) and buf.nbytes() == held
+    whole = store.read_rows(0, store.n_cells, buffers=buf)  # larger: the arrays grow
+    assert np.array_equal(whole.toarray(), expected) and buf.nbytes() > held
+
+    def block(a):
+        m = store.read_rows(a, min(a + 512, store.n_cells), buffers=buf)
+        return a, m.toarray().copy()  # before this thread's next read reuses the arrays
+
+    with ThreadPoolExecutor(3) as pool:
+        for a, dense in pool.map(block, range(0, store.n_cells, 512)):
+            assert np.array_equal(dense, expected[a: a + 512])
+    buf.clear()
+    assert buf.nbytes() == 0
+
+
 def test_block_read_touches_only_its_chunks(tmp_path):
     """Reading block b decodes only the X chunks overlapping its nonzero range."""
     manifest, _ = _study(tmp_path, sizes=(3000, 3000, 3000), n_genes=200)

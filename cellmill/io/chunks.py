@@ -37,12 +37,24 @@ class RangeReader:
         self._zarr = None
 
     def __getitem__(self, sl: slice) -> np.ndarray:
+        return self.read(sl)
+
+    def read(self, sl: slice, out: np.ndarray | None = None) -> np.ndarray:
+        """arr[sl], into the start of `out` when given (its dtype, and long enough); a reused
+        buffer spares the page faults of fresh memory: a range past glibc's mmap threshold
+        (32 MB) is otherwise new pages every time."""
         a, b, step = sl.indices(self.shape)
         if step != 1:
             raise ValueError("RangeReader reads contiguous ranges only")
+        if out is not None:
+            out = out[: max(0, b - a)]
         if not self.direct:
-            return self._zarr_array()[a:b]
-        out = np.empty(max(0, b - a), dtype=self.dtype)
+            if out is None:
+                return self._zarr_array()[a:b]
+            out[:] = self._zarr_array()[a:b]
+            return out
+        if out is None:
+            out = np.empty(max(0, b - a), dtype=self.dtype)
         if b <= a:
             return out
         from numcodecs import blosc

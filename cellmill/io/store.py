@@ -427,15 +427,21 @@ class Store:
 
     # -- reading counts
     def read_rows(self, start: int, stop: int, genes: np.ndarray | None = None,
-                  indptr: np.ndarray | None = None) -> sp.csr_matrix:
-        """Cells start:stop as CSR (counts); optionally only the given gene columns."""
+                  indptr: np.ndarray | None = None, buffers=None) -> sp.csr_matrix:
+        """Cells start:stop as CSR (counts); optionally only the given gene columns.
+        `buffers`: an object with `.get(name, n, dtype)` giving reusable arrays for the data
+        and indices (the result then lives in them until the next read with the same ones)."""
         if indptr is None:
             ip = self._ranged("X", "indptr")[start: stop + 1]
         else:
             ip = indptr[start: stop + 1]
         a, b = int(ip[0]), int(ip[-1])
-        data = self._ranged("X", "data")[a:b]
-        indices = self._ranged("X", "indices")[a:b]
+        rd, ri = self._ranged("X", "data"), self._ranged("X", "indices")
+        if buffers is None or not rd.direct or not ri.direct:
+            data, indices = rd[a:b], ri[a:b]
+        else:
+            data = rd.read(slice(a, b), buffers.get("data", b - a, rd.dtype))
+            indices = ri.read(slice(a, b), buffers.get("indices", b - a, ri.dtype))
         m = sp.csr_matrix((data, indices, ip - a), shape=(stop - start, self.n_genes))
         if genes is not None:
             m = m[:, genes]

@@ -20,11 +20,63 @@ import numba
 import numpy as np
 
 LUT = 32  # per row, y and expm1(y) of counts 1..LUT-1 are memoised (most counts are small)
+EAGER_ROW = 8 * LUT  # rows with this many stored values get the whole table up front
 
 # columns of the slot values and of the accumulators; COUNTS: the raw counts' sum (the
 # pseudobulk; exact in float64 below 2^53)
 SUM, SUM_EXPM1, NNZ, M2, COUNTS = 0, 1, 2, 3, 4
+PACK_BITS = 20  # a slot holds < 2^20 cells, and its counts' sums stay < 2^43
+PACK_MASK = (1 << PACK_BITS) - 1
 N_VALS = 5
+
+
+@numba.njit(nogil=True, cache=True)
+def _add(acc, cnt, inv, g, y, e, x):
+    """One nonzero value into its gene's running sums (acc: sum y, sum expm1(y), m2, counts;
+    cnt: the nonzeros so far)."""
+    nb = cnt[g]
+    sm = acc[g, 0]
+    # no branch on the first value: with nb = 0 the update adds exactly 0 (inv[0] = 0)
+    d = y - sm * inv[nb]
+    acc[g, 2] += d * d * (nb * inv[nb + 1])
+    cnt[g] = nb + 1
+    acc[g, 0] = sm + y
+    acc[g, 1] += e
+    acc[g, 3] += x
+
+
+@numba.njit(nogil=True, cache=True)
+def _emit(acc, acc_i, s, base, nt, genes, vals, slot_nz, start, rows, indptr, indices, n_genes):
+    """Slot s's partials (its touched genes from position `base` on), with acc and cnt
+    cleared for the next slot. Returns the new end of the entries."""
+    # the touched genes in gene order (the fold then walks each group's planes forward,
+    # not at random): found by a scan of all genes, or for a slot of few values listed
+    # from its rows and sorted
+    if 4 * slot_nz[s] >= n_genes:
+        for g in range(n_genes):
+            if acc_i[g, 3] != 0:
+                genes[nt] = g
+                nt += 1
+    else:
+        for i in range(start[s], start[s + 1]):
+            for k in range(indptr[rows[i]], indptr[rows[i] + 1]):
+                g = indices[k]
+                if acc_i[g, 3] > 0:
+                    acc_i[g, 3] = -acc_i[g, 3]  # listed
+                    genes[nt] = g
+                    nt += 1
+        genes[base:nt].sort()
+    for t in range(base, nt):
+        g = genes[t]
+        vals[t, SUM] = acc[g, 0]
+        vals[t, SUM_EXPM1] = acc[g, 1]
+        packed = abs(acc_i[g, 3])
+        vals[t, NNZ] = packed & PACK_MASK
+        vals[t, M2] = acc[g, 2]
+        vals[t, COUNTS] = packed >> PACK_BITS
+        for q in range(4):
+            acc_i[g, q] = 0
+    return nt
 
 
 @numba.njit(nogil=True, cache=True)
@@ -64,8 +116,12 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
     slot_nz = np.zeros(n_slots, dtype=np.int64)  # stored values of each slot
     for s in range(n_slots):
         nz = 0
+        total = 0.0  # the slot's counts: a bound on any gene's sum of counts in it
         for i in range(start[s], start[s + 1]):
             nz += indptr[rows[i] + 1] - indptr[rows[i]]
+            total += n_counts_of_row[rows[i]]
+        if start[s + 1] - start[s] > PACK_MASK or total >= 2.0 ** (63 - PACK_BITS):
+            raise ValueError("a slot has too many cells or counts for the packed count sums")
         slot_nz[s] = nz
         bound += min(nz, n_genes)
         max_nz = max(max_nz, nz)
@@ -76,8 +132,11 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
     ptr = np.zeros(n_slots + 1, dtype=np.int64)
     genes = np.empty(bound, dtype=np.int32)
     vals = np.empty((bound, N_VALS), dtype=np.float64)
-    acc = np.zeros((n_genes, N_VALS), dtype=np.float64)
-    cnt = np.zeros(n_genes, dtype=np.int64)  # nonzeros of each gene in the slot so far
+    # a gene's running sums share one 32-byte row: sum y, sum expm1(y), m2 (float64) and one
+    # int64 packing its counts' sum (high bits) and nonzero count (low PACK_BITS bits), both
+    # exact; one add updates both (~0.45 ns a nonzero less than a separate count array)
+    acc_i = np.zeros((n_genes, 4), dtype=np.int64)
+    acc = acc_i.view(np.float64)
     lut_y = np.empty(LUT, dtype=np.float64)
     lut_e = np.empty(LUT, dtype=np.float64)
     nt = 0
@@ -86,7 +145,12 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
         for i in range(start[s], start[s + 1]):
             r = rows[i]
             nc = n_counts_of_row[r]
-            lut_y[:] = -1.0
+            if indptr[r + 1] - indptr[r] >= EAGER_ROW:
+                for x in range(1, LUT):  # a long row meets most small counts
+                    lut_y[x] = math.log1p(x / nc * scale)
+                    lut_e[x] = math.expm1(lut_y[x])
+            else:
+                lut_y[:] = -1.0  # memoised on first use
             for k in range(indptr[r], indptr[r + 1]):
                 x = data[k]
                 if x <= 0:
@@ -102,39 +166,16 @@ def grouped_block(data, indices, indptr, slot_of_row, n_counts_of_row, scale, n_
                     y = math.log1p(x / nc * scale)
                     e = math.expm1(y)
                 g = indices[k]
-                nb = cnt[g]
-                # no branch on the first value (with the scan below: 10.6 -> ~7 ns a
-                # nonzero): with nb = 0 the update adds exactly 0 (inv[0] = 0)
-                d = y - acc[g, SUM] * inv[nb]
-                acc[g, M2] += d * d * (nb * inv[nb + 1])
-                cnt[g] = nb + 1
-                acc[g, SUM] += y
-                acc[g, SUM_EXPM1] += e
-                acc[g, COUNTS] += x
-        # the touched genes in gene order (the fold then walks each group's planes forward,
-        # not at random): found by a scan of all genes, or for a slot of few values listed
-        # from its rows and sorted
-        if 4 * slot_nz[s] >= n_genes:
-            for g in range(n_genes):
-                if cnt[g] != 0:
-                    genes[nt] = g
-                    nt += 1
-        else:
-            for i in range(start[s], start[s + 1]):
-                for k in range(indptr[rows[i]], indptr[rows[i] + 1]):
-                    g = indices[k]
-                    if cnt[g] > 0:
-                        cnt[g] = -cnt[g]  # listed
-                        genes[nt] = g
-                        nt += 1
-            genes[base:nt].sort()
-        for t in range(base, nt):
-            g = genes[t]
-            acc[g, NNZ] = abs(cnt[g])
-            cnt[g] = 0
-            for q in range(N_VALS):
-                vals[t, q] = acc[g, q]
-                acc[g, q] = 0.0
+                packed = acc_i[g, 3]
+                nb = packed & PACK_MASK
+                sm = acc[g, 0]
+                d = y - sm * inv[nb]
+                acc[g, 2] += d * d * (nb * inv[nb + 1])
+                acc_i[g, 3] = packed + ((np.int64(x) << PACK_BITS) | 1)
+                acc[g, 0] = sm + y
+                acc[g, 1] += e
+        nt = _emit(acc, acc_i, s, base, nt, genes, vals, slot_nz, start, rows, indptr, indices,
+                   n_genes)
         ptr[s + 1] = nt
     return n, ptr, genes[:nt], vals[:nt]
 

@@ -18,12 +18,12 @@ The grouped statistics are an xarray Dataset stored at uns/grouped_stats (read i
                             the groups of a sample x cluster)
 Any contrast pools groups (statistics/welch.py: `contrast(ds, case={...}, control={...})`).
 
-Determinism: each block returns moments per (granule of 1024 cells, group) slot; the slots are
-folded with Chan's formula (over the nonzeros; the zeros join at the end, see
+Determinism: each block returns moments per (granule of SLOT_CELLS = 4,096 cells, group) slot;
+the slots are folded with Chan's formula (over the nonzeros; the zeros join at the end, see
 kernels/grouped.py) strictly in (granule, group) order, so the result does not depend on block
-size, worker count or scheduler. Blocks are computed in windows (a few per worker) and
-folded as they arrive (`ordered_stream`), so memory is a window of block partials plus the
-accumulators.
+size, worker count or scheduler. Blocks are whole granules, a few in flight (as many as a
+quarter of the memory budget holds, at least one a worker and one being folded), folded as
+they arrive (`ordered_stream`): memory is those blocks plus the accumulators.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import pandas as pd
 
 from cellmill.config import ConfigError
 from cellmill.engine.schedulers import ordered_stream
-from cellmill.io.heap import release_heap
+from cellmill.io.buffers import ThreadBuffers
+from cellmill.io.heap import trim_heap
 from cellmill.io.store import GRANULE, Store
 from cellmill.kernels import grouped as kern
 
@@ -44,6 +45,10 @@ log = logging.getLogger("cellmill")
 
 GROUPED_STATS = "grouped_stats"
 WINDOW_PER_WORKER = 4
+# cells of a slot's granule: the unit of the fold's order. The kernel's cost per nonzero
+# falls as a slot gains rows (each slot ends with a scan of the genes and writes a partial per
+# touched gene): at 196k cells ~6.6 ns a nonzero with 1,024, ~4.2 with 4,096
+SLOT_CELLS = 4 * GRANULE
 TARGET_COLUMNS = ["gene", "cluster", "timepoint", "contrast", "mean_case", "mean_control",
                   "n_case", "n_control", "t", "df", "p_value", "p_adj_bh", "alternative",
                   "reason", "p_value_pseudobulk", "n_samples_case", "n_samples_control",
@@ -99,11 +104,13 @@ def group_codes(obs: pd.DataFrame, columns: list[str], mask: np.ndarray | None =
 # ------------------------------------------------------------------------------- the pass
 
 def _stats_task(store: Store, start: int, stop: int, codes: np.ndarray, n_counts: np.ndarray,
-                scale: float, n_groups: int):
-    """One block: moments per (granule, group) slot, slots ordered by (granule, group)."""
-    m = store.read_rows(start, stop)
+                scale: float, n_groups: int, granule: int, buffers: ThreadBuffers | None):
+    """One block: moments per (granule, group) slot, slots ordered by (granule, group). The
+    counts are read into this thread's `buffers` (when given): the result holds none of
+    them."""
+    m = store.read_rows(start, stop, buffers=buffers)
     rows = np.flatnonzero(codes >= 0)
-    key = (rows // GRANULE) * n_groups + codes[rows]
+    key = (rows // granule) * n_groups + codes[rows]
     slots, inverse = np.unique(key, return_inverse=True)
     slot_of_row = np.full(stop - start, -1, dtype=np.int64)
     slot_of_row[rows] = inverse.ravel()
@@ -112,31 +119,35 @@ def _stats_task(store: Store, start: int, stop: int, codes: np.ndarray, n_counts
     return (slots % n_groups,) + parts
 
 
-def _plan_blocks(store: Store, codes: np.ndarray, n_groups: int, memory_bytes: int,
-                 window: int) -> int:
-    """Cells per block so that a window of blocks (data + slot partials) fits a quarter of the
-    memory budget."""
-    n_cells = store.n_cells
-    if n_cells == 0:
-        return GRANULE
+def _plan_window(store: Store, codes: np.ndarray, n_groups: int, block_cells: int,
+                 workers: int, memory_bytes: int) -> int:
+    """Blocks in flight: one a worker (its counts in the worker's buffers, 8 bytes a value)
+    plus as many slot partials (a gene and 5 float64 an entry, at most min(values, slots x
+    genes) a block) as fit in a quarter of the memory budget; at least one more than the
+    workers (one being folded), at most WINDOW_PER_WORKER a worker."""
+    nnz_block = block_cells * store.nnz / max(store.n_cells, 1)
     cells = np.flatnonzero(codes >= 0)
-    per_granule_slots = 1
+    slots = 1
     if len(cells):
-        pairs = np.unique((cells // GRANULE) * max(n_groups, 1) + codes[cells])
-        per_granule_slots = int(np.bincount(pairs // max(n_groups, 1)).max())
-    nnz = GRANULE * store.nnz / n_cells
-    # slot entries (gene + 4 float64) for at most every gene of every slot; data and indices
-    per_granule = min(nnz, per_granule_slots * store.n_genes) * 36 + nnz * 8
-    granules = int(memory_bytes / 4 / (window * per_granule))
-    return GRANULE * max(1, min(16, granules))
+        per_block = np.unique((cells // block_cells) * max(n_groups, 1) + codes[cells])
+        slots = int(np.bincount(per_block // max(n_groups, 1)).max())
+    per_result = 44 * min(nnz_block, slots * store.n_genes)
+    left = memory_bytes / 4 - workers * 10 * nnz_block
+    fits = int(left / max(per_result, 1.0))
+    return max(workers + 1, min(WINDOW_PER_WORKER * workers, fits))
 
 
 def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1e4,
                        mask: np.ndarray | None = None, memory_bytes: int = 2 * 10**9,
                        scheduler=None, progress: bool = False,
-                       block_cells: int | None = None):
+                       block_cells: int | None = None, granule: int = SLOT_CELLS):
     """Grouped moments of y = log1p(x / n_counts * scale_factor) for every group of `columns`
-    (among the `mask`ed cells; default all) and every gene, as an xarray Dataset."""
+    (among the `mask`ed cells; default all) and every gene, as an xarray Dataset.
+
+    `granule` (a multiple of the store's GRANULE) fixes the slots, and with them every bit
+    of the result; blocks are whole granules (block_cells is rounded up to one)."""
+    if granule <= 0 or granule % GRANULE:
+        raise ValueError(f"granule {granule} is not a positive multiple of {GRANULE}")
     import xarray as xr
 
     from cellmill.io.progress import bar
@@ -149,32 +160,40 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
     obs = pd.DataFrame({c: store.obs_column(c) for c in columns}, index=range(store.n_cells))
     codes, coords = group_codes(obs, list(columns), mask)
     del obs
-    release_heap()  # group_codes' temporaries, before the planes
+    trim_heap(32 << 20)  # group_codes' temporaries (~160 MB at 1M cells), before the planes
     n_groups, n_genes = len(coords), store.n_genes
     n_counts = np.asarray(store.obs_column("n_counts"), dtype=np.float64)
     workers = scheduler[1] if isinstance(scheduler, tuple) else 2
-    # blocks in flight per worker: 196k cells took 4.1-4.2 s with 2, 4 or 8 (the results are
-    # folded as they arrive); 8 held ~55 MB more than 4
-    window = WINDOW_PER_WORKER * max(1, workers)
-    if block_cells is None:
-        block_cells = _plan_blocks(store, codes, n_groups, memory_bytes, window)
+    block_cells = granule * max(1, -(-int(block_cells or granule) // granule))
+    window = _plan_window(store, codes, n_groups, block_cells, max(1, workers), memory_bytes)
     ranges = store.block_ranges(block_cells)
 
     acc_n = np.zeros(n_groups, dtype=np.float64)
     # one plane per quantity (not one (groups, genes, 5) array): each becomes a Dataset
     # variable without a copy, and a caller can drop the ones it no longer needs
-    planes = [np.zeros((n_groups, n_genes), dtype=np.float64) for _ in range(kern.N_VALS)]
+    # (made once the first blocks are under way: ~50 ms at 196k cells off the pass's wall)
+    planes = None
     pbar = bar(total=len(ranges), desc="grouped statistics", enabled=progress)
-    args = ((store, a, b, codes[a:b], n_counts[a:b], scale_factor, n_groups) for a, b in ranges)
+    # a worker thread's block arrays are reused (threads only: a cluster's workers would keep
+    # theirs after the pass)
+    buffers = ThreadBuffers() if isinstance(scheduler, tuple) or scheduler is None else None
+    args = ((store, a, b, codes[a:b], n_counts[a:b], scale_factor, n_groups, granule, buffers)
+            for a, b in ranges)
     try:
         for group_of_slot, n, ptr, genes, vals in ordered_stream(_stats_task, args, scheduler,
                                                                  window):
+            if planes is None:
+                planes = [_zeroed((n_groups, n_genes)) for _ in range(kern.N_VALS)]
             kern.fold_slots(acc_n, *planes, n, ptr, genes, vals,
                             group_of_slot.astype(np.int64))
             pbar.update(1)
     finally:
         pbar.close()
+        if buffers is not None:
+            buffers.clear()
 
+    if planes is None:  # no blocks (no cells)
+        planes = [_zeroed((n_groups, n_genes)) for _ in range(kern.N_VALS)]
     s_y, s_e, s_nz, s_m2, s_x = planes
     del planes
     kern.finish_m2(acc_n, s_y, s_nz, s_m2)
@@ -192,6 +211,15 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
                "value": "y = log1p(x / n_counts * scale_factor)",
                "cells": "QC-passed" if mask is not None else "all"})
     return ds
+
+
+def _zeroed(shape) -> np.ndarray:
+    """np.zeros, with its pages touched now by one fill: numpy asks for huge pages on a large
+    np.empty, while np.zeros' calloc pages fault one 4 KB page at a time inside the fold (a few
+    us each on a VM: ~0.2 s for 285 MB of planes)."""
+    a = np.empty(shape, dtype=np.float64)
+    a.fill(0.0)
+    return a
 
 
 def _as_int64(plane: np.ndarray) -> np.ndarray:
