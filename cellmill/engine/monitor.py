@@ -43,6 +43,16 @@ def release_free_memory() -> None:
 M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its child processes that have ended (ingest's
+    decoding processes are joined when it ends): process_time alone leaves them out."""
+    import resource
+    import time
+
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + c.ru_utime + c.ru_stime
+
+
 def limit_malloc_arenas(workers: int) -> None:
     """At most max(2, workers) glibc malloc arenas. By default every thread that meets a
     busy arena gets its own (up to 8 a core), and each keeps the memory freed in it: the

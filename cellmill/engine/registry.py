@@ -310,7 +310,12 @@ def _open_store(ctx: Context):
 
 def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
     """Run the workflow up to `until`, skipping stages whose record matches."""
-    from cellmill.engine.monitor import PeakMemory, limit_malloc_arenas, release_free_memory
+    from cellmill.engine.monitor import (
+        PeakMemory,
+        cpu_seconds,
+        limit_malloc_arenas,
+        release_free_memory,
+    )
     from cellmill.io import faults
     from cellmill.io.store import Store
 
@@ -355,7 +360,7 @@ def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
         faults.stage_started(name)
         before = _output_files(ctx.outdir)
         release_free_memory()  # what the stages before left freed is not this stage's
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = time.perf_counter(), cpu_seconds()  # children: ingest's decoders
         try:
             with PeakMemory() as mem:
                 info = st.func(ctx)
@@ -370,7 +375,7 @@ def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
             ctx.store = Store(ctx.store_path)
         cells = _cells(ctx, name)
         rec = {**new, "seconds": round(seconds, 3),
-               "cpu_seconds": round(time.process_time() - c0, 3),
+               "cpu_seconds": round(cpu_seconds() - c0, 3),
                "peak_rss_mb": round(mem.peak / 2**20, 1), "finished": time.time(),
                "cells": cells, "outdir": str(ctx.outdir.resolve()), "outputs": outputs}
         if isinstance(info, dict):  # what the stage says it did (e.g. neighbors: the kNN search)
