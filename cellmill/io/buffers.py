@@ -12,6 +12,8 @@ import threading
 
 import numpy as np
 
+from cellmill.io.heap import prefaulted_zeros
+
 
 class ThreadBuffers:
     def __init__(self):
@@ -24,7 +26,7 @@ class ThreadBuffers:
         a = self._arrays.get(key)
         if a is None or a.dtype != np.dtype(dtype) or len(a) < n:
             size = max(n, 0 if a is None else len(a) + len(a) // 4)
-            a = np.empty(size, dtype=dtype)
+            a = prefaulted_zeros(size, dtype)  # no page faults (nor THP compaction) later
             with self._lock:
                 self._arrays[key] = a
         return a[:n]

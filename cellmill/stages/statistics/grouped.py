@@ -37,7 +37,7 @@ import pandas as pd
 from cellmill.config import ConfigError
 from cellmill.engine.schedulers import ordered_stream
 from cellmill.io.buffers import ThreadBuffers
-from cellmill.io.heap import trim_heap
+from cellmill.io.heap import prefaulted_zeros, trim_heap
 from cellmill.io.store import GRANULE, Store
 from cellmill.kernels import grouped as kern
 
@@ -183,7 +183,7 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
         for group_of_slot, n, ptr, genes, vals in ordered_stream(_stats_task, args, scheduler,
                                                                  window):
             if planes is None:
-                planes = [_zeroed((n_groups, n_genes)) for _ in range(kern.N_VALS)]
+                planes = [prefaulted_zeros((n_groups, n_genes)) for _ in range(kern.N_VALS)]
             kern.fold_slots(acc_n, *planes, n, ptr, genes, vals,
                             group_of_slot.astype(np.int64))
             pbar.update(1)
@@ -193,7 +193,7 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
             buffers.clear()
 
     if planes is None:  # no blocks (no cells)
-        planes = [_zeroed((n_groups, n_genes)) for _ in range(kern.N_VALS)]
+        planes = [prefaulted_zeros((n_groups, n_genes)) for _ in range(kern.N_VALS)]
     s_y, s_e, s_nz, s_m2, s_x = planes
     del planes
     kern.finish_m2(acc_n, s_y, s_nz, s_m2)
@@ -211,15 +211,6 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
                "value": "y = log1p(x / n_counts * scale_factor)",
                "cells": "QC-passed" if mask is not None else "all"})
     return ds
-
-
-def _zeroed(shape) -> np.ndarray:
-    """np.zeros, with its pages touched now by one fill: numpy asks for huge pages on a large
-    np.empty, while np.zeros' calloc pages fault one 4 KB page at a time inside the fold (a few
-    us each on a VM: ~0.2 s for 285 MB of planes)."""
-    a = np.empty(shape, dtype=np.float64)
-    a.fill(0.0)
-    return a
 
 
 def _as_int64(plane: np.ndarray) -> np.ndarray:
