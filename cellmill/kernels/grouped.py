@@ -31,23 +31,8 @@ N_VALS = 5
 
 
 @numba.njit(nogil=True, cache=True)
-def _add(acc, cnt, inv, g, y, e, x):
-    """One nonzero value into its gene's running sums (acc: sum y, sum expm1(y), m2, counts;
-    cnt: the nonzeros so far)."""
-    nb = cnt[g]
-    sm = acc[g, 0]
-    # no branch on the first value: with nb = 0 the update adds exactly 0 (inv[0] = 0)
-    d = y - sm * inv[nb]
-    acc[g, 2] += d * d * (nb * inv[nb + 1])
-    cnt[g] = nb + 1
-    acc[g, 0] = sm + y
-    acc[g, 1] += e
-    acc[g, 3] += x
-
-
-@numba.njit(nogil=True, cache=True)
 def _emit(acc, acc_i, s, base, nt, genes, vals, slot_nz, start, rows, indptr, indices, n_genes):
-    """Slot s's partials (its touched genes from position `base` on), with acc and cnt
+    """Slot s's partials (its touched genes from position `base` on), with their rows of acc
     cleared for the next slot. Returns the new end of the entries."""
     # the touched genes in gene order (the fold then walks each group's planes forward,
     # not at random): found by a scan of all genes, or for a slot of few values listed
