@@ -38,6 +38,13 @@ def _study(tmp_path, sizes=(700, 1500, 300), n_genes=60, shuffle_genes=False):
     return tmp_path / "manifest.csv", mats
 
 
+def _quiet_ingest(manifest, out, **kw):
+    """ingest(), its warnings (samples of few cells, ...) silenced: not what these tests check."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ingest(manifest, out, **kw)
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_manifest_round_trip(tmp_path, shuffle):
     manifest, mats = _study(tmp_path, shuffle_genes=shuffle)
@@ -67,9 +74,7 @@ def test_manifest_round_trip(tmp_path, shuffle):
 
 def test_blocks_and_masks(tmp_path):
     manifest, mats = _study(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store = ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
+    store = _quiet_ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
     _, expected = dense_union(mats)
     assert list(store.blocks) == [0, 1024, 2048, 2500]
     # blocks concatenate to the matrix, with a mask and a gene subset
@@ -93,9 +98,7 @@ def test_reads_into_reused_buffers(tmp_path):
     from cellmill.io.buffers import ThreadBuffers
 
     manifest, mats = _study(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store = ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
+    store = _quiet_ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
     _, expected = dense_union(mats)
     buf = ThreadBuffers()
     first = store.read_rows(0, 1024, buffers=buf)
@@ -121,9 +124,7 @@ def test_reads_into_reused_buffers(tmp_path):
 def test_block_read_touches_only_its_chunks(tmp_path):
     """Reading block b decodes only the X chunks overlapping its nonzero range."""
     manifest, _ = _study(tmp_path, sizes=(3000, 3000, 3000), n_genes=200)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store = ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
+    store = _quiet_ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
     chunk = store.root["X"]["data"].chunks[0]
     ip = store.indptr
     b = store.blocks
@@ -198,9 +199,7 @@ def test_store_pickles_by_path(tmp_path):
     import pickle
 
     manifest, _ = _study(tmp_path, sizes=(50, 60, 70))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store = ingest(manifest, tmp_path / "s.zarr")
+    store = _quiet_ingest(manifest, tmp_path / "s.zarr")
     clone = pickle.loads(pickle.dumps(store))
     assert isinstance(clone, Store) and clone.shape == store.shape
     assert len(pickle.dumps(store)) < 500
@@ -209,9 +208,7 @@ def test_store_pickles_by_path(tmp_path):
 def test_obs_columns_read_and_written_one_by_one(tmp_path):
     """obs_column / update_obs touch one column; anndata sees the same frame as a full rewrite."""
     manifest, _ = _study(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store = ingest(manifest, tmp_path / "s.zarr")
+    store = _quiet_ingest(manifest, tmp_path / "s.zarr")
     full = store.obs()
     assert store.obs_columns() == list(full.columns)
     assert (store.obs_names() == full.index).all()
@@ -263,9 +260,7 @@ def test_qc_table_written_in_pieces(tmp_path, monkeypatch):
     from cellmill.engine.registry import Context
 
     manifest, _ = _study(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store = ingest(manifest, tmp_path / "s.zarr")
+    store = _quiet_ingest(manifest, tmp_path / "s.zarr")
     monkeypatch.setattr(tables, "QC_ROWS", 7)
     cfg = Config()
     cfg.qc.min_features, cfg.qc.max_features = 10, 40
@@ -287,9 +282,7 @@ def test_cell_table_of_some_cells_written_in_pieces(tmp_path, monkeypatch):
     import cellmill.engine.tables as tables
 
     manifest, _ = _study(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store = ingest(manifest, tmp_path / "s.zarr")
+    store = _quiet_ingest(manifest, tmp_path / "s.zarr")
     monkeypatch.setattr(tables, "QC_ROWS", 7)
     rng = np.random.default_rng(4)
     cells = np.flatnonzero(rng.random(store.n_cells) < 0.3)
@@ -311,9 +304,7 @@ def test_obs_strings_written_in_chunks(tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer, "STRING_CHUNK", 7)
     manifest, mats = _study(tmp_path, sizes=(20, 33, 5))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store = ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
+    store = _quiet_ingest(manifest, tmp_path / "study.zarr", block_cells=GRANULE)
     ad = anndata.read_zarr(store.path)
     names = [f"{s}_{b}" for s, (_, bc, _) in mats.items() for b in bc]
     assert list(ad.obs_names) == names

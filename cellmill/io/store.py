@@ -437,7 +437,7 @@ class Store:
             ip = indptr[start: stop + 1]
         a, b = int(ip[0]), int(ip[-1])
         rd, ri = self._ranged("X", "data"), self._ranged("X", "indices")
-        if buffers is None or not rd.direct or not ri.direct:
+        if buffers is None:
             data, indices = rd[a:b], ri[a:b]
         else:
             data = rd.read(slice(a, b), buffers.get("data", b - a, rd.dtype))

@@ -294,8 +294,7 @@ def _write_str_column(group, name: str, pieces, n: int) -> None:
     _write_strings(sub, "values", pieces, n)
     mask = sub.create_array("mask", shape=(n,), dtype=bool, chunks=(min(STRING_CHUNK, n),),
                             fill_value=False)
-    for a in range(0, n, STRING_CHUNK):
-        mask[a: a + STRING_CHUNK] = False  # written, not left to the fill value, as anndata
+    mask[:] = np.zeros(n, dtype=bool)  # written (a byte a cell), not left to the fill value
     mask.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
     sub.attrs.update({"encoding-type": "nullable-string-array", "encoding-version": "0.1.0",
                       "na-value": "NaN"})

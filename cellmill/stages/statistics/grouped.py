@@ -121,10 +121,11 @@ def _stats_task(store: Store, start: int, stop: int, codes: np.ndarray, n_counts
 
 def _plan_window(store: Store, codes: np.ndarray, n_groups: int, block_cells: int,
                  workers: int, memory_bytes: int) -> int:
-    """Blocks in flight: one a worker (its counts in the worker's buffers, 8 bytes a value)
-    plus as many slot partials (a gene and 5 float64 an entry, at most min(values, slots x
-    genes) a block) as fit in a quarter of the memory budget; at least one more than the
-    workers (one being folded), at most WINDOW_PER_WORKER a worker."""
+    """Blocks in flight: one a worker (its counts in the worker's buffers: 8 bytes a value, up
+    to 10 as the buffers grow by a quarter) plus as many slot partials (a gene and 5 float64 an
+    entry, at most min(values, slots x genes) a block) as fit in a quarter of the memory budget;
+    at least one more than the workers (one being folded), at most WINDOW_PER_WORKER a
+    worker."""
     nnz_block = block_cells * store.nnz / max(store.n_cells, 1)
     cells = np.flatnonzero(codes >= 0)
     slots = 1
@@ -173,6 +174,10 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
     # variable without a copy, and a caller can drop the ones it no longer needs
     # (made once the first blocks are under way: ~50 ms at 196k cells off the pass's wall)
     planes = None
+
+    def new_planes():
+        return [prefaulted_zeros((n_groups, n_genes)) for _ in range(kern.N_VALS)]
+
     pbar = bar(total=len(ranges), desc="grouped statistics", enabled=progress)
     # a worker thread's block arrays are reused (threads only: a cluster's workers would keep
     # theirs after the pass)
@@ -183,7 +188,7 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
         for group_of_slot, n, ptr, genes, vals in ordered_stream(_stats_task, args, scheduler,
                                                                  window):
             if planes is None:
-                planes = [prefaulted_zeros((n_groups, n_genes)) for _ in range(kern.N_VALS)]
+                planes = new_planes()
             kern.fold_slots(acc_n, *planes, n, ptr, genes, vals,
                             group_of_slot.astype(np.int64))
             pbar.update(1)
@@ -193,7 +198,7 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
             buffers.clear()
 
     if planes is None:  # no blocks (no cells)
-        planes = [prefaulted_zeros((n_groups, n_genes)) for _ in range(kern.N_VALS)]
+        planes = new_planes()
     s_y, s_e, s_nz, s_m2, s_x = planes
     del planes
     kern.finish_m2(acc_n, s_y, s_nz, s_m2)
