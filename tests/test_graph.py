@@ -407,6 +407,37 @@ def test_snn_written_as_made_equals_the_graph(tmp_path, monkeypatch):
                                   all_cells(knn, cells, 800, -1, lookup=cells.astype(np.int64)))
 
 
+def test_neighbors_stage_spills_distances_and_matches_brute_force(tmp_path, monkeypatch):
+    """The exact search's distances go through scratch files (blocks of 64 cells here, so
+    many) and come back as the stage's obsm arrays: brute force's lists and distances for the
+    QC-passed cells, -1 / NaN for the others, and no scratch left behind."""
+    from make_10x import barcodes, random_counts, write_10x_v3
+
+    from cellmill.stages import neighbors
+
+    write_10x_v3(tmp_path / "a.h5", random_counts(700, 30, seed=2), barcodes(700, seed=2),
+                 [f"G{i}" for i in range(30)])
+    store = ingest(tmp_path / "a.h5", tmp_path / "s.zarr")
+    qc = np.random.default_rng(4).random(700) < 0.8
+    qc[:70] = False  # a whole first block without a passed cell
+    cells = np.flatnonzero(qc)
+    x = np.full((700, 15), np.nan)
+    x[qc] = mixture(len(cells), seed=6)
+    store.update_obs(qc_pass=qc)
+    store.write_array("obsm", "X_pca", x)
+    monkeypatch.setattr(neighbors, "SPILL_BLOCK", 64)
+    cfg = Config()
+    cfg.neighbors.method = "exact"
+    run_neighbors(Context(cfg=cfg, outdir=tmp_path / "out", store=store, progress=False))
+    idx, dist = brute_knn(x[qc], 20)
+    got_i = store.read_array("obsm", "knn_index")
+    got_d = store.read_array("obsm", "knn_distance")
+    np.testing.assert_array_equal(got_i[qc], cells[idx])
+    np.testing.assert_allclose(got_d[qc], dist, rtol=1e-12, atol=1e-12)
+    assert (got_i[~qc] == -1).all() and np.isnan(got_d[~qc]).all()
+    assert not list(tmp_path.glob("*scratch*"))
+
+
 def test_streamed_leiden_stage_on_pbmc(pbmc_store, ref):
     # the default backend, graph read from the store block by block: Seurat's clusters again
     store, qc, d = pbmc_store

@@ -315,3 +315,16 @@ def test_pow_many_is_x_to_the_b_rounded_to_float32():
         ulps = np.abs(got.view(np.int32).astype(np.int64) - want.view(np.int32))
         assert ulps.max() <= 1, (b, x[np.argmax(ulps)])
         assert (ulps == 0).mean() >= 0.99
+
+
+def test_unit_rows_transposed_in_blocks_equals_unit_rows():
+    from cellmill.stages.umap.in_memory import unit_rows, unit_rows_t
+
+    x = np.random.default_rng(5).normal(size=(53, 15)) * 3.0
+    x[[0, 17]] = 0.0  # zero rows stay zero
+    got = unit_rows_t(x, rows=7)
+    assert got.flags.c_contiguous and got.shape == (15, 53)
+    np.testing.assert_array_equal(got, unit_rows(x).T)
+    norms = np.linalg.norm(got, axis=0)
+    np.testing.assert_allclose(norms[norms > 0], 1.0, rtol=1e-15)
+    assert (got[:, [0, 17]] == 0).all()

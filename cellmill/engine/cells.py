@@ -8,24 +8,32 @@ import logging
 import numpy as np
 
 log = logging.getLogger("cellmill")
-def obsm_rows(store, name: str, cells: np.ndarray, n_cols: int) -> np.ndarray:
+def obsm_rows(store, name: str, cells: np.ndarray, n_cols: int,
+              transposed: bool = False) -> np.ndarray:
     """Rows `cells` (ascending) and the first n_cols columns of obsm/name, read one storage
-    chunk at a time: the whole n_cells x 50 float64 X_pca is never in memory."""
+    chunk at a time: the whole n_cells x 50 float64 X_pca is never in memory. `transposed`:
+    returned as n_cols x len(cells), C-contiguous."""
     arr = store.root["obsm"][name]
     n, n_cols = arr.shape[0], min(n_cols, arr.shape[1])
-    out = np.empty((len(cells), n_cols), dtype=arr.dtype)
+    out = np.empty((n_cols, len(cells)) if transposed else (len(cells), n_cols),
+                   dtype=arr.dtype)
     step = arr.chunks[0]
     for r0 in range(0, n, step):
         a, b = np.searchsorted(cells, [r0, r0 + step])
         if b > a:
-            out[a:b] = arr[r0:min(r0 + step, n), :n_cols][cells[a:b] - r0]
+            part = arr[r0:min(r0 + step, n), :n_cols][cells[a:b] - r0]
+            if transposed:
+                out[:, a:b] = part.T
+            else:
+                out[a:b] = part
     return out
 
 
-def passed_pcs(store, n_pcs: int) -> tuple[np.ndarray, np.ndarray]:
-    """The QC-passed cells and their first n_pcs principal components."""
+def passed_pcs(store, n_pcs: int, transposed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The QC-passed cells and their first n_pcs principal components (transposed: n_pcs x
+    cells)."""
     cells = np.flatnonzero(qc_passed(store))
-    return cells, obsm_rows(store, "X_pca", cells, n_pcs)
+    return cells, obsm_rows(store, "X_pca", cells, n_pcs, transposed)
 
 
 def all_cells(rows: np.ndarray, cells: np.ndarray, n_cells: int, fill,

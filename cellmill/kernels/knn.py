@@ -38,7 +38,8 @@ def screen_slack(ref_t: np.ndarray) -> float:
     (triangle inequality). 5 u M sqrt(d) is returned; inf (no screen) for coordinates
     float32 cannot hold."""
     d = ref_t.shape[0]
-    m = float(np.abs(ref_t).max()) if ref_t.size else 0.0
+    # max |x| without np.abs's copy of the points (120 MB at 1M cells); NaN stays NaN
+    m = float(np.maximum(ref_t.max(), -ref_t.min())) if ref_t.size else 0.0
     if not m < 1e30:
         return np.inf
     return 5.0 * U32 * m * float(np.sqrt(d))
@@ -47,8 +48,14 @@ def screen_slack(ref_t: np.ndarray) -> float:
 def tree_order(points: np.ndarray, leaf: int = LEAF) -> np.ndarray:
     """A permutation putting nearby points together: recursive median splits along the widest
     dimension, at multiples of `leaf`, so every block of `leaf` consecutive points (the last
-    one may be smaller) is one leaf of the tree."""
-    n = points.shape[0]
+    one may be smaller) is one leaf of the tree. `points`: n x d (or its transpose's view,
+    d x n: tree_order(x) == tree_order_t(x.T))."""
+    return tree_order_t(points.T, leaf)
+
+
+def tree_order_t(points_t: np.ndarray, leaf: int = LEAF) -> np.ndarray:
+    """tree_order of points given dimension-major (d x n)."""
+    d, n = points_t.shape
     perm = np.arange(n, dtype=np.int64)
     stack = [(0, n)]
     while stack:
@@ -56,12 +63,12 @@ def tree_order(points: np.ndarray, leaf: int = LEAF) -> np.ndarray:
         if b - a <= leaf:
             continue
         rows = perm[a:b]
-        # one column at a time: a copy of the whole segment would double the points' memory
-        spread = [np.ptp(points[rows, j]) for j in range(points.shape[1])]
+        # one dimension at a time: a copy of the whole segment would double the points' memory
+        spread = [np.ptp(points_t[j, rows]) for j in range(d)]
         dim = int(np.argmax(spread))
         n_leaves = -(-(b - a) // leaf)
         mid = leaf * ((n_leaves + 1) // 2)
-        part = np.argpartition(points[rows, dim], mid, kind="introselect")
+        part = np.argpartition(points_t[dim, rows], mid, kind="introselect")
         perm[a:b] = perm[a:b][part]
         stack.append((a, a + mid))
         stack.append((a + mid, b))

@@ -15,6 +15,7 @@ outputs made and written one at a time, freed heap trimmed between steps.
 from __future__ import annotations
 
 import logging
+import shutil
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,8 +24,15 @@ from cellmill.engine.cells import passed_pcs, write_all_cells
 from cellmill.engine.registry import Context, stage
 from cellmill.engine.schedulers import in_waves
 from cellmill.io.heap import release_heap
+from cellmill.io.scratch import Buckets, scratch_dir
 from cellmill.stages.shared import knn as shared_knn
-from cellmill.stages.shared.knn import approximate_knn, knn_index, knn_method, knn_search
+from cellmill.stages.shared.knn import (
+    approximate_knn,
+    index_dtype,
+    knn_chunks,
+    knn_index,
+    knn_method,
+)
 
 log = logging.getLogger("cellmill")
 # ------------------------------------------------------------------ SNN graph
@@ -145,6 +153,46 @@ def write_snn_graph(store, slot: str, name: str, knn: np.ndarray, prune: float =
     return int(indptr[-1])
 
 
+SPILL_BLOCK = 65536  # cells a block of knn_distance is written in (write_all_cells' default)
+
+
+class _SpilledRows:
+    """The distance lists of the passed cells, spilled to scratch as the search returns them
+    (in tree order) and read back one output block of cells at a time, in order, by
+    write_all_cells: the n x k float64 array (160 MB at 1M cells, k = 20) is never whole in
+    memory, and not beside the search index."""
+
+    def __init__(self, root, cells: np.ndarray, k: int):
+        self.cells, self.shape, self.dtype = cells, (len(cells), k), np.dtype(np.float64)
+        n_out = int(cells[-1]) // SPILL_BLOCK + 1 if len(cells) else 0
+        self.buckets = Buckets(root, "dist", n_out, {"row": (np.int64, 1), "dist": (np.float64, k)})
+
+    def append(self, rows: np.ndarray, dist: np.ndarray) -> None:
+        self.buckets.append(self.cells[rows] // SPILL_BLOCK, row=rows, dist=dist)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        """Rows sl (the passed cells of output block sl's cells: one bucket)."""
+        if sl.stop <= sl.start:
+            return np.empty((0, self.shape[1]))
+        part = self.buckets.read(int(self.cells[sl.start]) // SPILL_BLOCK)
+        out = np.empty((sl.stop - sl.start, self.shape[1]))
+        out[part["row"] - sl.start] = part["dist"]
+        return out
+
+
+def _search_spilled(index, k: int, cells: np.ndarray, root, ctx):
+    """Exact search: (indices in memory, the SNN graph needs them; distances spilled)."""
+    n = index[1].shape[1]
+    idx = np.empty((n, k), dtype=index_dtype(n))
+    dist = _SpilledRows(root, cells, k)
+    for rows, p_idx, p_dist in knn_chunks(index, k, scheduler=ctx.scheduler(),
+                                          progress=ctx.progress):
+        idx[rows] = p_idx
+        dist.append(rows, p_dist)
+    dist.buckets.close()
+    return idx, dist
+
+
 def _neighbors_params(cfg):
     n = cfg.neighbors
     return {"n_pcs": n.n_pcs, "k": n.k, "prune": n.prune, "method": n.method}
@@ -153,24 +201,33 @@ def _neighbors_params(cfg):
 @stage("neighbors", after=("pca",), params=_neighbors_params)
 def run_neighbors(ctx: Context) -> dict:
     cfg, store = ctx.cfg.neighbors, ctx.store
-    cells, pcs = passed_pcs(ctx.store, ctx.cfg.neighbors.n_pcs)
-    k, n_pcs = min(cfg.k, len(cells)), pcs.shape[1]
+    cells, pcs = passed_pcs(ctx.store, ctx.cfg.neighbors.n_pcs, transposed=True)
+    k, n_pcs = min(cfg.k, len(cells)), pcs.shape[0]
     info = {"setting": cfg.method, "exact_up_to": shared_knn.EXACT_UP_TO, "cells": int(len(cells))}
-    if knn_method(cfg.method, len(cells)) == "nndescent":
+    exact = knn_method(cfg.method, len(cells)) == "exact"
+    if not exact:
         del pcs  # read again where needed: no copy held while NN-descent runs
         idx, dist, done = approximate_knn(lambda: passed_pcs(store, n_pcs)[1], k,
                                           scheduler=ctx.scheduler(), progress=ctx.progress)
         info.update(done)
     else:
-        index = knn_index(pcs)
-        del pcs  # the index holds its own copy
-        idx, dist = knn_search(index, k, scheduler=ctx.scheduler(), progress=ctx.progress)
+        pcs = np.ascontiguousarray(pcs, dtype=np.float64)  # (no copy: they are float64)
+        index = knn_index(pcs, transposed=True)  # the PCs become the index's own
+        del pcs
         info["method"] = "exact"
-        del index
-    # one full-size array at a time: each is written and freed before the next is made
-    release_heap()
-    write_all_cells(store, "obsm", "knn_distance", dist, cells, np.nan)
-    del dist
+    root = scratch_dir(store.path, "neighbors")
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    try:
+        if exact:
+            idx, dist = _search_spilled(index, k, cells, root, ctx)
+            del index
+        # one full-size array at a time: each is written and freed before the next is made
+        release_heap()
+        write_all_cells(store, "obsm", "knn_distance", dist, cells, np.nan, block=SPILL_BLOCK)
+        del dist
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     write_all_cells(store, "obsm", "knn_index", idx, cells, -1,
                     lookup=cells.astype(np.int64))
     nnz = write_snn_graph(store, "obsp", "snn", idx, cfg.prune, scheduler=ctx.scheduler(),

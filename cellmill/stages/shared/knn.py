@@ -42,19 +42,29 @@ def exact_knn(points: np.ndarray, k: int, scheduler=None, chunk: int | None = No
     return knn_search(knn_index(points), k, scheduler, chunk, progress)
 
 
-def knn_index(points: np.ndarray):
+def knn_index(points: np.ndarray, transposed: bool = False):
     """The search structure of exact_knn: (tree permutation, points in tree order dimension-
     major, leaf boxes, those points in float32 and the screen's slack). It holds its own copy,
     so the caller may free `points` before the search (the neighbors stage does: one copy of
-    the PCs instead of two)."""
-    from cellmill.kernels.knn import LEAF, block_boxes, screen_slack, tree_order
+    the PCs instead of two). With `transposed`, `points` is d x n float64 C-contiguous and
+    becomes the index's own (permuted in place a dimension at a time): no second copy at all
+    (at 1M cells on 15 PCs, 120 MB less while the index is made)."""
+    from cellmill.kernels.knn import LEAF, block_boxes, screen_slack, tree_order_t
 
-    x = np.asarray(points, dtype=np.float64)
-    perm = tree_order(x, LEAF)
-    ref_t = np.empty((x.shape[1], x.shape[0]))
-    # points in tree order, dimension-major; mode="clip" (perm is in range anyway) because
-    # numpy buffers `out` in a temporary of the same size under the default mode="raise"
-    np.take(x.T, perm, axis=1, out=ref_t, mode="clip")
+    if transposed:
+        ref_t = points
+        if ref_t.dtype != np.float64 or not ref_t.flags.c_contiguous:
+            raise ValueError("knn_index(transposed=True) takes a C-contiguous float64 d x n array")
+        perm = tree_order_t(ref_t, LEAF)
+        for j in range(ref_t.shape[0]):
+            ref_t[j] = ref_t[j, perm]
+    else:
+        x = np.asarray(points, dtype=np.float64)
+        perm = tree_order_t(x.T, LEAF)
+        ref_t = np.empty((x.shape[1], x.shape[0]))
+        # points in tree order, dimension-major; mode="clip" (perm is in range anyway) because
+        # numpy buffers `out` in a temporary of the same size under the default mode="raise"
+        np.take(x.T, perm, axis=1, out=ref_t, mode="clip")
     lo, hi = block_boxes(ref_t, LEAF)
     return perm, ref_t, lo, hi, ref_t.astype(np.float32), screen_slack(ref_t)
 
@@ -117,12 +127,15 @@ def self_first(idx: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 # ------------------------------------------------------------------ approximate search
 
-# "auto" searches exactly up to this many cells and with NN-descent above: from there on, on the
-# 2-core development machine, pynndescent on one thread (~30 s of Numba compiling in every
-# process included) and the recall check take less time than exact search on two threads
-# (benchmarks/bench_knn.py; the table in the README). A size, not a time: the choice must not
-# depend on the worker count (with more cores exact search stays faster for longer)
-EXACT_UP_TO = 500_000
+# "auto" searches exactly up to this many cells and with NN-descent above. Around 1M cells the
+# two take about the same time on the 2-core development machine (benchmarks/bench_knn.py;
+# the table in the README: exact on two threads, pynndescent on one with its ~20 s of Numba
+# compiling in every process, k = 20): at 1M exact is ~20% slower on draws from a Gaussian
+# mixture and ~15% faster on the simulated study's own PCs, and it holds ~40% less memory;
+# past 1M NN-descent pulls ahead (1.5M, mixture: 124 s against ~90). A size, not a time: the
+# choice must not depend on the worker count (with more cores exact search stays faster
+# for longer)
+EXACT_UP_TO = 1_000_000
 RECALL_MIN = 0.98  # recall@k against exact search the approximate lists must reach
 RECALL_SAMPLE = 1000  # query cells of the recall check
 RECALL_SEED = 7  # which cells those are

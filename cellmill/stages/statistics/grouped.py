@@ -103,6 +103,20 @@ def group_codes(obs: pd.DataFrame, columns: list[str], mask: np.ndarray | None =
 
 # ------------------------------------------------------------------------------- the pass
 
+def _groups(store: Store, columns: list[str], mask: np.ndarray | None):
+    """(group code of every cell, -1 outside the mask; the groups' coordinates; n_counts)."""
+    have = store.obs_columns()
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise ConfigError(f"study.group_by: column(s) {', '.join(missing)} not in the cells' "
+                          f"metadata (have: {', '.join(map(str, have))})")
+    obs = pd.DataFrame({c: store.obs_column(c) for c in columns}, index=range(store.n_cells))
+    codes, coords = group_codes(obs, list(columns), mask)
+    del obs
+    trim_heap(32 << 20)  # group_codes' temporaries (~160 MB at 1M cells), before the planes
+    return codes, coords, np.asarray(store.obs_column("n_counts"), dtype=np.float64)
+
+
 def _stats_task(store: Store, start: int, stop: int, codes: np.ndarray, n_counts: np.ndarray,
                 scale: float, n_groups: int, granule: int, buffers: ThreadBuffers | None):
     """One block: moments per (granule, group) slot, slots ordered by (granule, group). The
@@ -117,6 +131,21 @@ def _stats_task(store: Store, start: int, stop: int, codes: np.ndarray, n_counts
     parts = kern.grouped_block(m.data, m.indices, m.indptr.astype(np.int64), slot_of_row,
                                n_counts.astype(np.float64), float(scale), len(slots), m.shape[1])
     return (slots % n_groups,) + parts
+
+
+def _warm_kernels(store: Store, scale: float, granule: int) -> None:
+    """The pass's kernels run once on the store's first granule and thrown away: Numba loads
+    them from its cache on first call (~0.2 s), here on a thread while the groups are made,
+    instead of in the first block's task."""
+    stop = min(GRANULE, store.n_cells)
+    codes = np.zeros(stop, dtype=np.int64)
+    n_counts = np.ones(stop)
+    _, n, ptr, genes, vals = _stats_task(store, 0, stop, codes, n_counts, scale, 1, granule,
+                                         None)
+    planes = [np.zeros((1, store.n_genes)) for _ in range(kern.N_VALS)]
+    acc_n = np.zeros(1)
+    kern.fold_slots(acc_n, *planes, n, ptr, genes, vals, np.zeros(len(n), dtype=np.int64))
+    kern.finish_m2(acc_n, planes[0], planes[2], planes[3])
 
 
 def _plan_window(store: Store, codes: np.ndarray, n_groups: int, block_cells: int,
@@ -141,29 +170,32 @@ def _plan_window(store: Store, codes: np.ndarray, n_groups: int, block_cells: in
 def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1e4,
                        mask: np.ndarray | None = None, memory_bytes: int = 2 * 10**9,
                        scheduler=None, progress: bool = False,
-                       block_cells: int | None = None, granule: int = SLOT_CELLS):
+                       block_cells: int | None = None, granule: int = SLOT_CELLS,
+                       timing: dict | None = None):
     """Grouped moments of y = log1p(x / n_counts * scale_factor) for every group of `columns`
     (among the `mask`ed cells; default all) and every gene, as an xarray Dataset.
 
     `granule` (a multiple of the store's GRANULE) fixes the slots, and with them every bit
-    of the result; blocks are whole granules (block_cells is rounded up to one)."""
+    of the result; blocks are whole granules (block_cells is rounded up to one). `timing`,
+    when given, gets the seconds of the streaming pass itself (the blocks and the fold)."""
     if granule <= 0 or granule % GRANULE:
         raise ValueError(f"granule {granule} is not a positive multiple of {GRANULE}")
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
     import xarray as xr
 
     from cellmill.io.progress import bar
 
-    have = store.obs_columns()
-    missing = [c for c in columns if c not in have]
-    if missing:
-        raise ConfigError(f"study.group_by: column(s) {', '.join(missing)} not in the cells' "
-                          f"metadata (have: {', '.join(map(str, have))})")
-    obs = pd.DataFrame({c: store.obs_column(c) for c in columns}, index=range(store.n_cells))
-    codes, coords = group_codes(obs, list(columns), mask)
-    del obs
-    trim_heap(32 << 20)  # group_codes' temporaries (~160 MB at 1M cells), before the planes
+    with ThreadPoolExecutor(1, thread_name_prefix="cellmill-warm") as pool:
+        warm = pool.submit(_warm_kernels, store, float(scale_factor), granule) \
+            if store.n_cells else None
+        codes, coords, n_counts = _groups(store, columns, mask)
+        if warm is not None:
+            warm.result()
+
+    t0 = time.perf_counter()
     n_groups, n_genes = len(coords), store.n_genes
-    n_counts = np.asarray(store.obs_column("n_counts"), dtype=np.float64)
     workers = scheduler[1] if isinstance(scheduler, tuple) else 2
     block_cells = granule * max(1, -(-int(block_cells or granule) // granule))
     window = _plan_window(store, codes, n_groups, block_cells, max(1, workers), memory_bytes)
@@ -202,6 +234,8 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
     s_y, s_e, s_nz, s_m2, s_x = planes
     del planes
     kern.finish_m2(acc_n, s_y, s_nz, s_m2)
+    if timing is not None:
+        timing["seconds"] = round(time.perf_counter() - t0, 3)
     genes = np.asarray(store.var().index).astype(str)
     dims = ("group", "gene")
     data = {"n": (("group",), acc_n.astype(np.int64)), "sum": (dims, s_y), "m2": (dims, s_m2),

@@ -59,7 +59,7 @@ def _knn_to_buckets(points, k, root: Path, scheduler, progress, method: str = "e
     on unit rows orders as cosine does). Returns (buckets, mean distance); what was done goes
     into `info` when given."""
     from cellmill.stages.shared import knn as shared_knn
-    from cellmill.stages.umap.in_memory import unit_rows
+    from cellmill.stages.umap.in_memory import unit_rows, unit_rows_t
 
     if n is None:  # (the caller may know it: a loader's points are not loaded to count them)
         n = len(load_points(points))
@@ -74,9 +74,8 @@ def _knn_to_buckets(points, k, root: Path, scheduler, progress, method: str = "e
         chunks = ((np.arange(a, min(a + ROWS, n)), all_idx[a:a + ROWS], all_dist[a:a + ROWS])
                   for a in range(0, n, ROWS))
     else:
-        unit = unit_rows(load_points(points))
-        index = shared_knn.knn_index(unit)  # holds its own copy
-        del unit
+        # the unit rows dimension-major become the index's own points (no second copy)
+        index = shared_knn.knn_index(unit_rows_t(load_points(points)), transposed=True)
         info["method"] = "exact"
         chunks = shared_knn.knn_chunks(index, k, scheduler, progress=progress,
                                        desc="umap knn")
