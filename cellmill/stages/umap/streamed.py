@@ -250,6 +250,9 @@ def _batch_rows(graph: DiskGraph) -> int:
     return max(graph.rows, int(BATCH_ENTRIES * graph.n / max(int(graph.indptr[-1]), 1)))
 
 
+LANCZOS_VECTORS = 32  # ARPACK's ncv in the spectral initialisation (in_memory.spectral_vectors)
+
+
 @contextmanager
 def numba_threads(threads: int):
     """Numba's parallel kernels on `threads` threads (at most what Numba started) inside."""
@@ -302,9 +305,10 @@ def umap_streamed(points, n_neighbors: int = 30, min_dist: float = 0.3,
         t2 = time.perf_counter()
         # umap-learn drops weights below max / epochs, compared in float32
         keep_from = float(np.float32(graph.w_max / float(epochs)))
-        # held within half the budget: the kNN search before it peaks higher (1M cells: a
-        # 360 MB graph, while NN-descent took +900 MB)
-        if memory_bytes and graph.hold(memory_bytes // 2):
+        # held when it and the spectral step's Lanczos vectors (LANCZOS_VECTORS of n
+        # float64) fit in half the budget: at 196k cells 75 + 50 MB, held; at 1M 384 + 256
+        # MB, streamed from disk (the page cache), which holds the stage's peak down
+        if memory_bytes and graph.hold(memory_bytes // 2 - LANCZOS_VECTORS * 8 * n):
             log.info("umap: graph held in memory (%.0f MB)", graph.nbytes() / 2**20)
         rs = np.random.RandomState(seed)
         init = spectral_init(graph, keep_from, points, rs, progress, n_workers(scheduler))
