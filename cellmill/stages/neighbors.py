@@ -154,6 +154,11 @@ def write_snn_graph(store, slot: str, name: str, knn: np.ndarray, prune: float =
 
 
 SPILL_BLOCK = 65536  # cells a block of knn_distance is written in (write_all_cells' default)
+SPILL_FILES = 256  # at most this many blocks (two open files each): larger blocks past 16M cells
+
+
+def _spill_block(n_cells: int) -> int:
+    return max(SPILL_BLOCK, -(-n_cells // SPILL_FILES))
 
 
 class _SpilledRows:
@@ -162,29 +167,30 @@ class _SpilledRows:
     write_all_cells: the n x k float64 array (160 MB at 1M cells, k = 20) is never whole in
     memory, and not beside the search index."""
 
-    def __init__(self, root, cells: np.ndarray, k: int):
+    def __init__(self, root, cells: np.ndarray, k: int, block: int):
         self.cells, self.shape, self.dtype = cells, (len(cells), k), np.dtype(np.float64)
-        n_out = int(cells[-1]) // SPILL_BLOCK + 1 if len(cells) else 0
+        self.block = block
+        n_out = int(cells[-1]) // block + 1 if len(cells) else 0
         self.buckets = Buckets(root, "dist", n_out, {"row": (np.int64, 1), "dist": (np.float64, k)})
 
     def append(self, rows: np.ndarray, dist: np.ndarray) -> None:
-        self.buckets.append(self.cells[rows] // SPILL_BLOCK, row=rows, dist=dist)
+        self.buckets.append(self.cells[rows] // self.block, row=rows, dist=dist)
 
     def __getitem__(self, sl: slice) -> np.ndarray:
         """Rows sl (the passed cells of output block sl's cells: one bucket)."""
         if sl.stop <= sl.start:
             return np.empty((0, self.shape[1]))
-        part = self.buckets.read(int(self.cells[sl.start]) // SPILL_BLOCK)
+        part = self.buckets.read(int(self.cells[sl.start]) // self.block)
         out = np.empty((sl.stop - sl.start, self.shape[1]))
         out[part["row"] - sl.start] = part["dist"]
         return out
 
 
-def _search_spilled(index, k: int, cells: np.ndarray, root, ctx):
+def _search_spilled(index, k: int, cells: np.ndarray, root, ctx, block: int):
     """Exact search: (indices in memory, the SNN graph needs them; distances spilled)."""
     n = index[1].shape[1]
     idx = np.empty((n, k), dtype=index_dtype(n))
-    dist = _SpilledRows(root, cells, k)
+    dist = _SpilledRows(root, cells, k, block)
     for rows, p_idx, p_dist in knn_chunks(index, k, scheduler=ctx.scheduler(),
                                           progress=ctx.progress):
         idx[rows] = p_idx
@@ -219,12 +225,13 @@ def run_neighbors(ctx: Context) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
     try:
+        block = _spill_block(store.n_cells)
         if exact:
-            idx, dist = _search_spilled(index, k, cells, root, ctx)
+            idx, dist = _search_spilled(index, k, cells, root, ctx, block)
             del index
         # one full-size array at a time: each is written and freed before the next is made
         release_heap()
-        write_all_cells(store, "obsm", "knn_distance", dist, cells, np.nan, block=SPILL_BLOCK)
+        write_all_cells(store, "obsm", "knn_distance", dist, cells, np.nan, block=block)
         del dist
     finally:
         shutil.rmtree(root, ignore_errors=True)
