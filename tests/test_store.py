@@ -336,3 +336,34 @@ def test_duplicate_cell_names_leave_no_store(tmp_path):
         ingest(tmp_path / "dup.h5", tmp_path / "study.zarr")
     assert not (tmp_path / "study.zarr").exists()
     assert not list(tmp_path.glob(".study.zarr.tmp-*"))
+
+
+def test_appender_writes_zarrs_own_chunks(tmp_path):
+    """Appender compresses and writes the chunk files itself (on threads): the files are
+    byte for byte those zarr writes for the same values, the last one padded as zarr pads it,
+    and the array reads back whole; in a store it does not write itself (memory) zarr does."""
+    import zarr
+
+    from cellmill.io.store import Appender, codec
+
+    g = zarr.open_group(tmp_path / "a.zarr", mode="w")
+    v = np.random.default_rng(0).poisson(2, 100_003).astype(np.int32)
+    a = Appender(g, "direct", np.int32, 4096)
+    assert a._direct is not None
+    for part in np.array_split(v, 37):  # pieces that end mid-chunk
+        a.append(part)
+    a.close()
+    z = g.create_array("zarr", shape=v.shape, dtype=np.int32, chunks=(4096,), compressors=codec())
+    z[:] = v
+    mine = sorted((tmp_path / "a.zarr" / "direct" / "c").iterdir(), key=lambda f: int(f.name))
+    theirs = sorted((tmp_path / "a.zarr" / "zarr" / "c").iterdir(), key=lambda f: int(f.name))
+    assert [f.name for f in mine] == [f.name for f in theirs] and len(mine) == 25
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(mine, theirs, strict=True))
+    back = zarr.open_group(tmp_path / "a.zarr", mode="r")["direct"]
+    assert back.shape == v.shape
+    np.testing.assert_array_equal(back[:], v)
+    m = Appender(zarr.open_group(zarr.storage.MemoryStore(), mode="w"), "x", np.int32, 4096)
+    assert m._direct is None
+    m.append(v)
+    m.close()
+    np.testing.assert_array_equal(m.arr[:], v)

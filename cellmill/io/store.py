@@ -505,7 +505,13 @@ class Store:
 
 
 class Appender:
-    """Append to a 1-d zarr array, writing whole chunks only (no read-modify-write)."""
+    """Append to a 1-d zarr array, writing whole chunks only (no read-modify-write).
+
+    In a local directory store with this package's codec (bytes, little-endian, then Blosc),
+    the chunks are compressed and written as files here, on a few threads, and the array's
+    shape is set once at close(): zarr's own writes took twice the CPU, mostly serial, and
+    resized the array (rewrote its metadata) at every write. The files are zarr's chunks byte
+    for byte (tested); anything else goes through zarr."""
 
     def __init__(self, group: zarr.Group, name: str, dtype, chunk: int):
         self.arr = group.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk,),
@@ -514,6 +520,7 @@ class Appender:
         self.buf: list[np.ndarray] = []
         self.buffered = 0
         self.written = 0
+        self._direct = _direct_chunks(self.arr)
 
     def append(self, values: np.ndarray) -> None:
         values = np.asarray(values, dtype=self.arr.dtype)
@@ -534,14 +541,72 @@ class Appender:
             self.buffered = len(values) - n
 
     def _write(self, values: np.ndarray) -> None:
-        self.arr.resize((self.written + len(values),))
-        self.arr[self.written: self.written + len(values)] = values
+        if self._direct is None:
+            self.arr.resize((self.written + len(values),))
+            self.arr[self.written: self.written + len(values)] = values
+        else:  # done before returning: the caller may reuse its array
+            first = self.written // self.chunk
+            pieces = [(first + j, values[a:a + self.chunk])
+                      for j, a in enumerate(range(0, len(values), self.chunk))]
+            list(_chunk_pool().map(lambda piece: self._direct(*piece), pieces))
         self.written += len(values)
 
     def close(self) -> None:
         if self.buffered:
             self._write(np.concatenate(self.buf))
             self.buf, self.buffered = [], 0
+        if self._direct is not None and self.arr.shape[0] != self.written:
+            self.arr.resize((self.written,))
+
+
+_POOL = None
+
+
+def _chunk_pool():
+    """Threads compressing chunks (Blosc releases the GIL); the bytes do not depend on them."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2)),
+                                   thread_name_prefix="cellmill-chunks")
+    return _POOL
+
+
+def _direct_chunks(arr: zarr.Array):
+    """A function (chunk number, values) writing that chunk's file as zarr would, or None
+    when the array is not one this code knows how to write (a remote store, other codecs)."""
+    import numcodecs
+    from zarr.codecs import BytesCodec
+    from zarr.storage import LocalStore
+
+    codecs = arr.metadata.codecs if arr.metadata.zarr_format == 3 else ()
+    if not isinstance(arr.store, LocalStore) or len(codecs) != 2 or arr.ndim != 1:
+        return None
+    raw, blosc = codecs
+    if not (isinstance(raw, BytesCodec) and raw.endian is not None
+            and raw.endian.value == "little" and isinstance(blosc, BloscCodec)
+            and blosc.typesize == arr.dtype.itemsize):
+        return None
+    shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+               "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[blosc.shuffle.value]
+    comp = numcodecs.Blosc(cname=blosc.cname.value, clevel=blosc.clevel, shuffle=shuffle,
+                           blocksize=blosc.blocksize)
+    root = Path(arr.store.root) / arr.path
+    size = arr.chunks[0]
+    dtype = arr.dtype.newbyteorder("<")
+    fill = arr.metadata.fill_value
+
+    def put(i: int, values: np.ndarray) -> None:
+        if len(values) < size:  # the last chunk: zarr pads it with the fill value
+            full = np.full(size, fill, dtype=dtype)
+            full[:len(values)] = values
+            values = full
+        path = root / arr.metadata.encode_chunk_key((i,))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(comp.encode(np.ascontiguousarray(values, dtype=dtype)))
+
+    return put
 
 
 class SparseRowWriter:
