@@ -580,17 +580,19 @@ def _direct_chunks(arr: zarr.Array):
     from zarr.codecs import BytesCodec
     from zarr.storage import LocalStore
 
+    def name(x):  # an enum member in some zarr versions, a str in others
+        return str(getattr(x, "value", x))
+
     codecs = arr.metadata.codecs if arr.metadata.zarr_format == 3 else ()
     if not isinstance(arr.store, LocalStore) or len(codecs) != 2 or arr.ndim != 1:
         return None
     raw, blosc = codecs
-    if not (isinstance(raw, BytesCodec) and raw.endian is not None
-            and raw.endian.value == "little" and isinstance(blosc, BloscCodec)
-            and blosc.typesize == arr.dtype.itemsize):
+    if not (isinstance(raw, BytesCodec) and name(raw.endian) == "little"
+            and isinstance(blosc, BloscCodec) and blosc.typesize == arr.dtype.itemsize):
         return None
     shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
-               "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[blosc.shuffle.value]
-    comp = numcodecs.Blosc(cname=blosc.cname.value, clevel=blosc.clevel, shuffle=shuffle,
+               "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[name(blosc.shuffle)]
+    comp = numcodecs.Blosc(cname=name(blosc.cname), clevel=blosc.clevel, shuffle=shuffle,
                            blocksize=blosc.blocksize)
     root = Path(arr.store.root) / arr.path
     size = arr.chunks[0]
