@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -116,6 +117,15 @@ def _first_block(start, stop, m, cells, keep, n_counts, sf, floor):
     gran, n_gran = _granule_rows(start, stop, cells)
     return vst_first_pass(m.data, m.indices, m.indptr, n_counts, gran, keep, n_gran,
                           m.shape[1], sf, TOP_K, floor)
+
+
+def _warm_first_pass(store: Store) -> None:
+    """_first_block run once on the store's first granule and thrown away (with the argument
+    types a pass gives it: the floor is a column of the top's state)."""
+    stop = min(GRANULE, store.n_cells)
+    floor = np.zeros((store.n_genes, 8), np.int64)[:, 6]
+    _first_block(0, stop, store.read_rows(0, stop), np.arange(stop), np.ones(stop, np.uint8),
+                 np.ones(stop), 1e4, floor)
 
 
 def _second_block(start, stop, m, cells, mu, sd, vmax):
@@ -331,8 +341,14 @@ def run_hvg(ctx: Context) -> dict:
     from cellmill.engine.tables import write_table
 
     store = ctx.store
-    mask = qc_passed(store)
-    sf = scale_factor(store, ctx.cfg)
+    # the pass's kernel is loaded from Numba's cache (~0.1-0.2 s) on a thread while the mask
+    # and the scale factor are read, not in the first block's task
+    with ThreadPoolExecutor(1, thread_name_prefix="cellmill-warm") as pool:
+        warm = pool.submit(_warm_first_pass, store) if store.n_cells else None
+        mask = qc_passed(store)
+        sf = scale_factor(store, ctx.cfg)
+        if warm is not None:
+            warm.result()
     # a block in flight holds its decoded counts (8 bytes a nonzero) and decode scratch; the
     # kernel skips left-out cells in place (no copy of the block)
     bc = block_cells_for_budget(store, ctx.cfg.compute.memory_bytes, bytes_per_nnz=16,
