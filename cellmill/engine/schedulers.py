@@ -377,3 +377,14 @@ def in_waves(tasks: list, scheduler, desc: str, progress: bool,
             yield res
     finally:
         pbar.close()
+
+
+def on_a_thread(func, *args):
+    """Start func(*args) on a thread of its own; returns a function that waits for the
+    result (raising the call's exception, if any)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellmill-bg")
+    future = pool.submit(func, *args)
+    pool.shutdown(wait=False)  # the thread ends with the call
+    return future.result

@@ -45,16 +45,11 @@ def screen_slack(ref_t: np.ndarray) -> float:
     return 5.0 * U32 * m * float(np.sqrt(d))
 
 
-def tree_order(points: np.ndarray, leaf: int = LEAF) -> np.ndarray:
+def tree_order(points_t: np.ndarray, leaf: int = LEAF) -> np.ndarray:
     """A permutation putting nearby points together: recursive median splits along the widest
     dimension, at multiples of `leaf`, so every block of `leaf` consecutive points (the last
-    one may be smaller) is one leaf of the tree. `points`: n x d (or its transpose's view,
-    d x n: tree_order(x) == tree_order_t(x.T))."""
-    return tree_order_t(points.T, leaf)
-
-
-def tree_order_t(points_t: np.ndarray, leaf: int = LEAF) -> np.ndarray:
-    """tree_order of points given dimension-major (d x n)."""
+    one may be smaller) is one leaf of the tree. `points_t`: the points dimension-major
+    (d x n)."""
     d, n = points_t.shape
     perm = np.arange(n, dtype=np.int64)
     stack = [(0, n)]

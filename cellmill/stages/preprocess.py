@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -31,6 +30,7 @@ import scipy.sparse as sp
 from cellmill.config import Config, ConfigError
 from cellmill.engine.passes import block_cells_for_budget, granules, stream_blocks
 from cellmill.engine.registry import Context, stage
+from cellmill.engine.schedulers import on_a_thread
 from cellmill.errors import InputError
 from cellmill.io.store import GRANULE, Store
 from cellmill.kernels.lognorm import lognorm_values
@@ -122,6 +122,8 @@ def _first_block(start, stop, m, cells, keep, n_counts, sf, floor):
 def _warm_first_pass(store: Store) -> None:
     """_first_block run once on the store's first granule and thrown away (with the argument
     types a pass gives it: the floor is a column of the top's state)."""
+    if store.n_cells == 0:
+        return
     stop = min(GRANULE, store.n_cells)
     floor = np.zeros((store.n_genes, 8), np.int64)[:, 6]
     _first_block(0, stop, store.read_rows(0, stop), np.arange(stop), np.ones(stop, np.uint8),
@@ -343,12 +345,10 @@ def run_hvg(ctx: Context) -> dict:
     store = ctx.store
     # the pass's kernel is loaded from Numba's cache (~0.1-0.2 s) on a thread while the mask
     # and the scale factor are read, not in the first block's task
-    with ThreadPoolExecutor(1, thread_name_prefix="cellmill-warm") as pool:
-        warm = pool.submit(_warm_first_pass, store) if store.n_cells else None
-        mask = qc_passed(store)
-        sf = scale_factor(store, ctx.cfg)
-        if warm is not None:
-            warm.result()
+    warmed = on_a_thread(_warm_first_pass, store)
+    mask = qc_passed(store)
+    sf = scale_factor(store, ctx.cfg)
+    warmed()
     # a block in flight holds its decoded counts (8 bytes a nonzero) and decode scratch; the
     # kernel skips left-out cells in place (no copy of the block)
     bc = block_cells_for_budget(store, ctx.cfg.compute.memory_bytes, bytes_per_nnz=16,

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 
-from cellmill.engine.schedulers import in_waves
+from cellmill.engine.schedulers import in_waves, on_a_thread
 
 log = logging.getLogger("cellmill")
 
@@ -49,22 +49,17 @@ def knn_index(points: np.ndarray, transposed: bool = False):
     the PCs instead of two). With `transposed`, `points` is d x n float64 C-contiguous and
     becomes the index's own (permuted in place a dimension at a time): no second copy at all
     (at 1M cells on 15 PCs, 120 MB less while the index is made)."""
-    from cellmill.kernels.knn import LEAF, block_boxes, screen_slack, tree_order_t
+    from cellmill.kernels.knn import LEAF, block_boxes, screen_slack, tree_order
 
     if transposed:
         ref_t = points
         if ref_t.dtype != np.float64 or not ref_t.flags.c_contiguous:
             raise ValueError("knn_index(transposed=True) takes a C-contiguous float64 d x n array")
-        perm = tree_order_t(ref_t, LEAF)
-        for j in range(ref_t.shape[0]):
-            ref_t[j] = ref_t[j, perm]
-    else:
-        x = np.asarray(points, dtype=np.float64)
-        perm = tree_order_t(x.T, LEAF)
-        ref_t = np.empty((x.shape[1], x.shape[0]))
-        # points in tree order, dimension-major; mode="clip" (perm is in range anyway) because
-        # numpy buffers `out` in a temporary of the same size under the default mode="raise"
-        np.take(x.T, perm, axis=1, out=ref_t, mode="clip")
+    else:  # the index's own copy, dimension-major
+        ref_t = np.array(np.asarray(points, dtype=np.float64).T, order="C")
+    perm = tree_order(ref_t, LEAF)
+    for j in range(ref_t.shape[0]):  # into tree order, a dimension at a time
+        ref_t[j] = ref_t[j, perm]
     lo, hi = block_boxes(ref_t, LEAF)
     return perm, ref_t, lo, hi, ref_t.astype(np.float32), screen_slack(ref_t)
 
@@ -255,17 +250,6 @@ def nndescent_knn(points, k: int, seed: int = NN_SEED, extra: int = 0, iters: in
     return _by_distance(load_points(points), idx, k)
 
 
-def _on_a_thread(func, *args):
-    """Start func(*args) on a thread of its own; returns a function that waits for the
-    result (raising the call's exception, if any)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellmill-recall")
-    future = pool.submit(func, *args)
-    pool.shutdown(wait=False)  # the thread ends with the call
-    return future.result
-
-
 def approximate_knn(points, k: int, seed: int = NN_SEED, scheduler=None,
                     progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
     """NN-descent with its recall@k checked against exact search on RECALL_SAMPLE seeded
@@ -282,7 +266,7 @@ def approximate_knn(points, k: int, seed: int = NN_SEED, scheduler=None,
     # call in a process compiles for ~24 s (pynndescent passes the distance as a function
     # argument, so Numba cannot cache it), and the search (~5 s at 1M cells) then costs no
     # wall time. The points are not held once the search is done
-    truth = _on_a_thread(exact_of_queries, x, queries, k, scheduler)
+    truth = on_a_thread(exact_of_queries, x, queries, k, scheduler)
     del x
     info = {"method": "nndescent", "recall_sample": int(len(queries)),
             "recall_min": RECALL_MIN, "seed": seed}

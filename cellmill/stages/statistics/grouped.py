@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from cellmill.config import ConfigError
-from cellmill.engine.schedulers import ordered_stream
+from cellmill.engine.schedulers import on_a_thread, ordered_stream
 from cellmill.io.buffers import ThreadBuffers
 from cellmill.io.heap import prefaulted_zeros, trim_heap
 from cellmill.io.store import GRANULE, Store
@@ -137,6 +137,8 @@ def _warm_kernels(store: Store, scale: float, granule: int) -> None:
     """The pass's kernels run once on the store's first granule and thrown away: Numba loads
     them from its cache on first call (~0.2 s), here on a thread while the groups are made,
     instead of in the first block's task."""
+    if store.n_cells == 0:
+        return
     stop = min(GRANULE, store.n_cells)
     codes = np.zeros(stop, dtype=np.int64)
     n_counts = np.ones(stop)
@@ -181,18 +183,14 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
     if granule <= 0 or granule % GRANULE:
         raise ValueError(f"granule {granule} is not a positive multiple of {GRANULE}")
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
     import xarray as xr
 
     from cellmill.io.progress import bar
 
-    with ThreadPoolExecutor(1, thread_name_prefix="cellmill-warm") as pool:
-        warm = pool.submit(_warm_kernels, store, float(scale_factor), granule) \
-            if store.n_cells else None
-        codes, coords, n_counts = _groups(store, columns, mask)
-        if warm is not None:
-            warm.result()
+    warmed = on_a_thread(_warm_kernels, store, float(scale_factor), granule)
+    codes, coords, n_counts = _groups(store, columns, mask)
+    warmed()
 
     t0 = time.perf_counter()
     n_groups, n_genes = len(coords), store.n_genes

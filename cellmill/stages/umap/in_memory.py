@@ -74,6 +74,9 @@ def spectral_init(graph: sp.coo_matrix, x: np.ndarray, dim: int,
     return noisy_scale_coords(emb, random_state, max_coord=10, noise=0.0001)
 
 
+LANCZOS_VECTORS = 32  # ARPACK's ncv (at least), as umap-learn's spectral layout
+
+
 def spectral_vectors(m, dim: int, random_state: np.random.RandomState) -> np.ndarray:
     """Eigenvectors 2..dim+1 of the largest eigenvalues of the normalised adjacency `m` (a
     matrix or a LinearOperator): ARPACK with umap-learn's v0 (ones) and tolerance (1e-4) and 32
@@ -82,8 +85,8 @@ def spectral_vectors(m, dim: int, random_state: np.random.RandomState) -> np.nda
 
     n, k = m.shape[0], dim + 1
     try:
-        w, v = sla.eigsh(m, k, which="LA", ncv=max(2 * k + 1, 32), tol=1e-4, v0=np.ones(n),
-                         maxiter=n * 5)
+        w, v = sla.eigsh(m, k, which="LA", ncv=max(2 * k + 1, LANCZOS_VECTORS), tol=1e-4,
+                         v0=np.ones(n), maxiter=n * 5)
         return v[:, np.argsort(-w)[1:k]]
     except sla.ArpackError:
         log.warning("umap: spectral initialisation failed; random initialisation")

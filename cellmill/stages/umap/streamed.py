@@ -250,9 +250,6 @@ def _batch_rows(graph: DiskGraph) -> int:
     return max(graph.rows, int(BATCH_ENTRIES * graph.n / max(int(graph.indptr[-1]), 1)))
 
 
-LANCZOS_VECTORS = 32  # ARPACK's ncv in the spectral initialisation (in_memory.spectral_vectors)
-
-
 @contextmanager
 def numba_threads(threads: int):
     """Numba's parallel kernels on `threads` threads (at most what Numba started) inside."""
@@ -281,7 +278,7 @@ def umap_streamed(points, n_neighbors: int = 30, min_dist: float = 0.3,
 
     from umap.umap_ import find_ab_params
 
-    from cellmill.stages.umap.in_memory import umap_epochs
+    from cellmill.stages.umap.in_memory import LANCZOS_VECTORS, umap_epochs
 
     n = len(load_points(points))
     k = min(n_neighbors, n)
