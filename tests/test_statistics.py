@@ -147,6 +147,80 @@ def test_deterministic_for_any_block_size_and_scheduler(study, grouped):
         grouped_statistics(study, COLS, 1e4, mask=qc, granule=1000)
 
 
+def test_finished_groups_leave_memory_and_scratch_goes_with_the_dataset(study, grouped):
+    """Cells come sample by sample: with blocks of 1,024 cells (samples of 500-900) a group is
+    open for two blocks at most, so the pass holds a few of the 18 groups' accumulators, reusing
+    rows, with the same moments as a pass that holds them all."""
+    import gc
+
+    qc = study.obs()["qc_pass"].to_numpy()
+    timing = {}
+    ds = grouped_statistics(study, COLS, 1e4, mask=qc, granule=1024, block_cells=1024,
+                            scheduler=("sync", 1), timing=timing)
+    assert timing["groups"] == ds.sizes["group"] == 18
+    assert 3 <= timing["open_groups"] <= 9
+    every = {}
+    grouped_statistics(study, COLS, 1e4, mask=qc, granule=1024, block_cells=10**6,
+                       scheduler=("sync", 1), timing=every)
+    assert every["open_groups"] == 18  # one block: every group open at once
+    for v in ("n", "nnz", "counts"):
+        assert np.array_equal(ds[v].values, grouped[v].values), v
+    for v in ("sum", "sum_sq", "m2", "sum_expm1"):
+        np.testing.assert_allclose(ds[v].values, grouped[v].values, rtol=1e-12, atol=1e-300)
+    scratch = list(study.path.parent.glob(f"{study.path.name}.statistics-scratch-*"))
+    assert len(scratch) >= 1  # this Dataset's (and the module fixture's) planes
+    del ds
+    gc.collect()
+    left = list(study.path.parent.glob(f"{study.path.name}.statistics-scratch-*"))
+    assert len(left) == len(scratch) - 1
+
+
+def test_group_spans_and_open_rows_match_brute_force():
+    from cellmill.stages.statistics.grouped import group_spans, open_rows
+
+    rng = np.random.default_rng(3)
+    codes = np.repeat(rng.integers(-1, 7, 40), rng.integers(1, 300, 40))
+    block = 256
+    first, last, slots = group_spans(codes, 7, block)
+    blocks = np.arange(len(codes)) // block
+    n_blocks = int(blocks.max()) + 1
+    for g in range(7):
+        where = blocks[codes == g]
+        if len(where):
+            assert (first[g], last[g]) == (where.min(), where.max())
+    assert slots == max(len(set(codes[blocks == b]) - {-1}) for b in range(n_blocks))
+    seen = [g for g in range(7) if (codes == g).any()]
+    open_at = [sum(first[g] <= b <= last[g] for g in seen) for b in range(n_blocks)]
+    assert open_rows(first[seen], last[seen], n_blocks) == max(open_at)
+
+
+def test_plane_files_read_windows_and_only_the_owner_removes_them(tmp_path):
+    import gc
+    import pickle
+
+    from cellmill.io.planes import RowPlanes
+
+    rows = RowPlanes(tmp_path / "planes", ["a"], (3, 5))
+    want = np.arange(15, dtype=np.float64).reshape(3, 5)
+    for r in (2, 0, 1):  # any order
+        rows.write_row("a", r, want[r])
+    rows.close()
+    plane = rows.plane("a")
+    assert np.array_equal(plane[0:3, 1:4], want[:, 1:4])
+    assert rows.plane("a", np.int64)[1:2, :].dtype == np.int64
+    copy = pickle.loads(pickle.dumps(plane))  # as a cluster's worker would get it
+    assert np.array_equal(copy[:, :], want)
+    del copy
+    gc.collect()
+    assert np.array_equal(plane[:, :], want)  # a copy's end does not remove the folder
+    del rows
+    gc.collect()
+    assert (tmp_path / "planes").exists()  # the plane keeps it
+    del plane
+    gc.collect()
+    assert not (tmp_path / "planes").exists()
+
+
 def test_store_round_trip_and_anndata(study, grouped):
     write_grouped_stats(study, grouped)
     back = load_grouped_stats(study)
@@ -278,7 +352,13 @@ def test_stage_writes_table_and_store(study, tmp_path):
     cfg = Config()
     cfg.compute.workers = 1
     ctx = Context(cfg=cfg, outdir=tmp_path, store=study, progress=False)
+    scratch = f"{study.path.name}.statistics-scratch"
+    dead = study.path.parent / f"{scratch}-999999999-x"  # a killed run's (no such pid)
+    dead.mkdir()
+    live = sorted(study.path.parent.glob(f"{scratch}-*"))  # this process's, in use
     run_statistics(ctx)
+    assert not dead.exists()
+    assert set(live) - {dead} <= set(study.path.parent.glob(f"{scratch}-*"))
     table = pd.read_csv(tmp_path / "tables" / "target_tests.csv")
     assert list(table.columns) == TARGET_COLUMNS and len(table) == 24
     assert load_grouped_stats(study).sizes["group"] > 0

@@ -195,10 +195,10 @@ def fold_slots(acc_n, s_y, s_e, s_nz, s_m2, s_x, n, ptr, genes, vals, group_of_s
 
 
 @numba.njit(nogil=True, cache=True)
-def finish_m2(acc_n, s_y, s_nz, s_m2):
-    """m2 over all cells of each group (the nonzeros' m2 plus the block of zeros,
+def finish_m2(acc_n, s_y, s_nz, s_m2, rows):
+    """m2 over all cells of the groups in `rows` (the nonzeros' m2 plus the block of zeros,
     m2 = m2_nz + mean_nz^2 nnz (n - nnz) / n), in place."""
-    for g in range(s_y.shape[0]):
+    for g in rows:
         ng = acc_n[g]
         for j in range(s_y.shape[1]):
             nz = s_nz[g, j]

@@ -23,13 +23,19 @@ the slots are folded with Chan's formula (over the nonzeros; the zeros join at t
 kernels/grouped.py) strictly in (granule, group) order, so the result does not depend on block
 size, worker count or scheduler. Blocks are whole granules, a few in flight (as many as a
 quarter of the memory budget holds, at least one a worker and one being folded), folded as
-they arrive (`ordered_stream`): memory is those blocks plus the accumulators.
+they arrive (`ordered_stream`): memory is those blocks plus the accumulators of the open
+groups. The store holds the cells sample by sample, so with `sample` among the grouping columns
+a group's cells span a few blocks: its accumulators are finished and written to a scratch file
+once the pass is past its last block (`_OpenGroups`), and the Dataset reads the planes from
+those files as they are used. Memory is then the groups of a sample or two, whatever the number
+of samples (with cells of every group in every block, it is all the groups, as before).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -44,6 +50,8 @@ from cellmill.kernels import grouped as kern
 log = logging.getLogger("cellmill")
 
 GROUPED_STATS = "grouped_stats"
+SCRATCH = "statistics-scratch"  # the pass's finished groups, beside the store
+GROUP_CHUNK = 512  # groups a stored chunk (of 4,096 genes): at most 16 MB a chunk
 WINDOW_PER_WORKER = 4
 # cells of a slot's granule: the unit of the fold's order. The kernel's cost per nonzero
 # falls as a slot gains rows (each slot ends with a scan of the genes and writes a partial per
@@ -147,26 +155,88 @@ def _warm_kernels(store: Store, scale: float, granule: int) -> None:
     planes = [np.zeros((1, store.n_genes)) for _ in range(kern.N_VALS)]
     acc_n = np.zeros(1)
     kern.fold_slots(acc_n, *planes, n, ptr, genes, vals, np.zeros(len(n), dtype=np.int64))
-    kern.finish_m2(acc_n, planes[0], planes[2], planes[3])
+    kern.finish_m2(acc_n, planes[0], planes[2], planes[3], np.zeros(1, dtype=np.int64))
 
 
-def _plan_window(store: Store, codes: np.ndarray, n_groups: int, block_cells: int,
-                 workers: int, memory_bytes: int) -> int:
+def group_spans(codes: np.ndarray, n_groups: int, block_cells: int):
+    """Every group's first and last block (blocks of block_cells cells), and the most slots
+    (granule x group) of any block. Groups are made from the cells, so each has a span."""
+    cells = np.flatnonzero(codes >= 0)
+    pairs = np.unique((cells // block_cells) * max(n_groups, 1) + codes[cells])
+    block, group = pairs // max(n_groups, 1), pairs % max(n_groups, 1)
+    first = np.full(n_groups, np.iinfo(np.int64).max, dtype=np.int64)
+    last = np.full(n_groups, -1, dtype=np.int64)
+    np.minimum.at(first, group, block)
+    np.maximum.at(last, group, block)
+    slots = int(np.bincount(block).max()) if len(block) else 1
+    return first, last, slots
+
+
+def open_rows(first: np.ndarray, last: np.ndarray, n_blocks: int) -> int:
+    """The most groups open at once (a group is open from its first block to its last)."""
+    if len(first) == 0:
+        return 0
+    delta = np.zeros(n_blocks + 1, dtype=np.int64)
+    np.add.at(delta, first, 1)
+    np.add.at(delta, last + 1, -1)
+    return int(np.cumsum(delta).max())
+
+
+def _plan_window(store: Store, slots: int, block_cells: int, workers: int,
+                 memory_bytes: int) -> int:
     """Blocks in flight: one a worker (its counts in the worker's buffers: 8 bytes a value, up
     to 10 as the buffers grow by a quarter) plus as many slot partials (a gene and 5 float64 an
     entry, at most min(values, slots x genes) a block) as fit in a quarter of the memory budget;
     at least one more than the workers (one being folded), at most WINDOW_PER_WORKER a
     worker."""
     nnz_block = block_cells * store.nnz / max(store.n_cells, 1)
-    cells = np.flatnonzero(codes >= 0)
-    slots = 1
-    if len(cells):
-        per_block = np.unique((cells // block_cells) * max(n_groups, 1) + codes[cells])
-        slots = int(np.bincount(per_block // max(n_groups, 1)).max())
     per_result = 44 * min(nnz_block, slots * store.n_genes)
     left = memory_bytes / 4 - workers * 10 * nnz_block
     fits = int(left / max(per_result, 1.0))
     return max(workers + 1, min(WINDOW_PER_WORKER * workers, fits))
+
+
+PLANES = ("sum", "sum_expm1", "nnz", "m2", "counts")  # the kernels' order
+
+
+class _OpenGroups:
+    """The accumulators of the groups whose cells the pass has not finished, a row each.
+    Cells come sample by sample, so a group (of one sample) is open for a stretch of blocks:
+    its row is taken at its first block, and after its last block its moments are finished
+    and written to `out` (RowPlanes) and the row is reused. Memory: the most groups open at
+    once (the groups of a sample or two), not all of them (clusters x samples)."""
+
+    def __init__(self, first, last, n_blocks: int, n_genes: int, rows: int, out):
+        self.out = out
+        self.planes = [prefaulted_zeros((rows, n_genes)) for _ in PLANES]
+        self.acc_n = np.zeros(rows, dtype=np.float64)
+        self.n = np.zeros(len(first), dtype=np.float64)
+        self.row_of = np.full(len(first), -1, dtype=np.int64)
+        self.free = list(range(rows - 1, -1, -1))
+        self.opens = np.argsort(first, kind="stable")
+        self.open_at = np.searchsorted(first[self.opens], np.arange(n_blocks + 1))
+        self.closes = np.argsort(last, kind="stable")
+        self.close_at = np.searchsorted(last[self.closes], np.arange(n_blocks + 1))
+
+    def fold(self, i: int, group_of_slot, n, ptr, genes, vals) -> None:
+        """Fold block i's slots (in order), then write out the groups it finishes."""
+        for g in self.opens[self.open_at[i]:self.open_at[i + 1]]:
+            self.row_of[g] = self.free.pop()
+        kern.fold_slots(self.acc_n, *self.planes, n, ptr, genes, vals,
+                        self.row_of[group_of_slot])
+        done = self.closes[self.close_at[i]:self.close_at[i + 1]]
+        if len(done) == 0:
+            return
+        rows = self.row_of[done]
+        s_y, _, s_nz, s_m2, _ = self.planes
+        kern.finish_m2(self.acc_n, s_y, s_nz, s_m2, rows)
+        self.n[done] = self.acc_n[rows]
+        for g, r in zip(done, rows, strict=True):
+            for name, plane in zip(PLANES, self.planes, strict=True):
+                self.out.write_row(name, int(g), plane[r])
+                plane[r] = 0.0
+            self.acc_n[r] = 0.0
+            self.free.append(int(r))
 
 
 def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1e4,
@@ -175,17 +245,20 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
                        block_cells: int | None = None, granule: int = SLOT_CELLS,
                        timing: dict | None = None):
     """Grouped moments of y = log1p(x / n_counts * scale_factor) for every group of `columns`
-    (among the `mask`ed cells; default all) and every gene, as an xarray Dataset.
+    (among the `mask`ed cells; default all) and every gene, as an xarray Dataset whose planes
+    are read from scratch files beside the store as they are used (removed with the
+    Dataset): the pass holds only the groups it has not finished.
 
     `granule` (a multiple of the store's GRANULE) fixes the slots, and with them every bit
     of the result; blocks are whole granules (block_cells is rounded up to one). `timing`,
-    when given, gets the seconds of the streaming pass itself (the blocks and the fold)."""
+    when given, gets the seconds of the streaming pass itself (the blocks and the fold), the
+    number of groups and the most open at once (rows of accumulators held)."""
     if granule <= 0 or granule % GRANULE:
         raise ValueError(f"granule {granule} is not a positive multiple of {GRANULE}")
+    import tempfile
     import time
 
-    import xarray as xr
-
+    from cellmill.io.planes import RowPlanes
     from cellmill.io.progress import bar
 
     warmed = on_a_thread(_warm_kernels, store, float(scale_factor), granule)
@@ -196,18 +269,15 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
     n_groups, n_genes = len(coords), store.n_genes
     workers = scheduler[1] if isinstance(scheduler, tuple) else 2
     block_cells = granule * max(1, -(-int(block_cells or granule) // granule))
-    window = _plan_window(store, codes, n_groups, block_cells, max(1, workers), memory_bytes)
     ranges = store.block_ranges(block_cells)
+    first, last, slots = group_spans(codes, n_groups, block_cells)
+    window = _plan_window(store, slots, block_cells, max(1, workers), memory_bytes)
+    rows = open_rows(first, last, len(ranges))
 
-    acc_n = np.zeros(n_groups, dtype=np.float64)
-    # one plane per quantity (not one (groups, genes, 5) array): each becomes a Dataset
-    # variable without a copy, and a caller can drop the ones it no longer needs
-    # (made once the first blocks are under way: ~50 ms at 196k cells off the pass's wall)
-    planes = None
-
-    def new_planes():
-        return [prefaulted_zeros((n_groups, n_genes)) for _ in range(kern.N_VALS)]
-
+    root = tempfile.mkdtemp(prefix=f"{store.path.name}.{SCRATCH}-{os.getpid()}-",
+                            dir=store.path.parent)
+    out = RowPlanes(root, PLANES, (n_groups, n_genes))
+    acc = None  # made once the first blocks are under way (~50 ms off the pass's wall)
     pbar = bar(total=len(ranges), desc="grouped statistics", enabled=progress)
     # a worker thread's block arrays are reused (threads only: a cluster's workers would keep
     # theirs after the pass)
@@ -215,54 +285,70 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
     args = ((store, a, b, codes[a:b], n_counts[a:b], scale_factor, n_groups, granule, buffers)
             for a, b in ranges)
     try:
-        for group_of_slot, n, ptr, genes, vals in ordered_stream(_stats_task, args, scheduler,
-                                                                 window):
-            if planes is None:
-                planes = new_planes()
-            kern.fold_slots(acc_n, *planes, n, ptr, genes, vals,
-                            group_of_slot.astype(np.int64))
+        for i, part in enumerate(ordered_stream(_stats_task, args, scheduler, window)):
+            if acc is None:
+                acc = _OpenGroups(first, last, len(ranges), n_genes, rows, out)
+            acc.fold(i, *part)
             pbar.update(1)
     finally:
         pbar.close()
+        out.close()
         if buffers is not None:
             buffers.clear()
-
-    if planes is None:  # no blocks (no cells)
-        planes = new_planes()
-    s_y, s_e, s_nz, s_m2, s_x = planes
-    del planes
-    kern.finish_m2(acc_n, s_y, s_nz, s_m2)
+    n = acc.n if acc is not None else np.zeros(n_groups)
+    del acc
     if timing is not None:
-        timing["seconds"] = round(time.perf_counter() - t0, 3)
+        timing.update(seconds=round(time.perf_counter() - t0, 3), groups=n_groups,
+                      open_groups=rows)
+    return _dataset(out, n, coords, store, columns, scale_factor, mask is not None)
+
+
+def remove_stale_scratch(store: Store) -> None:
+    """Remove the scratch folders beside the store left by a process that is gone (killed
+    mid-stage); a live process's (a Dataset still in use) stay."""
+    import shutil
+
+    for path in store.path.parent.glob(f"{store.path.name}.{SCRATCH}-*"):
+        pid = path.name[len(f"{store.path.name}.{SCRATCH}-"):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**22  # another user's process (or no such pid at all)
+    return True
+
+
+def _dataset(out, n: np.ndarray, coords: pd.DataFrame, store: Store, columns, scale_factor,
+             masked: bool):
+    import xarray as xr
+
     genes = np.asarray(store.var().index).astype(str)
     dims = ("group", "gene")
-    data = {"n": (("group",), acc_n.astype(np.int64)), "sum": (dims, s_y), "m2": (dims, s_m2),
-            "sum_expm1": (dims, s_e), "nnz": (dims, _as_int64(s_nz)),
-            "counts": (dims, _as_int64(s_x)),
-            "sum_sq": (dims, _lazy_sum_sq(acc_n, s_y, s_m2))}
-    ds = xr.Dataset(
+    s_y, s_m2 = out.plane("sum"), out.plane("m2")
+    data = {"n": (("group",), n.astype(np.int64)), "sum": (dims, _lazy(s_y)),
+            "m2": (dims, _lazy(s_m2)), "sum_expm1": (dims, _lazy(out.plane("sum_expm1"))),
+            "nnz": (dims, _lazy(out.plane("nnz", np.int64))),
+            "counts": (dims, _lazy(out.plane("counts", np.int64))),
+            "sum_sq": (dims, _lazy(_SumSq(n, s_y, s_m2)))}
+    return xr.Dataset(
         data,
         coords={**{c: (("group",), coords[c].to_numpy().astype(str)) for c in coords.columns},
                 "gene": (("gene",), genes)},
         attrs={"group_by": list(columns), "scale_factor": float(scale_factor),
                "value": "y = log1p(x / n_counts * scale_factor)",
-               "cells": "QC-passed" if mask is not None else "all"})
-    return ds
-
-
-def _as_int64(plane: np.ndarray) -> np.ndarray:
-    """An exact integer-valued float64 plane as int64, in its own memory (no second plane)."""
-    out = plane.view(np.int64)
-    step = max(1, (1 << 20) // max(plane.shape[1], 1))
-    for i in range(0, plane.shape[0], step):
-        out[i: i + step] = plane[i: i + step].astype(np.int64)
-    return out
+               "cells": "QC-passed" if masked else "all"})
 
 
 class _SumSq:
     """sum y^2 = m2 + sum^2 / n of the rows and columns asked for, computed when read. An
-    array-like without .copy: dask's from_array copies whatever has one (two planes, 114 MB
-    at 196k cells), and hashes it unless name=False."""
+    array-like without .copy: dask's from_array copies whatever has one, and hashes it unless
+    name=False."""
 
     ndim, dtype = 2, np.dtype(np.float64)
 
@@ -274,23 +360,22 @@ class _SumSq:
         return kern.sum_of_squares(self.n[rows], self.s_y[rows, cols], self.s_m2[rows, cols])
 
 
-def _lazy_sum_sq(n: np.ndarray, s_y: np.ndarray, s_m2: np.ndarray):
-    """sum y^2 = m2 + sum^2 / n as a dask array: computed a chunk at a time when it is
-    written or read, never held as a whole plane."""
+def _lazy(plane):
+    """A (groups, genes) array-like as a dask array, read a chunk at a time when it is
+    written or used, never held as a whole plane."""
     import dask.array as da
 
-    chunks = (max(1, s_y.shape[0]), max(1, min(s_y.shape[1], 4096)))
-    return da.from_array(_SumSq(n, s_y, s_m2), chunks=chunks, name=False,
-                         meta=np.empty((0, 0), np.float64))
+    chunks = (max(1, min(plane.shape[0], GROUP_CHUNK)), max(1, min(plane.shape[1], 4096)))
+    return da.from_array(plane, chunks=chunks, name=False, meta=np.empty((0, 0), plane.dtype))
 
 
 def write_grouped_stats(store: Store, ds) -> None:
     import dask
 
-    chunk = (max(1, ds.sizes["group"]), max(1, min(ds.sizes["gene"], 4096)))
+    chunk = (max(1, min(ds.sizes["group"], GROUP_CHUNK)), max(1, min(ds.sizes["gene"], 4096)))
     enc = {v: {"chunks": chunk} for v in ("sum", "sum_sq", "m2", "sum_expm1", "nnz", "counts")}
-    # sum_sq is computed here from arrays in this process's memory: never on a cluster
-    with dask.config.set(scheduler="synchronous"):
+    # the planes are read from this process's scratch files: on its threads, never a cluster
+    with dask.config.set(scheduler="threads"):
         store.write_dataset("uns", GROUPED_STATS, ds, encoding=enc)
 
 

@@ -78,11 +78,14 @@ def pseudobulk_dataset(ds, sample_col: str, meta: pd.DataFrame):
     ci = pd.Index(c_levels).get_indexer(clusters)
     counts = np.zeros((len(s_levels), len(c_levels), ds.sizes["gene"]), dtype=np.int64)
     n_cells = np.zeros((len(s_levels), len(c_levels)), dtype=np.int64)
-    group_counts = ds["counts"].values
     group_n = ds["n"].values
-    for g in range(ds.sizes["group"]):  # in group order: integer sums, exact in any order
-        counts[si[g], ci[g]] += group_counts[g]
+    for g in range(ds.sizes["group"]):
         n_cells[si[g], ci[g]] += group_n[g]
+    step = 4096  # a slab of genes at a time (integer sums: exact in any order)
+    for a in range(0, ds.sizes["gene"], step):
+        b = min(a + step, ds.sizes["gene"])
+        slab = np.asarray(ds["counts"][:, a:b].compute(scheduler="synchronous").values)
+        np.add.at(counts[:, :, a:b], (si, ci), slab)
     coords = {"sample": ("sample", np.array(s_levels)),
               "cluster": ("cluster", np.array(c_levels)),
               "gene": ("gene", ds["gene"].values.astype(str))}
@@ -199,30 +202,19 @@ def iter_pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 
     from concurrent.futures import ThreadPoolExecutor
     from itertools import islice
 
-    from cellmill.stages.statistics.welch import group_coords, pool_moments, select_groups, welch
-
     genes = pb["gene"].values.astype(str)
     counts = pb["counts"].values
     totals = counts.sum(axis=1)  # per sample, all clusters ("all")
     meta = pd.DataFrame({c[len("sample_"):]: pb[c].values.astype(str)
                          for c in pb.coords if c.startswith("sample_")})
     clusters = list(pb["cluster"].values.astype(str))
-    if ds is not None:  # the grouped moments once, as arrays (xarray's sel per contrast is slow)
-        coords = group_coords(ds)
-        g_n = np.asarray(ds["n"].values, dtype=np.float64)
-        g_sum, g_m2 = ds["sum"].values, ds["m2"].values
+    items = plan(pb, cfg, min_cells)
+    if ds is not None:
         if list(ds["gene"].values.astype(str)) != list(genes):
             raise ValueError("grouped statistics and pseudobulk genes differ")
-
-    def cell_pvalues(cluster, tp, cols):
-        moments = []
-        for where in _cell_selectors(cfg, cluster, tp):
-            idx = select_groups(coords, **where)
-            nn, sm, q = pool_moments(g_n[idx], g_sum[np.ix_(idx, cols)],
-                                     g_m2[np.ix_(idx, cols)], range(len(idx)))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                moments.append((nn, sm / nn, q / (nn - 1)))
-        return welch(*moments[0], *moments[1], "two.sided")["p_value"]
+        ran = [(c, t) for c, t, _, case, ctrl, _ in items
+               if min(int(case.sum()), int(ctrl.sum())) >= MIN_SAMPLES]
+        cell_p = cell_level_pvalues(ds, cfg, ran)
 
     def one(item):
         cluster, tp, name, case, ctrl, covs = item
@@ -246,11 +238,11 @@ def iter_pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 
                                ("logFC", "AveExpr", "t", "P.Value", "adj.P.Val")}})
         for k, v in row.items():
             out[k] = v
-        out["p_value_cells"] = np.nan if ds is None else cell_pvalues(cluster, tp, cols)
+        out["p_value_cells"] = np.nan if ds is None else cell_p[(cluster, tp)][cols]
         out["reason"] = ""
         return out
 
-    items = iter(plan(pb, cfg, min_cells))
+    items = iter(items)
     ahead = 2 * max(1, workers)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending = deque(pool.submit(one, item) for item in islice(items, ahead))
@@ -260,6 +252,33 @@ def iter_pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 
                 pending.append(pool.submit(one, item))
                 break
             yield frame.reindex(columns=COLUMNS)
+
+
+def cell_level_pvalues(ds, cfg, contrasts, genes_a_step: int = 4096) -> dict:
+    """The cell-level two-sided Welch p of every gene for each (cluster, time point) in
+    `contrasts` (case vs control cells, pooled from the grouped statistics `ds`), computed a
+    slab of genes at a time: memory is one slab of two planes plus the p-values, not the
+    planes (groups x genes, as many rows as clusters x samples)."""
+    from cellmill.stages.statistics.welch import group_coords, pool_moments, select_groups, welch
+
+    coords = group_coords(ds)
+    g_n = np.asarray(ds["n"].values, dtype=np.float64)
+    sides = {key: [select_groups(coords, **where) for where in _cell_selectors(cfg, *key)]
+             for key in dict.fromkeys(contrasts)}
+    n_genes = ds.sizes["gene"]
+    out = {key: np.empty(n_genes, dtype=np.float64) for key in sides}
+    for a in range(0, n_genes, genes_a_step):
+        b = min(a + genes_a_step, n_genes)
+        g_sum = np.asarray(ds["sum"][:, a:b].compute(scheduler="synchronous").values)
+        g_m2 = np.asarray(ds["m2"][:, a:b].compute(scheduler="synchronous").values)
+        for key, idx_both in sides.items():
+            moments = []
+            for idx in idx_both:
+                nn, sm, q = pool_moments(g_n[idx], g_sum[idx], g_m2[idx], range(len(idx)))
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    moments.append((nn, sm / nn, q / (nn - 1)))
+            out[key][a:b] = welch(*moments[0], *moments[1], "two.sided")["p_value"]
+    return out
 
 
 def one_sided(t: np.ndarray, p_two: np.ndarray, alternative: str = "greater") -> np.ndarray:

@@ -17,6 +17,7 @@ from cellmill.engine.registry import Context, stage
 from cellmill.stages.statistics.grouped import (
     TARGET_COLUMNS,
     grouped_statistics,
+    remove_stale_scratch,
     write_grouped_stats,
 )
 from cellmill.stages.statistics.pseudobulk import PSEUDOBULK
@@ -185,19 +186,19 @@ def run_statistics(ctx: Context) -> dict:
             raise ConfigError(f"study.target_genes: gene {unknown[0]!r} is not in the store "
                               f"({len(genes)} genes)")
     columns = _group_by(cfg, obs_cols)
+    remove_stale_scratch(store)  # a killed run's
     timing = {"passes": 1}  # the streaming part, for the benchmark's throughput
     ds = grouped_statistics(store, columns, cfg.normalize.scale_factor, mask=qc_passed(store),
                             memory_bytes=cfg.compute.memory_bytes, scheduler=ctx.scheduler(),
                             progress=ctx.progress, timing=timing)
     info = {"pass": timing}
     write_grouped_stats(store, ds)
+    # from here on the planes are read a slab at a time (from the pass's scratch files, which
+    # go with the Dataset)
     out = ctx.tables / "target_tests.csv"
     pb_out = ctx.tables / "pseudobulk.csv"
     targets = target_tests(ds, cfg) if study else None
-    # what is left needs fewer planes (all are on disk now): each is freed once unused
-    ds = ds[["n", "sum", "m2", "counts"]]
     pb, why = (None, "") if not study else _pseudobulk_sums(store, ds, cfg, columns)
-    ds = ds[["n", "sum", "m2"]]
     if pb is None:  # an earlier run's sums and tests would contradict this one
         store.remove("uns", PSEUDOBULK)
         pb_out.unlink(missing_ok=True)
