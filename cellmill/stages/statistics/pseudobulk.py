@@ -66,7 +66,10 @@ def sample_metadata(obs: pd.DataFrame, sample_col: str, columns: list[str]) -> p
 
 
 def pseudobulk_dataset(ds, sample_col: str, meta: pd.DataFrame):
-    """Sum the grouped statistics' `counts` and `n` over the groups of each sample x cluster."""
+    """Sum the grouped statistics' `counts` and `n` over the groups of each sample x cluster.
+    The counts are a dask array computed a slab of genes at a time from `ds` when written or
+    read (samples x clusters x genes grows with the samples: an atlas's would not fit)."""
+    import dask.array as da
     import xarray as xr
 
     samples = ds[sample_col].values.astype(str)
@@ -76,16 +79,12 @@ def pseudobulk_dataset(ds, sample_col: str, meta: pd.DataFrame):
     c_levels = list(dict.fromkeys(clusters))
     si = pd.Index(s_levels).get_indexer(samples)
     ci = pd.Index(c_levels).get_indexer(clusters)
-    counts = np.zeros((len(s_levels), len(c_levels), ds.sizes["gene"]), dtype=np.int64)
     n_cells = np.zeros((len(s_levels), len(c_levels)), dtype=np.int64)
-    group_n = ds["n"].values
-    for g in range(ds.sizes["group"]):
-        n_cells[si[g], ci[g]] += group_n[g]
-    step = 4096  # a slab of genes at a time (integer sums: exact in any order)
-    for a in range(0, ds.sizes["gene"], step):
-        b = min(a + step, ds.sizes["gene"])
-        slab = np.asarray(ds["counts"][:, a:b].compute(scheduler="synchronous").values)
-        np.add.at(counts[:, :, a:b], (si, ci), slab)
+    np.add.at(n_cells, (si, ci), ds["n"].values)
+    sums = _GroupSums(ds["counts"], si, ci, n_cells.shape)
+    step = slab_genes(ds.sizes["group"])
+    counts = da.from_array(sums, chunks=(max(1, sums.shape[0]), max(1, sums.shape[1]), step),
+                           name=False, meta=np.empty((0, 0, 0), np.int64))
     coords = {"sample": ("sample", np.array(s_levels)),
               "cluster": ("cluster", np.array(c_levels)),
               "gene": ("gene", ds["gene"].values.astype(str))}
@@ -97,9 +96,41 @@ def pseudobulk_dataset(ds, sample_col: str, meta: pd.DataFrame):
                              "value": "sum of raw counts per sample x cluster"})
 
 
+def slab_genes(rows: int, bytes_a_plane: int = 32 << 20) -> int:
+    """Genes a slab when reading `rows` rows of a (rows, genes) float64/int64 plane: 4,096 (a
+    stored chunk) or fewer, so that a slab stays within bytes_a_plane (at least 256)."""
+    fit = bytes_a_plane // max(1, 8 * rows)
+    return int(max(256, min(4096, fit // 256 * 256)))
+
+
+class _GroupSums:
+    """(samples, clusters, genes) sums of a (groups, genes) counts DataArray over the groups
+    of each sample x cluster, computed for the genes asked for (an array-like for dask)."""
+
+    ndim, dtype = 3, np.dtype(np.int64)
+
+    def __init__(self, counts, si, ci, shape):
+        self.counts, self.si, self.ci = counts, si, ci
+        self.shape = (shape[0], shape[1], counts.shape[1])
+
+    def __getitem__(self, key):
+        s_key, c_key, g_key = key
+        slab = np.asarray(self.counts[:, g_key].compute(scheduler="synchronous").values)
+        out = np.zeros((self.shape[0], self.shape[1], slab.shape[1]), dtype=np.int64)
+        np.add.at(out, (self.si, self.ci), slab)  # integer sums: exact in any order
+        return out[s_key, c_key]
+
+
 def write_pseudobulk(store, pb) -> None:
-    chunk = (pb.sizes["sample"], 1, max(1, min(pb.sizes["gene"], 4096)))
-    store.write_dataset("uns", PSEUDOBULK, pb, encoding={"counts": {"chunks": chunk}})
+    import dask
+
+    data = pb["counts"].data
+    width = data.chunks[2][0] if hasattr(data, "chunks") and data.chunks[2] else 4096
+    chunk = (max(1, pb.sizes["sample"]), 1, max(1, min(pb.sizes["gene"], width)))
+    # the sums are read from this process's grouped statistics: on its threads, never a
+    # cluster
+    with dask.config.set(scheduler="threads"):
+        store.write_dataset("uns", PSEUDOBULK, pb, encoding={"counts": {"chunks": chunk}})
 
 
 def load_pseudobulk(store):
@@ -203,8 +234,8 @@ def iter_pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 
     from itertools import islice
 
     genes = pb["gene"].values.astype(str)
-    counts = pb["counts"].values
-    totals = counts.sum(axis=1)  # per sample, all clusters ("all")
+    counts = _ClusterCounts(pb["counts"], keep=2 * max(1, workers))
+    totals = counts.totals()  # per sample, all clusters ("all")
     meta = pd.DataFrame({c[len("sample_"):]: pb[c].values.astype(str)
                          for c in pb.coords if c.startswith("sample_")})
     clusters = list(pb["cluster"].values.astype(str))
@@ -226,7 +257,7 @@ def iter_pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 
                    f"(case {n_case}, control {n_ctrl})")
             return pd.DataFrame([{**row, "gene": "", "reason": why}])
         sel = case | ctrl
-        x = totals[sel] if cluster == ALL else counts[sel, clusters.index(cluster)]
+        x = totals[sel] if cluster == ALL else counts.get(clusters.index(cluster))[sel]
         try:
             table = run_contrast(np.ascontiguousarray(x.T), meta[sel].reset_index(drop=True),
                                  case[sel], [c for c in covs if c in meta])
@@ -254,7 +285,36 @@ def iter_pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 
             yield frame.reindex(columns=COLUMNS)
 
 
-def cell_level_pvalues(ds, cfg, contrasts, genes_a_step: int = 4096) -> dict:
+class _ClusterCounts:
+    """One cluster's (samples, genes) counts at a time from a pseudobulk counts DataArray:
+    read when asked for, the last few kept (the contrasts come cluster by cluster)."""
+
+    def __init__(self, counts, keep: int):
+        import threading
+        from collections import OrderedDict
+
+        self.counts, self.keep = counts, keep
+        self.kept, self.lock = OrderedDict(), threading.Lock()
+
+    def get(self, i: int) -> np.ndarray:
+        with self.lock:
+            if i in self.kept:
+                self.kept.move_to_end(i)
+                return self.kept[i]
+            x = np.asarray(self.counts[:, i].compute(scheduler="synchronous").values)
+            self.kept[i] = x
+            while len(self.kept) > self.keep:
+                self.kept.popitem(last=False)
+            return x
+
+    def totals(self) -> np.ndarray:
+        out = np.zeros((self.counts.shape[0], self.counts.shape[2]), dtype=np.int64)
+        for i in range(self.counts.shape[1]):
+            out += np.asarray(self.counts[:, i].compute(scheduler="synchronous").values)
+        return out
+
+
+def cell_level_pvalues(ds, cfg, contrasts) -> dict:
     """The cell-level two-sided Welch p of every gene for each (cluster, time point) in
     `contrasts` (case vs control cells, pooled from the grouped statistics `ds`), computed a
     slab of genes at a time: memory is one slab of two planes plus the p-values, not the
@@ -265,10 +325,10 @@ def cell_level_pvalues(ds, cfg, contrasts, genes_a_step: int = 4096) -> dict:
     g_n = np.asarray(ds["n"].values, dtype=np.float64)
     sides = {key: [select_groups(coords, **where) for where in _cell_selectors(cfg, *key)]
              for key in dict.fromkeys(contrasts)}
-    n_genes = ds.sizes["gene"]
+    n_genes, step = ds.sizes["gene"], slab_genes(ds.sizes["group"])
     out = {key: np.empty(n_genes, dtype=np.float64) for key in sides}
-    for a in range(0, n_genes, genes_a_step):
-        b = min(a + genes_a_step, n_genes)
+    for a in range(0, n_genes, step):
+        b = min(a + step, n_genes)
         g_sum = np.asarray(ds["sum"][:, a:b].compute(scheduler="synchronous").values)
         g_m2 = np.asarray(ds["m2"][:, a:b].compute(scheduler="synchronous").values)
         for key, idx_both in sides.items():

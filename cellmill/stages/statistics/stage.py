@@ -218,6 +218,7 @@ def run_statistics(ctx: Context) -> dict:
 def _pseudobulk_sums(store, ds, cfg: Config, columns: list[str]):
     """The pseudobulk Dataset (also stored), or (None, why) when there is none."""
     from cellmill.stages.statistics.pseudobulk import (
+        load_pseudobulk,
         pseudobulk_dataset,
         sample_metadata,
         write_pseudobulk,
@@ -240,8 +241,10 @@ def _pseudobulk_sums(store, ds, cfg: Config, columns: list[str]):
         log.warning("statistics: %r varies within samples: pseudobulk tests skipped",
                     st.condition)
         return None, f"{st.condition!r} varies within samples"
-    pb = pseudobulk_dataset(ds, "sample", meta)
-    write_pseudobulk(store, pb)
+    write_pseudobulk(store, pseudobulk_dataset(ds, "sample", meta))
+    pb = load_pseudobulk(store)
+    if pb["counts"].nbytes <= cfg.compute.memory_bytes / 8:  # else a cluster at a time
+        pb = pb.load()
     return pb, ""
 
 
