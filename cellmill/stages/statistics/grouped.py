@@ -308,20 +308,12 @@ def remove_stale_scratch(store: Store) -> None:
     mid-stage); a live process's (a Dataset still in use) stay."""
     import shutil
 
+    import psutil
+
     for path in store.path.parent.glob(f"{store.path.name}.{SCRATCH}-*"):
         pid = path.name[len(f"{store.path.name}.{SCRATCH}-"):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return pid < 2**22  # another user's process (or no such pid at all)
-    return True
 
 
 def _dataset(out, n: np.ndarray, coords: pd.DataFrame, store: Store, columns, scale_factor,
