@@ -6,10 +6,32 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import weakref
 from pathlib import Path
 
 import numpy as np
+
+from cellmill.io.scratch import scratch_dir
+
+
+def new_folder(near: Path, what: str) -> Path:
+    """A fresh folder of this process beside `near`: <near>.<what>-scratch-<pid>-<random> (a
+    pid each, so that folders still in use are told from a killed run's)."""
+    base = scratch_dir(near, what)
+    return Path(tempfile.mkdtemp(prefix=f"{base.name}-{os.getpid()}-", dir=base.parent))
+
+
+def remove_stale(near: Path, what: str) -> None:
+    """Remove the new_folder folders beside `near` whose process is gone (killed mid-stage);
+    a live process's (planes still in use) stay."""
+    import psutil
+
+    base = scratch_dir(near, what)
+    for path in base.parent.glob(f"{base.name}-*"):
+        pid = path.name[len(base.name) + 1:].split("-")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 class RowPlanes:

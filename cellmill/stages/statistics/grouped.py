@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import numpy as np
 import pandas as pd
@@ -50,7 +49,7 @@ from cellmill.kernels import grouped as kern
 log = logging.getLogger("cellmill")
 
 GROUPED_STATS = "grouped_stats"
-SCRATCH = "statistics-scratch"  # the pass's finished groups, beside the store
+SCRATCH = "statistics"  # <store>.statistics-scratch-<pid>-*: the pass's finished groups
 GROUP_CHUNK = 512  # groups a stored chunk (of 4,096 genes): at most 16 MB a chunk
 WINDOW_PER_WORKER = 4
 # cells of a slot's granule: the unit of the fold's order. The kernel's cost per nonzero
@@ -152,7 +151,7 @@ def _warm_kernels(store: Store, scale: float, granule: int) -> None:
     n_counts = np.ones(stop)
     _, n, ptr, genes, vals = _stats_task(store, 0, stop, codes, n_counts, scale, 1, granule,
                                          None)
-    planes = [np.zeros((1, store.n_genes)) for _ in range(kern.N_VALS)]
+    planes = [np.zeros((1, store.n_genes)) for _ in PLANES]
     acc_n = np.zeros(1)
     kern.fold_slots(acc_n, *planes, n, ptr, genes, vals, np.zeros(len(n), dtype=np.int64))
     kern.finish_m2(acc_n, planes[0], planes[2], planes[3], np.zeros(1, dtype=np.int64))
@@ -255,10 +254,9 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
     number of groups and the most open at once (rows of accumulators held)."""
     if granule <= 0 or granule % GRANULE:
         raise ValueError(f"granule {granule} is not a positive multiple of {GRANULE}")
-    import tempfile
     import time
 
-    from cellmill.io.planes import RowPlanes
+    from cellmill.io.planes import RowPlanes, new_folder
     from cellmill.io.progress import bar
 
     warmed = on_a_thread(_warm_kernels, store, float(scale_factor), granule)
@@ -274,9 +272,7 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
     window = _plan_window(store, slots, block_cells, max(1, workers), memory_bytes)
     rows = open_rows(first, last, len(ranges))
 
-    root = tempfile.mkdtemp(prefix=f"{store.path.name}.{SCRATCH}-{os.getpid()}-",
-                            dir=store.path.parent)
-    out = RowPlanes(root, PLANES, (n_groups, n_genes))
+    out = RowPlanes(new_folder(store.path, SCRATCH), PLANES, (n_groups, n_genes))
     acc = None  # made once the first blocks are under way (~50 ms off the pass's wall)
     pbar = bar(total=len(ranges), desc="grouped statistics", enabled=progress)
     # a worker thread's block arrays are reused (threads only: a cluster's workers would keep
@@ -301,19 +297,6 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
         timing.update(seconds=round(time.perf_counter() - t0, 3), groups=n_groups,
                       open_groups=rows)
     return _dataset(out, n, coords, store, columns, scale_factor, mask is not None)
-
-
-def remove_stale_scratch(store: Store) -> None:
-    """Remove the scratch folders beside the store left by a process that is gone (killed
-    mid-stage); a live process's (a Dataset still in use) stay."""
-    import shutil
-
-    import psutil
-
-    for path in store.path.parent.glob(f"{store.path.name}.{SCRATCH}-*"):
-        pid = path.name[len(f"{store.path.name}.{SCRATCH}-"):].split("-")[0]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _dataset(out, n: np.ndarray, coords: pd.DataFrame, store: Store, columns, scale_factor,

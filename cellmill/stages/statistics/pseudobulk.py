@@ -96,6 +96,12 @@ def pseudobulk_dataset(ds, sample_col: str, meta: pd.DataFrame):
                              "value": "sum of raw counts per sample x cluster"})
 
 
+def _local(arr) -> np.ndarray:
+    """A DataArray's values read in this process (the grouped statistics' planes are this
+    process's scratch files: never a cluster's tasks)."""
+    return np.asarray(arr.compute(scheduler="synchronous").values)
+
+
 def slab_genes(rows: int, bytes_a_plane: int = 32 << 20) -> int:
     """Genes a slab when reading `rows` rows of a (rows, genes) float64/int64 plane: 4,096 (a
     stored chunk) or fewer, so that a slab stays within bytes_a_plane (at least 256)."""
@@ -115,7 +121,7 @@ class _GroupSums:
 
     def __getitem__(self, key):
         s_key, c_key, g_key = key
-        slab = np.asarray(self.counts[:, g_key].compute(scheduler="synchronous").values)
+        slab = _local(self.counts[:, g_key])
         out = np.zeros((self.shape[0], self.shape[1], slab.shape[1]), dtype=np.int64)
         np.add.at(out, (self.si, self.ci), slab)  # integer sums: exact in any order
         return out[s_key, c_key]
@@ -301,7 +307,7 @@ class _ClusterCounts:
             if i in self.kept:
                 self.kept.move_to_end(i)
                 return self.kept[i]
-            x = np.asarray(self.counts[:, i].compute(scheduler="synchronous").values)
+            x = _local(self.counts[:, i])
             self.kept[i] = x
             while len(self.kept) > self.keep:
                 self.kept.popitem(last=False)
@@ -310,7 +316,7 @@ class _ClusterCounts:
     def totals(self) -> np.ndarray:
         out = np.zeros((self.counts.shape[0], self.counts.shape[2]), dtype=np.int64)
         for i in range(self.counts.shape[1]):
-            out += np.asarray(self.counts[:, i].compute(scheduler="synchronous").values)
+            out += _local(self.counts[:, i])
         return out
 
 
@@ -329,8 +335,7 @@ def cell_level_pvalues(ds, cfg, contrasts) -> dict:
     out = {key: np.empty(n_genes, dtype=np.float64) for key in sides}
     for a in range(0, n_genes, step):
         b = min(a + step, n_genes)
-        g_sum = np.asarray(ds["sum"][:, a:b].compute(scheduler="synchronous").values)
-        g_m2 = np.asarray(ds["m2"][:, a:b].compute(scheduler="synchronous").values)
+        g_sum, g_m2 = _local(ds["sum"][:, a:b]), _local(ds["m2"][:, a:b])
         for key, idx_both in sides.items():
             moments = []
             for idx in idx_both:

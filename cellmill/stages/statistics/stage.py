@@ -14,10 +14,11 @@ import pandas as pd
 
 from cellmill.config import Config, ConfigError
 from cellmill.engine.registry import Context, stage
+from cellmill.io.planes import remove_stale
 from cellmill.stages.statistics.grouped import (
+    SCRATCH,
     TARGET_COLUMNS,
     grouped_statistics,
-    remove_stale_scratch,
     write_grouped_stats,
 )
 from cellmill.stages.statistics.pseudobulk import PSEUDOBULK
@@ -186,7 +187,7 @@ def run_statistics(ctx: Context) -> dict:
             raise ConfigError(f"study.target_genes: gene {unknown[0]!r} is not in the store "
                               f"({len(genes)} genes)")
     columns = _group_by(cfg, obs_cols)
-    remove_stale_scratch(store)  # a killed run's
+    remove_stale(store.path, SCRATCH)  # a killed run's
     timing = {"passes": 1}  # the streaming part, for the benchmark's throughput
     ds = grouped_statistics(store, columns, cfg.normalize.scale_factor, mask=qc_passed(store),
                             memory_bytes=cfg.compute.memory_bytes, scheduler=ctx.scheduler(),
