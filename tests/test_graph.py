@@ -103,6 +103,27 @@ def test_float32_distance_within_the_screen_bound(scale):
         assert (buf.astype(np.float64) <= (true + slack) ** 2 * grow).all()
 
 
+@pytest.mark.parametrize("rows,scheduler", [(97, ("threads", 2)), (5000, ("sync", 1))])
+def test_knn_index_on_disk_gives_exact_searchs_bits(tmp_path, rows, scheduler):
+    """The index made from blocks of rows with its points in files (the tree built on float32
+    copies), searched by tasks that map the files: brute force's lists, the in-memory index's
+    distances bit for bit, on integer points (ties, duplicates) and far from the origin (the
+    float32 screen); its files are the caller's to remove, and hold nothing else."""
+    from cellmill.stages.shared.knn import knn_index, knn_index_on_disk, knn_search, row_blocks
+
+    rng = np.random.default_rng(1)
+    for i, x in enumerate([rng.integers(0, 3, size=(400, 5)).astype(np.float64),
+                           1e4 + 1e-3 * mixture(600, d=7, seed=11)]):
+        index = knn_index_on_disk(row_blocks(x, rows), len(x), tmp_path / str(i))
+        idx, dist = knn_search(index, 12, scheduler=scheduler, chunk=64)
+        np.testing.assert_array_equal(idx, brute_knn(x, 12)[0])
+        ref_idx, ref_dist = knn_search(knn_index(x), 12)
+        np.testing.assert_array_equal(idx, ref_idx)
+        np.testing.assert_array_equal(dist, ref_dist)
+        assert sorted(p.name for p in (tmp_path / str(i)).iterdir()) == ["index.f32",
+                                                                        "index.f64"]
+
+
 def test_self_first_for_approximate_lists():
     # pynndescent's lists (the neighbors.method = "pynndescent" option) may miss the point
     # itself or hold it later: it is put first at distance 0, the last neighbour dropped
@@ -189,6 +210,20 @@ def test_obsm_rows_reads_the_passed_rows():
     cells = np.flatnonzero(np.random.default_rng(4).random(300) < 0.7)
     np.testing.assert_array_equal(obsm_rows(_ArrayStore(pcs=x), "X_pca", cells, 15),
                                   x[cells, :15])
+
+
+def test_obsm_row_blocks_are_the_passed_rows_in_order():
+    from cellmill.engine.cells import obsm_row_blocks
+
+    x = np.random.default_rng(3).normal(size=(3000, 50))
+    cells = np.flatnonzero(np.random.default_rng(4).random(3000) < 0.7)
+    store = _ArrayStore(pcs=x)
+    for rows in (1, 500, 10**6):
+        blocks = list(obsm_row_blocks(store, "X_pca", cells, 15, rows=rows))
+        assert [a for a, _, _ in blocks] == [0] + [b for _, b, _ in blocks[:-1]]
+        assert blocks[-1][1] == len(cells)
+        np.testing.assert_array_equal(np.concatenate([p for _, _, p in blocks]), x[cells, :15])
+    assert list(obsm_row_blocks(store, "X_pca", cells[:0], 15)) == []
 
 
 def test_igraph_edges_are_the_upper_triangle():

@@ -317,14 +317,13 @@ def test_pow_many_is_x_to_the_b_rounded_to_float32():
         assert (ulps == 0).mean() >= 0.99
 
 
-def test_unit_rows_transposed_in_blocks_equals_unit_rows():
-    from cellmill.stages.umap.in_memory import unit_rows, unit_rows_t
+def test_points_given_in_blocks_give_the_same_layout(tmp_path):
+    """The stage's loaders (the points, and the same in blocks of rows for the exact search,
+    the count given): the same bits as the points passed as one array."""
+    from cellmill.stages.shared.knn import row_blocks
 
-    x = np.random.default_rng(5).normal(size=(53, 15)) * 3.0
-    x[[0, 17]] = 0.0  # zero rows stay zero
-    got = unit_rows_t(x, rows=7)
-    assert got.flags.c_contiguous and got.shape == (15, 53)
-    np.testing.assert_array_equal(got, unit_rows(x).T)
-    norms = np.linalg.norm(got, axis=0)
-    np.testing.assert_allclose(norms[norms > 0], 1.0, rtol=1e-15)
-    assert (got[:, [0, 17]] == 0).all()
+    x, _ = mixture(3000)
+    a = layout.umap_streamed(x, n_epochs=30, scratch=tmp_path / "a")
+    b = layout.umap_streamed(lambda: x.copy(), n_epochs=30, scratch=tmp_path / "b",
+                             n=len(x), point_blocks=lambda: row_blocks(x, rows=777))
+    np.testing.assert_array_equal(a, b)

@@ -8,24 +8,37 @@ import logging
 import numpy as np
 
 log = logging.getLogger("cellmill")
+def obsm_row_blocks(store, name: str, cells: np.ndarray, n_cols: int, rows: int = 65536):
+    """(a, b, rows cells[a:b] of obsm/name, first n_cols columns) in order, read one storage
+    chunk at a time and handed out about `rows` at a time."""
+    arr = store.root["obsm"][name]
+    n, n_cols = arr.shape[0], min(n_cols, arr.shape[1])
+    step = arr.chunks[0]
+    parts, start, held = [], 0, 0
+    for r0 in range(0, n, step):
+        a, b = np.searchsorted(cells, [r0, r0 + step])
+        if b > a:
+            parts.append(arr[r0:min(r0 + step, n), :n_cols][cells[a:b] - r0])
+            held += b - a
+        if held >= rows or (r0 + step >= n and parts):
+            yield start, start + held, np.concatenate(parts) if len(parts) > 1 else parts[0]
+            parts, start, held = [], start + held, 0
+
+
 def obsm_rows(store, name: str, cells: np.ndarray, n_cols: int,
               transposed: bool = False) -> np.ndarray:
     """Rows `cells` (ascending) and the first n_cols columns of obsm/name, read one storage
     chunk at a time: the whole n_cells x 50 float64 X_pca is never in memory. `transposed`:
     returned as n_cols x len(cells), C-contiguous."""
     arr = store.root["obsm"][name]
-    n, n_cols = arr.shape[0], min(n_cols, arr.shape[1])
+    n_cols = min(n_cols, arr.shape[1])
     out = np.empty((n_cols, len(cells)) if transposed else (len(cells), n_cols),
                    dtype=arr.dtype)
-    step = arr.chunks[0]
-    for r0 in range(0, n, step):
-        a, b = np.searchsorted(cells, [r0, r0 + step])
-        if b > a:
-            part = arr[r0:min(r0 + step, n), :n_cols][cells[a:b] - r0]
-            if transposed:
-                out[:, a:b] = part.T
-            else:
-                out[a:b] = part
+    for a, b, part in obsm_row_blocks(store, name, cells, n_cols, rows=arr.chunks[0]):
+        if transposed:
+            out[:, a:b] = part.T
+        else:
+            out[a:b] = part
     return out
 
 

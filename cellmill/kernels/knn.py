@@ -37,9 +37,13 @@ def screen_slack(ref_t: np.ndarray) -> float:
     own rounding, bounded in knn_self) exceeds the true one by at most 4.1 u M sqrt(d)
     (triangle inequality). 5 u M sqrt(d) is returned; inf (no screen) for coordinates
     float32 cannot hold."""
-    d = ref_t.shape[0]
     # max |x| without np.abs's copy of the points (120 MB at 1M cells); NaN stays NaN
     m = float(np.maximum(ref_t.max(), -ref_t.min())) if ref_t.size else 0.0
+    return slack_of_max(m, ref_t.shape[0])
+
+
+def slack_of_max(m: float, d: int) -> float:
+    """screen_slack given M, the largest |coordinate| (NaN: no screen)."""
     if not m < 1e30:
         return np.inf
     return 5.0 * U32 * m * float(np.sqrt(d))

@@ -30,7 +30,7 @@ from cellmill.stages.shared.knn import (
     approximate_knn,
     index_dtype,
     knn_chunks,
-    knn_index,
+    knn_index_on_disk,
     knn_method,
 )
 
@@ -188,7 +188,7 @@ class _SpilledRows:
 
 def _search_spilled(index, k: int, cells: np.ndarray, root, ctx, block: int):
     """Exact search: (indices in memory, the SNN graph needs them; distances spilled)."""
-    n = index[1].shape[1]
+    n = len(index[0])
     idx = np.empty((n, k), dtype=index_dtype(n))
     dist = _SpilledRows(root, cells, k, block)
     for rows, p_idx, p_dist in knn_chunks(index, k, scheduler=ctx.scheduler(),
@@ -206,25 +206,26 @@ def _neighbors_params(cfg):
 
 @stage("neighbors", after=("pca",), params=_neighbors_params)
 def run_neighbors(ctx: Context) -> dict:
+    from cellmill.engine.cells import obsm_row_blocks, qc_passed
+
     cfg, store = ctx.cfg.neighbors, ctx.store
-    cells, pcs = passed_pcs(ctx.store, ctx.cfg.neighbors.n_pcs, transposed=True)
-    k, n_pcs = min(cfg.k, len(cells)), pcs.shape[0]
+    cells = np.flatnonzero(qc_passed(store))
+    n_pcs = min(cfg.n_pcs, store.root["obsm"]["X_pca"].shape[1])
+    k = min(cfg.k, len(cells))
     info = {"setting": cfg.method, "exact_up_to": shared_knn.EXACT_UP_TO, "cells": int(len(cells))}
     exact = knn_method(cfg.method, len(cells)) == "exact"
-    if not exact:
-        del pcs  # read again where needed: no copy held while NN-descent runs
-        idx, dist, done = approximate_knn(lambda: passed_pcs(store, n_pcs)[1], k,
-                                          scheduler=ctx.scheduler(), progress=ctx.progress)
-        info.update(done)
-    else:
-        pcs = np.ascontiguousarray(pcs, dtype=np.float64)  # (no copy: they are float64)
-        index = knn_index(pcs, transposed=True)  # the PCs become the index's own
-        del pcs
-        info["method"] = "exact"
     root = scratch_dir(store.path, "neighbors")
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
     try:
+        if not exact:  # the PCs read where needed: no copy held while NN-descent runs
+            idx, dist, done = approximate_knn(lambda: passed_pcs(store, n_pcs)[1], k,
+                                              scheduler=ctx.scheduler(), progress=ctx.progress)
+            info.update(done)
+        else:  # the index made from the PCs a block at a time, on disk beside the store
+            index = knn_index_on_disk(obsm_row_blocks(store, "X_pca", cells, n_pcs),
+                                      len(cells), root / "index")
+            info["method"] = "exact"
         block = _spill_block(store.n_cells)
         if exact:
             idx, dist = _search_spilled(index, k, cells, root, ctx, block)
@@ -244,4 +245,3 @@ def run_neighbors(ctx: Context) -> dict:
     del idx
     release_heap()
     return {"knn": info}
-

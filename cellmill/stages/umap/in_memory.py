@@ -29,17 +29,6 @@ def unit_rows(points: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)[:, None]
 
 
-def unit_rows_t(points: np.ndarray, rows: int = 65536) -> np.ndarray:
-    """unit_rows(points).T as a C-contiguous d x n array, made a block of rows at a time (the
-    same numbers: each row is scaled as unit_rows scales it), without unit_rows' two
-    full-size temporaries."""
-    x = np.asarray(points, dtype=np.float64)
-    out = np.empty((x.shape[1], x.shape[0]))
-    for a in range(0, x.shape[0], rows):
-        out[:, a:a + rows] = unit_rows(x[a:a + rows]).T
-    return out
-
-
 def cosine_knn(points: np.ndarray, k: int, scheduler=None, progress: bool = False):
     """Exact k nearest neighbours in cosine distance 1 - cos (via unit vectors)."""
     unit = unit_rows(points)

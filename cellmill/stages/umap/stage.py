@@ -33,7 +33,7 @@ def run_umap(ctx: Context) -> dict:
     record: dict = {}
     n_pcs = ctx.cfg.neighbors.n_pcs
     if u.backend == "streamed":
-        from cellmill.engine.cells import qc_passed
+        from cellmill.engine.cells import obsm_row_blocks, qc_passed
         from cellmill.io.scratch import scratch_dir
         from cellmill.stages.umap.streamed import umap_streamed
 
@@ -44,7 +44,9 @@ def run_umap(ctx: Context) -> dict:
                             u.seed, u.n_epochs, scratch=scratch_dir(store.path, "umap"),
                             scheduler=ctx.scheduler(), progress=ctx.progress, optimizer=u.optimizer,
                             knn_method=ctx.cfg.neighbors.method, record=record,
-                            memory_bytes=ctx.cfg.compute.memory_bytes)
+                            memory_bytes=ctx.cfg.compute.memory_bytes, n=len(cells),
+                            point_blocks=lambda: obsm_row_blocks(store, "X_pca", cells,
+                                                                 n_pcs))
     else:
         cells, pcs = passed_pcs(store, n_pcs)
         emb = umap_embedding(pcs, u.n_neighbors, u.min_dist, u.seed, u.n_epochs,

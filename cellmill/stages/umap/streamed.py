@@ -3,7 +3,7 @@
 umap-learn holds the kNN lists, the fuzzy graph (built with scipy temporaries) and ~50 bytes
 per edge of optimiser state: ~1.3 GB at 400k cells, growing with the cells. Here only
 O(cells) arrays stay in memory (the PCs while the kNN search runs, sigma/rho of a block,
-degrees, the 2-D embedding); the O(cells x k) parts go through raw scratch files beside the
+degrees and a few vectors of the eigensolver, the 2-D embedding); the O(cells x k) parts go through raw scratch files beside the
 store, one block of rows at a time (the finished graph alone may be held, step 4):
 
 1. the 30-NN lists in cosine distance (exact search, or NN-descent past neighbors.method's
@@ -13,8 +13,9 @@ store, one block of rows at a time (the finished graph alone may be held, step 4
 3. per bucket, the fuzzy union a + b - a*b of the two directions: umap-learn's symmetric
    graph, written as CSR (row order);
 4. edges below max / epochs dropped (as umap-learn does), then the spectral initialisation:
-   ARPACK on D^-1/2 W D^-1/2, the graph streamed for every product (or read into memory once
-   when it fits half of compute.memory: the same blocks either way);
+   the largest eigenvectors of D^-1/2 W D^-1/2 with the Krylov basis on disk too
+   (stages/umap/eigen.py), the graph streamed for every product (or read into memory once
+   when it fits a quarter of compute.memory: the same blocks either way);
 5. the layout, an epoch at a time over the blocks: by default the batch optimiser on all
    threads (kernels/layout_batch.py), or umap-learn's sequential one (kernels/layout.py).
 """
@@ -53,13 +54,16 @@ BATCH_ENTRIES = 4_000_000  # graph entries per block the batch optimiser reads: 
 
 
 def _knn_to_buckets(points, k, root: Path, scheduler, progress, method: str = "exact",
-                    info: dict | None = None, n: int | None = None) -> tuple[Buckets, float]:
+                    info: dict | None = None, n: int | None = None,
+                    point_blocks=None) -> tuple[Buckets, float]:
     """Step 1: the cosine kNN lists, bucketed by row block: exact search, or NN-descent when
     neighbors.method = `method` says so for this many cells (stages/shared/knn.py; Euclidean
     on unit rows orders as cosine does). Returns (buckets, mean distance); what was done goes
-    into `info` when given."""
+    into `info` when given. Exact search indexes the unit rows on disk (under root/index,
+    removed after the search), made a block of rows at a time from `point_blocks()` ((a, b,
+    rows a..b) in order) when given, else from the points."""
     from cellmill.stages.shared import knn as shared_knn
-    from cellmill.stages.umap.in_memory import unit_rows, unit_rows_t
+    from cellmill.stages.umap.in_memory import unit_rows
 
     if n is None:  # (the caller may know it: a loader's points are not loaded to count them)
         n = len(load_points(points))
@@ -75,7 +79,10 @@ def _knn_to_buckets(points, k, root: Path, scheduler, progress, method: str = "e
                   for a in range(0, n, ROWS))
     else:
         # the unit rows dimension-major become the index's own points (no second copy)
-        index = shared_knn.knn_index(unit_rows_t(load_points(points)), transposed=True)
+        blocks = (point_blocks() if point_blocks is not None
+                  else shared_knn.row_blocks(load_points(points)))
+        index = shared_knn.knn_index_on_disk(((a, b, unit_rows(p)) for a, b, p in blocks), n,
+                                             root / "index")
         info["method"] = "exact"
         chunks = shared_knn.knn_chunks(index, k, scheduler, progress=progress,
                                        desc="umap knn")
@@ -90,6 +97,7 @@ def _knn_to_buckets(points, k, root: Path, scheduler, progress, method: str = "e
         out.append(rows // ROWS, row=rows.astype(np.int32), idx=idx.astype(np.int32),
                    dist=d32)
     out.close()
+    shutil.rmtree(root / "index", ignore_errors=True)
     return out, total / max(n * k, 1)
 
 
@@ -154,16 +162,19 @@ def _components_and_degrees(graph: DiskGraph, keep_from: float) -> tuple[int, np
 
 
 def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False,
-                  threads: int = 1):
+                  threads: int = 1, root: Path | None = None):
     """umap-learn's spectral initialisation (as graph.spectral_init) with the graph streamed:
-    eigenvectors 2..3 of the largest eigenvalues of D^-1/2 W D^-1/2 (ARPACK, 32 Lanczos
-    vectors, tol 1e-4, v0 ones), scaled to +-10 with umap-learn's noise. A graph of several
-    components or under 2,000 cells goes to umap-learn's spectral_layout in memory."""
-    import scipy.sparse.linalg as sla
+    eigenvectors 2..3 of the largest eigenvalues of D^-1/2 W D^-1/2 (a Krylov basis of 32
+    vectors as files under `root`, tol 1e-4, v0 ones: stages/umap/eigen.py), scaled to +-10
+    with umap-learn's noise. A graph of several components or under 2,000 cells goes to
+    umap-learn's spectral_layout in memory."""
+    import tempfile
+
     from threadpoolctl import threadpool_limits
     from umap.umap_ import noisy_scale_coords
 
-    from cellmill.stages.umap.in_memory import spectral_vectors
+    from cellmill.stages.umap.eigen import ArpackLikeError, largest_eigenpairs
+    from cellmill.stages.umap.in_memory import LANCZOS_VECTORS
 
     n, dim = graph.n, 2
     n_comp, deg = _components_and_degrees(graph, keep_from)
@@ -177,6 +188,7 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
         return noisy_scale_coords(emb, rs, max_coord=10, noise=0.0001)
     inv_sq = 1.0 / np.sqrt(deg)
     del deg
+
     calls = [0]
     rows = _batch_rows(graph)
 
@@ -188,11 +200,18 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
         calls[0] += 1
         return inv_sq * y
 
-    # ARPACK's own BLAS on one thread: OpenBLAS's threads spin between its calls and would
-    # take the cores from the products (measured: 15 -> 7 ms a product on 2 cores)
-    with numba_threads(threads), threadpool_limits(1):
-        emb = spectral_vectors(sla.LinearOperator((n, n), matvec=matvec, dtype=np.float64),
-                               dim, rs)
+    # BLAS on one thread: OpenBLAS's threads spin between its calls and would take the
+    # cores from the products (measured: 15 -> 7 ms a product on 2 cores), and its sums
+    # then do not depend on the core count
+    with (numba_threads(threads), threadpool_limits(1),
+          tempfile.TemporaryDirectory(prefix="krylov-", dir=root) as tmp):
+        try:
+            _, vecs = largest_eigenpairs(matvec, n, dim + 1, Path(tmp), m=LANCZOS_VECTORS,
+                                         tol=1e-4, v0=np.ones(n), max_products=n * 5)
+            emb = vecs[:, 1:]
+        except ArpackLikeError:
+            log.warning("umap: spectral initialisation failed; random initialisation")
+            emb = rs.uniform(low=-10.0, high=10.0, size=(n, dim))
     log.info("umap: spectral initialisation in %d graph products", calls[0])
     return noisy_scale_coords(emb, rs, max_coord=10, noise=0.0001)
 
@@ -265,7 +284,8 @@ def umap_streamed(points, n_neighbors: int = 30, min_dist: float = 0.3,
                   seed: int = 42, n_epochs: int = 0, scratch: Path | None = None,
                   scheduler=None, progress: bool = False, optimizer: str = "batch",
                   knn_method: str = "exact", record: dict | None = None,
-                  memory_bytes: int | None = None) -> np.ndarray:
+                  memory_bytes: int | None = None, n: int | None = None,
+                  point_blocks=None) -> np.ndarray:
     """UMAP of `points` (an array, or a loader: see load_points) as graph.umap_embedding computes
     it, with the graph on disk under `scratch` (made, then removed). `optimizer`: "batch" (on
     as many threads as the scheduler has workers) or "sequential" (umap-learn's in-place
@@ -273,14 +293,17 @@ def umap_streamed(points, n_neighbors: int = 30, min_dist: float = 0.3,
     for this many points; what was done goes into `record["knn"]` when given, the seconds
     per step into `record["seconds"]`. A graph of at most half of `memory_bytes` is held in
     memory for the spectral products and the epochs (the same numbers as streamed from disk;
-    faster)."""
+    faster). `n`: the number of points, when known (a loader is then not called to count
+    them); `point_blocks`: a loader of them in blocks of rows for the exact search (see
+    _knn_to_buckets)."""
     import tempfile
 
     from umap.umap_ import find_ab_params
 
-    from cellmill.stages.umap.in_memory import LANCZOS_VECTORS, umap_epochs
+    from cellmill.stages.umap.in_memory import umap_epochs
 
-    n = len(load_points(points))
+    if n is None:
+        n = len(load_points(points))
     k = min(n_neighbors, n)
     epochs = umap_epochs(n, n_epochs)
     if scratch is None:
@@ -295,20 +318,21 @@ def umap_streamed(points, n_neighbors: int = 30, min_dist: float = 0.3,
         if record is not None:
             record["knn"] = knn_info
         knn, mean_dist = _knn_to_buckets(points, k, root, scheduler, progress, knn_method,
-                                         knn_info, n=n)
+                                         knn_info, n=n, point_blocks=point_blocks)
         t1 = time.perf_counter()
         graph = fuzzy_graph(knn, n, k, mean_dist, root, progress)
         release_heap()
         t2 = time.perf_counter()
         # umap-learn drops weights below max / epochs, compared in float32
         keep_from = float(np.float32(graph.w_max / float(epochs)))
-        # held when it and the spectral step's Lanczos vectors (LANCZOS_VECTORS of n
-        # float64) fit in half the budget: at 196k cells 75 + 50 MB, held; at 1M 384 + 256
-        # MB, streamed from disk (the page cache), which holds the stage's peak down
-        if memory_bytes and graph.hold(memory_bytes // 2 - LANCZOS_VECTORS * 8 * n):
+        # held when it fits in a quarter of the budget (a cache, for speed: the same
+        # numbers either way): at 196k cells 75 MB, held; at 1M 384 MB, streamed from disk
+        # (the page cache), so the stage's memory does not grow with the cells
+        if memory_bytes and graph.hold(memory_bytes // 4):
             log.info("umap: graph held in memory (%.0f MB)", graph.nbytes() / 2**20)
         rs = np.random.RandomState(seed)
-        init = spectral_init(graph, keep_from, points, rs, progress, n_workers(scheduler))
+        init = spectral_init(graph, keep_from, points, rs, progress, n_workers(scheduler),
+                             root)
         release_heap()
         t3 = time.perf_counter()
         a, b = find_ab_params(1.0, min_dist)
