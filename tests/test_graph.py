@@ -104,24 +104,30 @@ def test_float32_distance_within_the_screen_bound(scale):
 
 
 @pytest.mark.parametrize("rows,scheduler", [(97, ("threads", 2)), (5000, ("sync", 1))])
-def test_knn_index_on_disk_gives_exact_searchs_bits(tmp_path, rows, scheduler):
-    """The index made from blocks of rows with its points in files (the tree built on float32
-    copies), searched by tasks that map the files: brute force's lists, the in-memory index's
-    distances bit for bit, on integer points (ties, duplicates) and far from the origin (the
-    float32 screen); its files are the caller's to remove, and hold nothing else."""
-    from cellmill.stages.shared.knn import knn_index, knn_index_on_disk, knn_search, row_blocks
+def test_knn_index_from_blocks_gives_exact_searchs_bits(tmp_path, rows, scheduler):
+    """The index made from blocks of rows through a file (the tree built on float32 copies):
+    brute force's lists and the in-memory index's distances bit for bit, on integer points
+    (ties, duplicates) and far from the origin (the float32 screen); its file is gone."""
+    from cellmill.stages.shared.knn import (
+        knn_index,
+        knn_index_from_blocks,
+        knn_search,
+        row_blocks,
+    )
 
     rng = np.random.default_rng(1)
     for i, x in enumerate([rng.integers(0, 3, size=(400, 5)).astype(np.float64),
                            1e4 + 1e-3 * mixture(600, d=7, seed=11)]):
-        index = knn_index_on_disk(row_blocks(x, rows), len(x), tmp_path / str(i))
+        index = knn_index_from_blocks(row_blocks(x, rows), len(x), tmp_path / str(i))
         idx, dist = knn_search(index, 12, scheduler=scheduler, chunk=64)
         np.testing.assert_array_equal(idx, brute_knn(x, 12)[0])
-        ref_idx, ref_dist = knn_search(knn_index(x), 12)
+        ref = knn_index(x)
+        np.testing.assert_array_equal(index[4], index[1].astype(np.float32))
+        assert index[5] == ref[5]  # the screen's slack
+        ref_idx, ref_dist = knn_search(ref, 12)
         np.testing.assert_array_equal(idx, ref_idx)
         np.testing.assert_array_equal(dist, ref_dist)
-        assert sorted(p.name for p in (tmp_path / str(i)).iterdir()) == ["index.f32",
-                                                                        "index.f64"]
+        assert list((tmp_path / str(i)).iterdir()) == []
 
 
 def test_self_first_for_approximate_lists():

@@ -30,7 +30,7 @@ from cellmill.stages.shared.knn import (
     approximate_knn,
     index_dtype,
     knn_chunks,
-    knn_index_on_disk,
+    knn_index_from_blocks,
     knn_method,
 )
 
@@ -222,9 +222,9 @@ def run_neighbors(ctx: Context) -> dict:
             idx, dist, done = approximate_knn(lambda: passed_pcs(store, n_pcs)[1], k,
                                               scheduler=ctx.scheduler(), progress=ctx.progress)
             info.update(done)
-        else:  # the index made from the PCs a block at a time, on disk beside the store
-            index = knn_index_on_disk(obsm_row_blocks(store, "X_pca", cells, n_pcs),
-                                      len(cells), root / "index")
+        else:  # the index made from the PCs a block at a time (through a scratch file)
+            index = knn_index_from_blocks(obsm_row_blocks(store, "X_pca", cells, n_pcs),
+                                          len(cells), root / "index")
             info["method"] = "exact"
         block = _spill_block(store.n_cells)
         if exact:

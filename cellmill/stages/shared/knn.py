@@ -28,78 +28,58 @@ def _knn_chunk(ref_t, ref32, slack, orig, lo, hi, leaf, q0, q1, k):
 
     idx = np.empty((q1 - q0, k), dtype=index_dtype(ref_t.shape[1]))
     dist = np.empty((q1 - q0, k))
-    # a spilled index is mapped for this chunk only: the pages it touches (the leaves near
-    # its queries) count as the process's memory until the mapping goes
-    knn_self(_mapped(ref_t), _mapped(ref32), slack, orig, lo, hi, leaf, q0, q1, k, idx, dist)
+    knn_self(ref_t, ref32, slack, orig, lo, hi, leaf, q0, q1, k, idx, dist)
     return idx, dist
 
 
-class OnDisk:
-    """A d x n array in a raw file (C order), mapped by each search task that reads it."""
-
-    def __init__(self, path: Path, shape: tuple, dtype):
-        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
-
-    def open(self) -> np.ndarray:
-        return np.asarray(np.memmap(self.path, dtype=self.dtype, mode="r", shape=self.shape))
-
-    def __dask_tokenize__(self):
-        return ("OnDisk", str(self.path), self.shape, self.dtype.str)
-
-
-def _mapped(arr):
-    return arr.open() if isinstance(arr, OnDisk) else arr
-
-
 def row_blocks(points: np.ndarray, rows: int = 65536):
-    """(a, b, rows a..b as float64) of an n x d array: what knn_index_on_disk takes."""
+    """(a, b, rows a..b as float64) of an n x d array: what knn_index_from_blocks takes."""
     x = np.asarray(points)
     for a in range(0, x.shape[0], rows):
         yield a, min(a + rows, x.shape[0]), np.asarray(x[a:a + rows], dtype=np.float64)
 
 
-def knn_index_on_disk(blocks, n: int, root: Path):
-    """knn_index of the points that `blocks` gives ((a, b, rows a..b float64) in order), with
-    the points in files under `root` (made; the caller removes it) and mapped by the search
-    tasks: memory holds the tree permutation and leaf boxes (~10 bytes a point) and, while
-    the index is made, the points in float32 (the tree is built on them: exact search does
-    not depend on the tree). The search gives the same lists and distances, bit for bit."""
+def knn_index_from_blocks(blocks, n: int, root: Path):
+    """knn_index of the points that `blocks` gives ((a, b, rows a..b float64) in order),
+    made without the points whole in memory twice: they go to a raw file under `root` (made,
+    then emptied; the caller removes it) as they come, the tree is built on a float32 copy
+    (exact search does not depend on the tree), and the float64 points are read back in tree
+    order a dimension at a time. The search gives the same lists and distances, bit for bit.
+
+    (A search mapping those files instead of holding them was tried: each task's mapping
+    touched most of the points, counted once per task in the process's memory.)"""
     import os
 
     from cellmill.kernels.knn import LEAF, block_boxes, slack_of_max, tree_order
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    raw, f64, f32 = root / "points.f64", root / "index.f64", root / "index.f32"
+    raw = root / "points.f64"
     ref32, d = np.empty((0, n), dtype=np.float32), 0
     peaks = [0.0]  # max |x| per block (NaN stays NaN: no screen)
-    with open(raw, "wb") as out:
-        for a, b, part in blocks:
-            if a == 0:
-                d = part.shape[1]
-                ref32 = np.empty((d, n), dtype=np.float32)
-            part_t = np.ascontiguousarray(part.T, dtype=np.float64)
-            for j in range(d):  # dimension-major on disk: row j of the d x n array
-                os.pwrite(out.fileno(), part_t[j], 8 * (j * n + a))
-            ref32[:, a:b] = part_t
-            if part.size:
-                peaks.append(float(np.maximum(part_t.max(), -part_t.min())))
-    slack = slack_of_max(float(np.max(peaks)), d)
-    perm = tree_order(ref32, LEAF)
-    for j in range(d):
-        ref32[j] = ref32[j, perm]
-    ref32.tofile(f32)
-    del ref32
-    nb = -(-n // LEAF)
-    lo, hi = np.empty((d, nb)), np.empty((d, nb))
-    with open(f64, "wb") as out:
-        for j in range(d):  # a dimension at a time: into tree order, its boxes, written
-            row = np.fromfile(raw, dtype=np.float64, count=n, offset=8 * j * n)[perm]
-            lo_j, hi_j = block_boxes(row[None, :], LEAF)
-            lo[j], hi[j] = lo_j[0], hi_j[0]
-            row.tofile(out)
-    raw.unlink()
-    return perm, OnDisk(f64, (d, n), np.float64), lo, hi, OnDisk(f32, (d, n), np.float32), slack
+    try:
+        with open(raw, "wb") as out:
+            for a, b, part in blocks:
+                if a == 0:
+                    d = part.shape[1]
+                    ref32 = np.empty((d, n), dtype=np.float32)
+                part_t = np.ascontiguousarray(part.T, dtype=np.float64)
+                for j in range(d):  # dimension-major on disk: row j of the d x n array
+                    os.pwrite(out.fileno(), part_t[j], 8 * (j * n + a))
+                ref32[:, a:b] = part_t
+                if part.size:
+                    peaks.append(float(np.maximum(part_t.max(), -part_t.min())))
+        perm = tree_order(ref32, LEAF)
+        for j in range(d):
+            ref32[j] = ref32[j, perm]
+        ref_t = np.empty((d, n))
+        for j in range(d):  # a dimension at a time, into tree order
+            np.take(np.fromfile(raw, dtype=np.float64, count=n, offset=8 * j * n), perm,
+                    out=ref_t[j])
+    finally:
+        raw.unlink(missing_ok=True)
+    lo, hi = block_boxes(ref_t, LEAF)
+    return perm, ref_t, lo, hi, ref32, slack_of_max(float(np.max(peaks)), d)
 
 
 def exact_knn(points: np.ndarray, k: int, scheduler=None, chunk: int | None = None,
@@ -116,7 +96,7 @@ def exact_knn(points: np.ndarray, k: int, scheduler=None, chunk: int | None = No
 def knn_index(points: np.ndarray):
     """The search structure of exact_knn: (tree permutation, points in tree order dimension-
     major, leaf boxes, those points in float32 and the screen's slack). It holds its own copy,
-    so the caller may free `points` before the search. knn_index_on_disk makes the same
+    so the caller may free `points` before the search. knn_index_from_blocks makes the same
     structure with the points in files."""
     from cellmill.kernels.knn import LEAF, block_boxes, screen_slack, tree_order
 

@@ -59,9 +59,9 @@ def _knn_to_buckets(points, k, root: Path, scheduler, progress, method: str = "e
     """Step 1: the cosine kNN lists, bucketed by row block: exact search, or NN-descent when
     neighbors.method = `method` says so for this many cells (stages/shared/knn.py; Euclidean
     on unit rows orders as cosine does). Returns (buckets, mean distance); what was done goes
-    into `info` when given. Exact search indexes the unit rows on disk (under root/index,
-    removed after the search), made a block of rows at a time from `point_blocks()` ((a, b,
-    rows a..b) in order) when given, else from the points."""
+    into `info` when given. Exact search's index is made from the unit rows a block at a
+    time (through a file under root/index), from `point_blocks()` ((a, b, rows a..b) in
+    order) when given, else from the points."""
     from cellmill.stages.shared import knn as shared_knn
     from cellmill.stages.umap.in_memory import unit_rows
 
@@ -81,8 +81,8 @@ def _knn_to_buckets(points, k, root: Path, scheduler, progress, method: str = "e
         # the unit rows dimension-major become the index's own points (no second copy)
         blocks = (point_blocks() if point_blocks is not None
                   else shared_knn.row_blocks(load_points(points)))
-        index = shared_knn.knn_index_on_disk(((a, b, unit_rows(p)) for a, b, p in blocks), n,
-                                             root / "index")
+        index = shared_knn.knn_index_from_blocks(
+            ((a, b, unit_rows(p)) for a, b, p in blocks), n, root / "index")
         info["method"] = "exact"
         chunks = shared_knn.knn_chunks(index, k, scheduler, progress=progress,
                                        desc="umap knn")
