@@ -8,9 +8,9 @@ cells; rows of failed cells empty).
 
 Memory: the O(cells x k) arrays, not copies of them: PCs read chunk by chunk (only the passed
 rows and the used columns) into the search index (float32 while its tree is built, the float64
-points parked in a scratch file meanwhile), int32 neighbour indices, results of parallel tasks copied wave by
-wave into preallocated arrays, the SNN graph filled straight into its all-cells CSR, full-size
-outputs made and written one at a time, freed heap trimmed between steps.
+points parked in a scratch file meanwhile), int32 neighbour indices, results of parallel tasks
+copied wave by wave into preallocated arrays, the SNN graph filled straight into its all-cells
+CSR, full-size outputs made and written one at a time, freed heap trimmed between steps.
 """
 
 from __future__ import annotations

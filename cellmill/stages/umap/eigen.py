@@ -74,7 +74,7 @@ class _Basis:
             w[a:b] -= h2 @ self.block(blk, cols)
         return h1 + h2
 
-    def combine(self, cols: int, y: np.ndarray, out: "_Basis | None" = None):
+    def combine(self, cols: int, y: np.ndarray, out: _Basis | None = None):
         """Vectors 0..cols-1 times y (cols x p): into `out`'s vectors 0..p-1, or returned
         (n x p) when out is None."""
         res = np.empty((self.n, y.shape[1])) if out is None else None

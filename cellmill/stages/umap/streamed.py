@@ -2,9 +2,10 @@
 
 umap-learn holds the kNN lists, the fuzzy graph (built with scipy temporaries) and ~50 bytes
 per edge of optimiser state: ~1.3 GB at 400k cells, growing with the cells. Here only
-O(cells) arrays stay in memory (the PCs while the kNN search runs, sigma/rho of a block,
-degrees and a few vectors of the eigensolver, the 2-D embedding); the O(cells x k) parts go through raw scratch files beside the
-store, one block of rows at a time (the finished graph alone may be held, step 4):
+O(cells) arrays stay in memory (the search index while the kNN search runs, sigma/rho of a
+block, degrees and a few vectors of the eigensolver, the 2-D embedding); the O(cells x k)
+parts go through raw scratch files beside the store, one block of rows at a time (the
+finished graph alone may be held, step 4):
 
 1. the 30-NN lists in cosine distance (exact search, or NN-descent past neighbors.method's
    crossover: stages/shared/knn.py) are bucketed by row block as the search returns them;
