@@ -191,7 +191,9 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
     del deg
 
     calls = [0]
-    rows = _batch_rows(graph)
+    # the graph's own blocks (~6 MB at 1M cells streamed, two in memory at a time): a row's
+    # sum does not depend on them, and a product is a single sweep with no barrier to spare
+    rows = graph.rows
 
     def matvec(v):
         x = inv_sq * np.asarray(v, dtype=np.float64).ravel()
