@@ -95,3 +95,12 @@ def test_invariant_start_and_no_convergence(tmp_path):
         eigen.largest_eigenpairs(lambda x: diag @ x, 200, 3, tmp_path, m=6, tol=1e-14,
                                  max_products=10)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_smallest_basis_still_grows(tmp_path):
+    """m = k + 1: each restart keeps k Ritz vectors and grows by one (keep < m always)."""
+    d = np.concatenate([np.linspace(0.0, 1.0, 197), [3.0, 4.0, 5.0]])
+    diag = sp.diags(d)
+    w, v = eigen.largest_eigenpairs(lambda x: diag @ x, 200, 3, tmp_path, m=4, tol=1e-8)
+    np.testing.assert_allclose(w, [5.0, 4.0, 3.0], rtol=1e-8)
+    np.testing.assert_allclose(np.abs(v[-3:][::-1]), np.eye(3), atol=1e-6)

@@ -104,7 +104,8 @@ def largest_eigenpairs(matvec, n: int, k: int, root: Path, m: int = 32, tol: flo
     m = min(m, n)
     if not 0 < k < m:
         raise ValueError(f"need 0 < k < m (k={k}, m={m}, n={n})")
-    keep = keep or max(k + 1, (m + k) // 2)
+    # at least one new vector per restart (keep < m), else the basis would never grow
+    keep = min(keep or max(k + 1, (m + k) // 2), m - 1)
     max_products = max_products or 5 * n
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
