@@ -2,8 +2,8 @@
 spectral start).
 
 ARPACK keeps its Lanczos basis in memory: 32 vectors of n float64, 256 MB at 1M cells, the
-largest part of the UMAP stage's peak. Here each basis vector is a raw file (explicit reads and
-writes: the page cache holds them, not the process), used a block of rows at a time, so
+largest part of the UMAP stage's peak. Here the basis is a raw scratch file (explicit reads
+and writes: the page cache holds it, not the process), used a block of rows at a time, so
 memory holds a few n-vectors whatever the basis size.
 
 The method is the Krylov-Schur restart of a Lanczos process (Stewart 2001; for symmetric
@@ -27,7 +27,8 @@ EPS23 = np.finfo(float).eps ** (2 / 3)  # ARPACK's floor on |eigenvalue| in its 
 
 
 class ArpackLikeError(RuntimeError):
-    """No convergence within the allowed operator products."""
+    """No convergence within the allowed operator products, or a start vector whose Krylov
+    space has fewer than k dimensions."""
 
 
 class _Basis:
