@@ -78,8 +78,13 @@ def spectral_vectors(m, dim: int, random_state: np.random.RandomState) -> np.nda
                          v0=np.ones(n), maxiter=n * 5)
         return v[:, np.argsort(-w)[1:k]]
     except sla.ArpackError:
-        log.warning("umap: spectral initialisation failed; random initialisation")
-        return random_state.uniform(low=-10.0, high=10.0, size=(n, dim))
+        return random_start(random_state, n, dim)
+
+
+def random_start(random_state: np.random.RandomState, n: int, dim: int) -> np.ndarray:
+    """umap-learn's start when the spectral one fails: uniform in [-10, 10)."""
+    log.warning("umap: spectral initialisation failed; random initialisation")
+    return random_state.uniform(low=-10.0, high=10.0, size=(n, dim))
 
 
 def umap_embedding(points: np.ndarray, n_neighbors: int = 30, min_dist: float = 0.3,

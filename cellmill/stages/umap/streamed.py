@@ -175,7 +175,7 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
     from umap.umap_ import noisy_scale_coords
 
     from cellmill.stages.umap.eigen import ArpackLikeError, largest_eigenpairs
-    from cellmill.stages.umap.in_memory import LANCZOS_VECTORS
+    from cellmill.stages.umap.in_memory import LANCZOS_VECTORS, random_start
 
     n, dim = graph.n, 2
     n_comp, deg = _components_and_degrees(graph, keep_from)
@@ -191,14 +191,13 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
     del deg
 
     calls = [0]
-    # the graph's own blocks (~6 MB at 1M cells streamed, two in memory at a time): a row's
-    # sum does not depend on them, and a product is a single sweep with no barrier to spare
-    rows = graph.rows
 
     def matvec(v):
         x = inv_sq * np.asarray(v, dtype=np.float64).ravel()
         y = np.empty(n)
-        for r0, ptr, cols, vals, _ in graph.blocks(rows):
+        # the graph's own blocks (~6 MB at 1M cells streamed, two in memory at a time),
+        # not the optimiser's 32 MB ones: a row's sum does not depend on them
+        for r0, ptr, cols, vals, _ in graph.blocks():
             kern.spmv_rows(ptr, cols, vals, keep_from, x, y[r0:r0 + len(ptr) - 1])
         calls[0] += 1
         return inv_sq * y
@@ -213,8 +212,7 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
                                          tol=1e-4, v0=np.ones(n), max_products=n * 5)
             emb = vecs[:, 1:]
         except ArpackLikeError:
-            log.warning("umap: spectral initialisation failed; random initialisation")
-            emb = rs.uniform(low=-10.0, high=10.0, size=(n, dim))
+            emb = random_start(rs, n, dim)
     log.info("umap: spectral initialisation in %d graph products", calls[0])
     return noisy_scale_coords(emb, rs, max_coord=10, noise=0.0001)
 
@@ -294,7 +292,7 @@ def umap_streamed(points, n_neighbors: int = 30, min_dist: float = 0.3,
     as many threads as the scheduler has workers) or "sequential" (umap-learn's in-place
     updates, one thread). The kNN search is the one neighbors.method = `knn_method` means
     for this many points; what was done goes into `record["knn"]` when given, the seconds
-    per step into `record["seconds"]`. A graph of at most half of `memory_bytes` is held in
+    per step into `record["seconds"]`. A graph of at most a quarter of `memory_bytes` is held in
     memory for the spectral products and the epochs (the same numbers as streamed from disk;
     faster). `n`: the number of points, when known (a loader is then not called to count
     them); `point_blocks`: a loader of them in blocks of rows for the exact search (see
