@@ -103,11 +103,16 @@ def test_float32_distance_within_the_screen_bound(scale):
         assert (buf.astype(np.float64) <= (true + slack) ** 2 * grow).all()
 
 
-@pytest.mark.parametrize("rows,scheduler", [(97, ("threads", 2)), (5000, ("sync", 1))])
-def test_knn_index_from_blocks_gives_exact_searchs_bits(tmp_path, rows, scheduler):
-    """The index made from blocks of rows through a file (the tree built on float32 copies):
-    brute force's lists and the in-memory index's distances bit for bit, on integer points
-    (ties, duplicates) and far from the origin (the float32 screen); its file is gone."""
+@pytest.mark.parametrize("rows,scheduler,block,chunk", [
+    (97, ("threads", 2), 128, 64), (5000, ("sync", 1), 256, None),
+    (333, ("threads", 2), 65536, None)])
+def test_knn_index_from_blocks_gives_exact_searchs_bits(tmp_path, rows, scheduler, block,
+                                                         chunk):
+    """The index on disk (made from blocks of rows through files, the tree built on a float32
+    copy, searched a block of points at a time): brute force's lists and the in-memory
+    index's distances bit for bit, on integer points (ties, duplicates) and far from the
+    origin (the float32 screen), whatever its blocks and the queries per task; only its two
+    tree-order files are left."""
     from cellmill.stages.shared.knn import (
         knn_index,
         knn_index_from_blocks,
@@ -117,17 +122,25 @@ def test_knn_index_from_blocks_gives_exact_searchs_bits(tmp_path, rows, schedule
 
     rng = np.random.default_rng(1)
     for i, x in enumerate([rng.integers(0, 3, size=(400, 5)).astype(np.float64),
-                           1e4 + 1e-3 * mixture(600, d=7, seed=11)]):
-        index = knn_index_from_blocks(row_blocks(x, rows), len(x), tmp_path / str(i))
-        idx, dist = knn_search(index, 12, scheduler=scheduler, chunk=64)
+                           1e4 + 1e-3 * mixture(600, d=7, seed=11),
+                           mixture(1500, d=15, seed=3)]):
+        index = knn_index_from_blocks(row_blocks(x, rows), len(x), tmp_path / str(i), block)
+        idx, dist = knn_search(index, 12, scheduler=scheduler, chunk=chunk)
         np.testing.assert_array_equal(idx, brute_knn(x, 12)[0])
         ref = knn_index(x)
-        np.testing.assert_array_equal(index[4], index[1].astype(np.float32))
-        assert index[5] == ref[5]  # the screen's slack
+        assert index.slack == ref.slack  # the screen's
+        np.testing.assert_array_equal(np.sort(index.perm), np.arange(len(x)))
+        assert index.disk.bounds[0] == 0 and index.disk.bounds[-1] == len(x)
+        assert (np.diff(index.disk.bounds) <= max(block, 128)).all()
+        for b in range(len(index.disk.bounds) - 1):  # the points in tree order, by blocks
+            a, e = index.disk.span(b)
+            p64, p32 = index.disk.read(b)
+            np.testing.assert_array_equal(p64, x[index.perm[a:e]].T)
+            np.testing.assert_array_equal(p32, x[index.perm[a:e]].T.astype(np.float32))
         ref_idx, ref_dist = knn_search(ref, 12)
         np.testing.assert_array_equal(idx, ref_idx)
         np.testing.assert_array_equal(dist, ref_dist)
-        assert list((tmp_path / str(i)).iterdir()) == []
+        assert sorted(p.name for p in (tmp_path / str(i)).iterdir()) == ["tree.f32", "tree.f64"]
 
 
 def test_self_first_for_approximate_lists():

@@ -125,3 +125,36 @@ class DiskGraph:
         cols = np.concatenate([c for c, _ in parts]) if parts else np.empty(0, np.int32)
         vals = np.concatenate([v for _, v in parts]) if parts else np.empty(0, np.float32)
         return sp.csr_matrix((vals, cols, self.indptr.copy()), shape=(self.n, self.n))
+
+
+def write_raw(path: Path, arr: np.ndarray, offset: int = 0) -> None:
+    """arr's bytes into the file `path` at byte `offset` (the file made if missing)."""
+    import os
+
+    view = memoryview(np.ascontiguousarray(arr)).cast("B")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        done = 0
+        while done < len(view):  # pwrite may write less than asked
+            done += os.pwrite(fd, view[done:], offset + done)
+    finally:
+        os.close(fd)
+
+
+def read_raw(path: Path, dtype, count: int, offset: int = 0) -> np.ndarray:
+    """`count` values of `dtype` from the file `path`, from byte `offset`."""
+    return np.fromfile(path, dtype=dtype, count=count, offset=offset)
+
+
+def read_raw_into(path: Path, out: np.ndarray, offset: int = 0) -> np.ndarray:
+    """Fill `out` (C-contiguous) with the bytes of the file `path` from byte `offset`."""
+    view = memoryview(out).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise EOFError(f"{path}: ends before byte {offset + len(view)}")
+            done += got
+    return out

@@ -49,21 +49,32 @@ def slack_of_max(m: float, d: int) -> float:
     return 5.0 * U32 * m * float(np.sqrt(d))
 
 
-def tree_order(points_t: np.ndarray, leaf: int = LEAF) -> np.ndarray:
+RELEASE_EVERY = 1 << 21  # values read between two calls of tree_order's `release`
+
+
+def tree_order(points_t: np.ndarray, leaf: int = LEAF, release=None) -> np.ndarray:
     """A permutation putting nearby points together: recursive median splits along the widest
     dimension, at multiples of `leaf`, so every block of `leaf` consecutive points (the last
     one may be smaller) is one leaf of the tree. `points_t`: the points dimension-major
-    (d x n)."""
+    (d x n); `release`: called every RELEASE_EVERY values read (points_t mapped from a file:
+    its pages handed back)."""
     d, n = points_t.shape
     perm = np.arange(n, dtype=np.int64)
     stack = [(0, n)]
+    read = 0
     while stack:
         a, b = stack.pop()
         if b - a <= leaf:
             continue
         rows = perm[a:b]
         # one dimension at a time: a copy of the whole segment would double the points' memory
-        spread = [np.ptp(points_t[j, rows]) for j in range(d)]
+        spread = []
+        for j in range(d):
+            spread.append(np.ptp(points_t[j, rows]))
+            read += b - a
+            if release is not None and read >= RELEASE_EVERY:
+                release()
+                read = 0
         dim = int(np.argmax(spread))
         n_leaves = -(-(b - a) // leaf)
         mid = leaf * ((n_leaves + 1) // 2)
@@ -72,6 +83,22 @@ def tree_order(points_t: np.ndarray, leaf: int = LEAF) -> np.ndarray:
         stack.append((a, a + mid))
         stack.append((a + mid, b))
     return perm
+
+
+def tree_blocks(n: int, rows: int, leaf: int = LEAF) -> np.ndarray:
+    """Bounds (starts and n) of the subtrees of tree_order's tree with at most `rows` points:
+    its splits depend only on n and leaf, so a block of consecutive points in tree order that
+    is a subtree has a tight box (blocks cut every `rows` points would straddle subtrees)."""
+    bounds, stack = [n], [(0, n)]
+    while stack:
+        a, b = stack.pop()
+        if b - a <= max(rows, leaf):
+            bounds.append(a)
+            continue
+        mid = leaf * ((-(-(b - a) // leaf) + 1) // 2)
+        stack.append((a, a + mid))
+        stack.append((a + mid, b))
+    return np.array(sorted(bounds), dtype=np.int64)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -284,3 +311,122 @@ def knn_of_queries(ref_t, queries, k, out_idx, out_dist):
         for p in range(k):
             out_idx[r, p] = bi[p]
             out_dist[r, p] = np.sqrt(bd[p])
+
+
+@numba.njit(nogil=True, cache=True)
+def _sq_dist_to(ref, q, c0, w, b):
+    """_sq_dist with the query's coordinates given apart (q, length d, in ref's precision):
+    the same operations in the same order, so the same bits."""
+    d = ref.shape[0]
+    b[:] = 0.0
+    dd = 0
+    while dd + 4 <= d:
+        r0 = ref[dd, c0:c0 + w]
+        r1 = ref[dd + 1, c0:c0 + w]
+        r2 = ref[dd + 2, c0:c0 + w]
+        r3 = ref[dd + 3, c0:c0 + w]
+        a0 = q[dd]
+        a1 = q[dd + 1]
+        a2 = q[dd + 2]
+        a3 = q[dd + 3]
+        for j in range(w):
+            x0 = a0 - r0[j]
+            x1 = a1 - r1[j]
+            x2 = a2 - r2[j]
+            x3 = a3 - r3[j]
+            b[j] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3)
+        dd += 4
+    while dd < d:
+        r0 = ref[dd, c0:c0 + w]
+        a0 = q[dd]
+        for j in range(w):
+            x0 = a0 - r0[j]
+            b[j] += x0 * x0
+        dd += 1
+
+
+@numba.njit(nogil=True, cache=True)
+def knn_start(q_orig, k, bd, bi):
+    """The running lists of knn_join before any reference block: the query itself first
+    (distance 0), the other places empty (inf, -1)."""
+    for t in range(q_orig.shape[0]):
+        bd[t, 0] = 0.0
+        bi[t, 0] = q_orig[t]
+        for p in range(1, k):
+            bd[t, p] = np.inf
+            bi[t, p] = -1
+
+
+@numba.njit(nogil=True, cache=True)
+def knn_join(q_t, q_orig, ref_t, ref32, r_orig, lo, hi, slack, leaf, bd, bi):
+    """knn_self's search of one block of reference points for a chunk of queries, the k best
+    so far carried in (bd: squared distances, bi: original indices, one row per query; start
+    them with knn_start): a search that reads the points a block at a time. The k best of
+    all blocks, whatever their order, are knn_self's lists, bit for bit (the same distances,
+    the same tie-break by original index).
+
+    q_t: the queries' points (d x nq float64, tree order), q_orig their original indices;
+    ref_t / ref32 (d x w float64 / float32), r_orig, lo / hi: the block's points, original
+    indices and leaf boxes (leaves of `leaf` points from its start)."""
+    d, n = ref_t.shape
+    nq = q_t.shape[1]
+    k = bd.shape[1]
+    if k == 1 or n == 0:
+        return
+    nb = lo.shape[1]
+    buf = np.empty(leaf)
+    buf32 = np.empty(leaf, dtype=np.float32)
+    grow = (1.0 + 2.0 * (d + 2) * U32) * (1.0 + 4.0 * U32)  # as in knn_self
+    tlo = np.empty(d)
+    thi = np.empty(d)
+    qg = np.empty(TILE)
+    lb = np.empty(nb)
+    q64 = np.empty(d)
+    q32 = np.empty(d, dtype=np.float32)
+    for t0 in range(0, nq, TILE):
+        nt = min(TILE, nq - t0)
+        for dd in range(d):
+            tlo[dd] = q_t[dd, t0:t0 + nt].min()
+            thi[dd] = q_t[dd, t0:t0 + nt].max()
+        for b in range(nb):
+            lb[b] = _gap2(tlo, thi, lo[:, b], hi[:, b])
+        visit = np.argsort(lb)
+        tile_thr = 0.0
+        for t in range(nt):
+            tile_thr = max(tile_thr, bd[t0 + t, k - 1])
+        for v in range(nb):
+            b = visit[v]
+            if lb[b] > tile_thr * (1.0 + MARGIN):
+                break
+            c0 = b * leaf
+            w = min(leaf, n - c0)
+            _point_gaps(q_t, t0, nt, lo, hi, b, qg)
+            for t in range(nt):
+                me = t0 + t
+                thr = bd[me, k - 1]
+                if qg[t] > thr * (1.0 + MARGIN):
+                    continue
+                for dd in range(d):
+                    q64[dd] = q_t[dd, me]
+                if thr < np.inf and slack < np.inf:  # the float32 screen
+                    for dd in range(d):
+                        q32[dd] = np.float32(q64[dd])
+                    r = np.sqrt(thr) + slack
+                    _sq_dist_to(ref32, q32, c0, w, buf32[:w])
+                    if not _any_at_most(buf32, w, np.float32(r * r * grow)):
+                        continue
+                _sq_dist_to(ref_t, q64, c0, w, buf[:w])
+                if not _any_at_most(buf, w, thr):
+                    continue
+                last = bi[me, k - 1]
+                me_orig = q_orig[me]
+                for j in range(w):
+                    x = buf[j]
+                    if x < thr or (x == thr and r_orig[c0 + j] < last):
+                        if r_orig[c0 + j] != me_orig:
+                            _insert(bd[me], bi[me], k, x, r_orig[c0 + j])
+                            thr = bd[me, k - 1]
+                            last = bi[me, k - 1]
+            tile_thr = 0.0
+            for t in range(nt):
+                tile_thr = max(tile_thr, bd[t0 + t, k - 1])

@@ -189,7 +189,7 @@ class _SpilledRows:
 
 def _search_spilled(index, k: int, cells: np.ndarray, root, ctx, block: int):
     """Exact search: (indices in memory, the SNN graph needs them; distances spilled)."""
-    n = len(index[0])
+    n = len(index.perm)
     idx = np.empty((n, k), dtype=index_dtype(n))
     dist = _SpilledRows(root, cells, k, block)
     for rows, p_idx, p_dist in knn_chunks(index, k, scheduler=ctx.scheduler(),

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from cellmill.engine.schedulers import in_waves, on_a_thread
+from cellmill.io.buffers import ThreadBuffers
 
 log = logging.getLogger("cellmill")
 
@@ -39,47 +41,110 @@ def row_blocks(points: np.ndarray, rows: int = 65536):
         yield a, min(a + rows, x.shape[0]), np.asarray(x[a:a + rows], dtype=np.float64)
 
 
-def knn_index_from_blocks(blocks, n: int, root: Path):
-    """knn_index of the points that `blocks` gives ((a, b, rows a..b float64) in order),
-    made without the points whole in memory twice: they go to a raw file under `root` (made,
-    then emptied; the caller removes it) as they come, the tree is built on a float32 copy
-    (exact search does not depend on the tree), and the float64 points are read back in tree
-    order a dimension at a time. The search gives the same lists and distances, bit for bit.
+INDEX_ROWS = 32768  # at most this many points per block of an index on disk
 
-    (A search mapping those files instead of holding them was tried: each task's mapping
-    touched most of the points, counted once per task in the process's memory.)"""
-    import os
 
-    from cellmill.kernels.knn import LEAF, block_boxes, slack_of_max, tree_order
+class DiskPoints(NamedTuple):
+    """An index's points on disk, in tree order, by blocks (subtrees of the tree, `bounds`:
+    their starts and n), each block d x w float64 in `f64` and float32 in `f32` (dimension-
+    major within the block)."""
+
+    f64: Path
+    f32: Path
+    d: int
+    n: int
+    bounds: np.ndarray
+
+    def span(self, b: int) -> tuple[int, int]:
+        return int(self.bounds[b]), int(self.bounds[b + 1])
+
+    def block_of(self, p: int) -> int:
+        return int(np.searchsorted(self.bounds, p, side="right")) - 1
+
+    def read(self, b: int, buffers=None, tag: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """Block b's points (float64, float32), in this thread's arrays `tag` of `buffers`
+        (a ThreadBuffers) when given: blocks of several MB would otherwise be fresh pages at
+        every read."""
+        from cellmill.io.scratch import read_raw_into
+
+        a, e = self.span(b)
+        count = self.d * (e - a)
+        out = []
+        for path, dtype in ((self.f64, np.float64), (self.f32, np.float32)):
+            arr = (np.empty(count, dtype) if buffers is None
+                   else buffers.get(f"{tag}{dtype.__name__}", count, dtype))
+            read_raw_into(path, arr, np.dtype(dtype).itemsize * self.d * a)
+            out.append(arr.reshape(self.d, e - a))
+        return out[0], out[1]
+
+
+class KnnIndex(NamedTuple):
+    """The search structure of exact_knn: the tree permutation (perm[p] = original index of
+    position p), the points in tree order dimension-major (d x n float64), the leaves' boxes
+    (d x n_leaves), the points in float32 for the screen and the screen's slack. An index on
+    disk (knn_index_from_blocks) has `disk` instead of the two point arrays, and the boxes of
+    its blocks."""
+
+    perm: np.ndarray
+    ref_t: np.ndarray | None
+    lo: np.ndarray
+    hi: np.ndarray
+    ref32: np.ndarray | None
+    slack: float
+    disk: DiskPoints | None = None
+    block_lo: np.ndarray | None = None
+    block_hi: np.ndarray | None = None
+
+
+def knn_index_from_blocks(blocks, n: int, root: Path, rows: int = INDEX_ROWS) -> KnnIndex:
+    """knn_index of the points that `blocks` gives ((a, b, rows a..b float64) in order), kept
+    on disk: the points go to raw files under `root` (the caller removes it) as they come, the
+    tree is built on the float32 copy, and both files are rewritten in tree order, by blocks
+    (the tree's subtrees of at most `rows` points). The search reads them a block at a time
+    (knn_chunks), so the process holds the permutation and the boxes, not the points (at 1M
+    cells and 15 PCs: 12 MB instead of 180), and gives the same lists and distances, bit for
+    bit, as on knn_index's arrays."""
+    from cellmill.io.scratch import read_raw, write_raw
+    from cellmill.kernels.knn import LEAF, slack_of_max, tree_blocks, tree_order
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    raw = root / "points.f64"
-    ref32, d = np.empty((0, n), dtype=np.float32), 0
+    raw64, raw32 = root / "points.f64", root / "points.f32"
+    d = 0
     peaks = [0.0]  # max |x| per block (NaN stays NaN: no screen)
-    try:
-        with open(raw, "wb") as out:
-            for a, b, part in blocks:
-                if a == 0:
-                    d = part.shape[1]
-                    ref32 = np.empty((d, n), dtype=np.float32)
-                part_t = np.ascontiguousarray(part.T, dtype=np.float64)
-                for j in range(d):  # dimension-major on disk: row j of the d x n array
-                    os.pwrite(out.fileno(), part_t[j], 8 * (j * n + a))
-                ref32[:, a:b] = part_t
-                if part.size:
-                    peaks.append(float(np.maximum(part_t.max(), -part_t.min())))
-        perm = tree_order(ref32, LEAF)
+    ref32 = np.empty((0, n), dtype=np.float32)
+    for a, b, part in blocks:  # dimension-major on disk: row j of the d x n array
+        if a == 0:
+            d = part.shape[1]
+            ref32 = np.empty((d, n), dtype=np.float32)
+        part_t = np.ascontiguousarray(part.T, dtype=np.float64)
         for j in range(d):
-            ref32[j] = ref32[j, perm]
-        ref_t = np.empty((d, n))
-        for j in range(d):  # a dimension at a time, into tree order
-            np.take(np.fromfile(raw, dtype=np.float64, count=n, offset=8 * j * n), perm,
-                    out=ref_t[j])
-    finally:
-        raw.unlink(missing_ok=True)
-    lo, hi = block_boxes(ref_t, LEAF)
-    return perm, ref_t, lo, hi, ref32, slack_of_max(float(np.max(peaks)), d)
+            write_raw(raw64, part_t[j], 8 * (j * n + a))
+        ref32[:, a:b] = part_t
+        if part.size:
+            peaks.append(float(np.maximum(part_t.max(), -part_t.min())))
+    if n == 0 or d == 0:
+        return knn_index(np.empty((n, d)))
+    perm = tree_order(ref32, LEAF)
+    disk = DiskPoints(root / "tree.f64", root / "tree.f32", d, n, tree_blocks(n, rows))
+    starts = np.arange(0, n, LEAF)
+    lo, hi = np.empty((d, len(starts))), np.empty((d, len(starts)))
+    spans = [disk.span(b) for b in range(len(disk.bounds) - 1)]
+    for j in range(d):  # a dimension at a time, into tree order, then into the blocks
+        row = np.take(read_raw(raw64, np.float64, n, 8 * j * n), perm)
+        lo[j], hi[j] = np.minimum.reduceat(row, starts), np.maximum.reduceat(row, starts)
+        row32 = np.take(ref32[j], perm)
+        ref32[j] = 0.0  # (its pages stay, but nothing else is held beside them)
+        for a, e in spans:
+            write_raw(disk.f64, row[a:e], 8 * (d * a + j * (e - a)))
+            write_raw(disk.f32, row32[a:e], 4 * (d * a + j * (e - a)))
+    del ref32
+    raw64.unlink()
+    leaves = [(a // LEAF, -(-e // LEAF)) for a, e in spans]
+    block_lo = np.stack([lo[:, a:e].min(axis=1) for a, e in leaves], axis=1)
+    block_hi = np.stack([hi[:, a:e].max(axis=1) for a, e in leaves], axis=1)
+    return KnnIndex(perm, None, lo, hi, None, slack_of_max(float(np.max(peaks)), d), disk,
+                    block_lo, block_hi)
 
 
 def exact_knn(points: np.ndarray, k: int, scheduler=None, chunk: int | None = None,
@@ -93,11 +158,9 @@ def exact_knn(points: np.ndarray, k: int, scheduler=None, chunk: int | None = No
     return knn_search(knn_index(points), k, scheduler, chunk, progress)
 
 
-def knn_index(points: np.ndarray):
-    """The search structure of exact_knn: (tree permutation, points in tree order dimension-
-    major, leaf boxes, those points in float32 and the screen's slack). It holds its own copy,
-    so the caller may free `points` before the search. knn_index_from_blocks makes the same
-    structure with the points in files."""
+def knn_index(points: np.ndarray) -> KnnIndex:
+    """The KnnIndex of `points`, in memory. It holds its own copy, so the caller may free
+    `points` before the search. knn_index_from_blocks makes the same structure on disk."""
     from cellmill.kernels.knn import LEAF, block_boxes, screen_slack, tree_order
 
     ref_t = np.array(np.asarray(points, dtype=np.float64).T, order="C")
@@ -105,39 +168,100 @@ def knn_index(points: np.ndarray):
     for j in range(ref_t.shape[0]):  # into tree order, a dimension at a time
         ref_t[j] = ref_t[j, perm]
     lo, hi = block_boxes(ref_t, LEAF)
-    return perm, ref_t, lo, hi, ref_t.astype(np.float32), screen_slack(ref_t)
+    return KnnIndex(perm, ref_t, lo, hi, ref_t.astype(np.float32), screen_slack(ref_t))
 
 
-def knn_chunks(index, k: int, scheduler=None, chunk: int | None = None,
+# the blocks a search task reads, one set per worker thread (cleared after each search)
+_BUFFERS = ThreadBuffers()
+
+
+def _join_chunk(disk, perm, lo, hi, block_lo, block_hi, slack, q0, q1, k):
+    """Exact search of the points q0..q1 (within one block) of an index on disk: their own
+    block first, then the others nearest first, skipping those whose box is farther than
+    every query's k-th distance."""
+    from cellmill.kernels.knn import LEAF, MARGIN, _gap2, knn_join, knn_start
+
+    own = disk.block_of(q0)
+    a0 = disk.span(own)[0]
+    ref_t, ref32 = own_t, own32 = disk.read(own, _BUFFERS, "own")
+    q_t = np.ascontiguousarray(ref_t[:, q0 - a0:q1 - a0])  # (a strided view: no SIMD)
+    q_orig = perm[q0:q1]
+    bd = np.empty((q1 - q0, k))
+    bi = np.empty((q1 - q0, k), dtype=np.int64)
+    knn_start(q_orig, k, bd, bi)
+    q_lo, q_hi = q_t.min(axis=1), q_t.max(axis=1)
+    gaps = [_gap2(q_lo, q_hi, block_lo[:, b], block_hi[:, b]) for b in range(block_lo.shape[1])]
+    order = [own] + [int(b) for b in np.argsort(gaps, kind="stable") if b != own]
+    for b in order:
+        if b != own:
+            if gaps[b] > float(bd[:, k - 1].max()) * (1.0 + MARGIN):
+                break  # every later block is at least this far
+            ref_t, ref32 = disk.read(b, _BUFFERS, "ref")
+        else:
+            ref_t, ref32 = own_t, own32
+        a, e = disk.span(b)
+        l0, l1 = a // LEAF, -(-e // LEAF)
+        knn_join(q_t, q_orig, ref_t, ref32, perm[a:e], np.ascontiguousarray(lo[:, l0:l1]),
+                 np.ascontiguousarray(hi[:, l0:l1]), slack, LEAF, bd, bi)
+    return bi.astype(index_dtype(disk.n)), np.sqrt(bd)
+
+
+def _disk_chunks(disk: DiskPoints, workers: int, chunk: int | None) -> list[tuple[int, int]]:
+    """The query ranges of the tasks on an index on disk: each block cut into pieces of at
+    most `chunk` points (by default a block, halved down to a tile while there are fewer than
+    8 tasks per worker: each task reads the blocks it searches)."""
+    from cellmill.kernels.knn import TILE
+
+    spans = [disk.span(b) for b in range(len(disk.bounds) - 1)]
+    if chunk is None:
+        chunk = max(e - a for a, e in spans)
+        while chunk > TILE and sum(-(-(e - a) // chunk) for a, e in spans) < 8 * workers:
+            chunk //= 2
+    return [(q, min(q + chunk, e)) for a, e in spans for q in range(a, e, chunk)]
+
+
+def knn_chunks(index: KnnIndex, k: int, scheduler=None, chunk: int | None = None,
                progress: bool = False, desc: str = "knn"):
     """The search of exact_knn on a knn_index, chunk by chunk as the tasks finish:
-    (rows, indices, Euclidean distances) for the points `rows` (tree order, not ascending)."""
+    (rows, indices, Euclidean distances) for the points `rows` (tree order, not ascending).
+    An index on disk is searched by chunks within its blocks."""
     import dask
 
     from cellmill.engine.schedulers import n_workers
     from cellmill.kernels.knn import LEAF
 
-    perm, ref_t, lo, hi, ref32, slack = index
-    n = ref_t.shape[1]
+    n = len(index.perm)
     if n == 0:
         return
-    if chunk is None:
-        chunk = min(8192, max(256, -(-n // (8 * n_workers(scheduler)))))
-    d_ref, d_ref32, d_perm, d_lo, d_hi = (dask.delayed(a, pure=True)
-                                          for a in (ref_t, ref32, perm, lo, hi))
-    starts = range(0, n, chunk)
-    tasks = [dask.delayed(_knn_chunk, pure=True)(d_ref, d_ref32, slack, d_perm, d_lo, d_hi,
-                                                 LEAF, a, min(a + chunk, n), k)
-             for a in starts]
-    for a, (p_idx, p_dist) in zip(starts, in_waves(tasks, scheduler, desc, progress),
-                                  strict=True):
-        yield perm[a:a + len(p_idx)], p_idx, p_dist
+    shared = (dask.delayed(a, pure=True) for a in (index.perm, index.lo, index.hi))
+    d_perm, d_lo, d_hi = shared
+    if index.disk is not None:
+        ranges = _disk_chunks(index.disk, n_workers(scheduler), chunk)
+        d_blo, d_bhi = (dask.delayed(a, pure=True) for a in (index.block_lo, index.block_hi))
+        starts = [a for a, _ in ranges]
+        tasks = [dask.delayed(_join_chunk, pure=True)(index.disk, d_perm, d_lo, d_hi, d_blo,
+                                                      d_bhi, index.slack, a, e, k)
+                 for a, e in ranges]
+    else:
+        if chunk is None:
+            chunk = min(8192, max(256, -(-n // (8 * n_workers(scheduler)))))
+        d_ref, d_ref32 = (dask.delayed(a, pure=True) for a in (index.ref_t, index.ref32))
+        starts = range(0, n, chunk)
+        tasks = [dask.delayed(_knn_chunk, pure=True)(d_ref, d_ref32, index.slack, d_perm, d_lo,
+                                                     d_hi, LEAF, a, min(a + chunk, n), k)
+                 for a in starts]
+    try:
+        for a, (p_idx, p_dist) in zip(starts, in_waves(tasks, scheduler, desc, progress),
+                                      strict=True):
+            yield index.perm[a:a + len(p_idx)], p_idx, p_dist
+    finally:
+        _BUFFERS.clear()
 
 
 def knn_search(index, k: int, scheduler=None, chunk: int | None = None,
                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """exact_knn on a knn_index."""
-    n = index[1].shape[1]
+    n = len(index.perm)
     idx = np.empty((n, k), dtype=index_dtype(n))
     dist = np.empty((n, k))
     for rows, p_idx, p_dist in knn_chunks(index, k, scheduler, chunk, progress):
