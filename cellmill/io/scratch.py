@@ -158,3 +158,30 @@ def read_raw_into(path: Path, out: np.ndarray, offset: int = 0) -> np.ndarray:
                 raise EOFError(f"{path}: ends before byte {offset + len(view)}")
             done += got
     return out
+
+
+class Mapped:
+    """A raw scratch file mapped read-only as an array (a private mapping: writable in numpy's
+    and Numba's eyes, nothing written back). `release()` drops the pages this process has
+    touched from its address space; they stay in the page cache (evicted under pressure and
+    read again when needed), so the process holds what it touched since the last release,
+    not the file: for lists read where the work is (the SNN graph's reverse lists, read near
+    the rows being built)."""
+
+    def __init__(self, path: Path, dtype, shape: tuple):
+        import mmap
+
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self._mm = None
+        if size == 0:
+            self.array = np.zeros(shape, dtype=dtype)
+            return
+        with open(path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+        self.array = np.frombuffer(self._mm, dtype=dtype).reshape(shape)
+
+    def release(self) -> None:
+        import mmap
+
+        if self._mm is not None:
+            self._mm.madvise(mmap.MADV_DONTNEED)

@@ -109,7 +109,7 @@ def knn_index_from_blocks(blocks, n: int, root: Path, rows: int = INDEX_ROWS) ->
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    raw64, raw32 = root / "points.f64", root / "points.f32"
+    raw64 = root / "points.f64"
     d = 0
     peaks = [0.0]  # max |x| per block (NaN stays NaN: no screen)
     ref32 = np.empty((0, n), dtype=np.float32)
