@@ -525,3 +525,53 @@ def test_snn_rows_in_one_sweep_equal_the_two_sweeps():
         np.testing.assert_array_equal(got_i, ref_i)
         np.testing.assert_array_equal(got_d, ref_d)
     assert counts.max() > 2 * 20  # rows longer than the first buffer's share
+
+
+@pytest.mark.parametrize("rows,chunk", [(256, 64), (128, 333)])
+def test_neighbors_on_disk_writes_brute_forces_lists_and_dense_snn(tmp_path, rows, chunk):
+    """The exact path of the neighbors stage with nothing O(cells x k) in memory (index on
+    disk, lists spilled, the SNN graph built in tree order from mapped lists and written by
+    blocks of cells): obsm lists as brute force gives them among all cells, obsp/snn as the
+    dense A A^T, whatever the index blocks and the SNN's row ranges; scratch files left only
+    in the scratch folder."""
+    from make_10x import barcodes, random_counts, write_10x_v3
+
+    import cellmill.stages.neighbors as nb
+    from cellmill.io.ingest import ingest
+    from cellmill.stages.shared.knn import knn_index_from_blocks, row_blocks
+
+    n_all, n, k = 1400, 900, 15
+    write_10x_v3(tmp_path / "a.h5", random_counts(n_all, 20, seed=2), barcodes(n_all, seed=2),
+                 [f"G{i}" for i in range(20)])
+    store = ingest(tmp_path / "a.h5", tmp_path / "s.zarr")
+    rng = np.random.default_rng(4)
+    cells = np.sort(rng.choice(n_all, n, replace=False))
+    x = mixture(n, d=9, seed=8)
+    root = tmp_path / "scratch"
+    root.mkdir()
+    index = knn_index_from_blocks(row_blocks(x, 100), n, root / "index", rows)
+
+    class Ctx:
+        progress = False
+
+        def scheduler(self):
+            return ("threads", 2)
+
+    spilled = nb._search_to_disk(index, k, cells, root, Ctx(), block=512)
+    nb.write_all_cells(store, "obsm", "knn_distance", spilled.field("dist"), cells, np.nan,
+                       block=512)
+    nb.write_all_cells(store, "obsm", "knn_index", spilled.field("idx"), cells, -1,
+                       lookup=cells.astype(np.int64), block=512)
+    nnz = nb.write_snn_from_disk(store, root, n, k, index.perm, cells, 1 / 15,
+                                 scheduler=("threads", 2), chunk=chunk)
+    b_idx, b_dist = brute_knn(x, k)
+    knn_index = store.read_array("obsm", "knn_index")
+    np.testing.assert_array_equal(knn_index[cells], cells[b_idx])
+    assert (knn_index[np.setdiff1d(np.arange(n_all), cells)] == -1).all()
+    np.testing.assert_allclose(store.read_array("obsm", "knn_distance")[cells], b_dist,
+                               rtol=1e-12)
+    g = store.read_sparse("obsp", "snn")
+    ref = np.zeros((n_all, n_all))
+    ref[np.ix_(cells, cells)] = dense_snn(b_idx, 1 / 15)
+    np.testing.assert_array_equal(g.toarray(), ref)
+    assert g.has_sorted_indices and nnz == g.nnz

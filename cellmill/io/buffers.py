@@ -16,7 +16,11 @@ from cellmill.io.heap import prefaulted_zeros
 
 
 class ThreadBuffers:
-    def __init__(self):
+    """prefault=False: new arrays are plain zeros, whose pages the OS provides when first
+    touched (for arrays a task touches only a little of)."""
+
+    def __init__(self, prefault: bool = True):
+        self.prefault = prefault
         self._lock = threading.Lock()
         self._arrays: dict[tuple[int, str], np.ndarray] = {}
 
@@ -26,7 +30,8 @@ class ThreadBuffers:
         a = self._arrays.get(key)
         if a is None or a.dtype != np.dtype(dtype) or len(a) < n:
             size = max(n, 0 if a is None else len(a) + len(a) // 4)
-            a = prefaulted_zeros(size, dtype)  # no page faults (nor THP compaction) later
+            # prefaulted: no page faults (nor THP compaction) later
+            a = prefaulted_zeros(size, dtype) if self.prefault else np.zeros(size, dtype)
             with self._lock:
                 self._arrays[key] = a
         return a[:n]

@@ -40,10 +40,12 @@ class Buckets:
         for f in self.files.values():
             f.close()
 
-    def read(self, b: int) -> dict:
-        """Bucket b's arrays (and its files deleted)."""
+    def read(self, b: int, fields=None) -> dict:
+        """Bucket b's arrays (all, or those named in `fields`), their files deleted."""
         out = {}
         for name, (dtype, width) in self.fields.items():
+            if fields is not None and name not in fields:
+                continue
             path = self._path(b, name)
             arr = np.fromfile(path, dtype=dtype)
             out[name] = arr.reshape(-1, width) if width > 1 else arr
@@ -185,3 +187,31 @@ class Mapped:
 
         if self._mm is not None:
             self._mm.madvise(mmap.MADV_DONTNEED)
+
+
+class Releasing:
+    """While open (a `with` block), a thread hands back the pages of the `maps` (Mapped)
+    every `seconds`: what the process holds of them is what was touched since, whatever the
+    tasks reading them do meanwhile."""
+
+    def __init__(self, maps, seconds: float = 0.05):
+        import threading
+
+        self.maps, self.seconds = list(maps), seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cellmill-release", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.seconds):
+            for m in self.maps:
+                m.release()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        for m in self.maps:
+            m.release()

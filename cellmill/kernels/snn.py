@@ -84,7 +84,7 @@ def snn_row_counts(knn, ptr, idx, r0, r1, prune):
     n, k = knn.shape
     kf = float(k)
     cnt = np.zeros(n, dtype=np.int32)
-    touched = np.empty(n, dtype=np.int64)
+    touched = np.empty(n, dtype=np.int32)  # (callers refuse n >= 2^31)
     counts = np.zeros(r1 - r0, dtype=np.int64)
     for i in range(r0, r1):
         nt = _row(knn, ptr, idx, i, cnt, touched)
@@ -105,7 +105,7 @@ def snn_fill_rows(knn, ptr, idx, r0, r1, prune, counts, col):
     n, k = knn.shape
     kf = float(k)
     cnt = np.zeros(n, dtype=np.int32)
-    touched = np.empty(n, dtype=np.int64)
+    touched = np.empty(n, dtype=np.int32)  # (callers refuse n >= 2^31)
     indices = np.empty(counts.sum(), dtype=np.int32)
     data = np.empty(counts.sum(), dtype=np.float64)
     a = 0
@@ -120,10 +120,18 @@ def snn_rows(knn, ptr, idx, r0, r1, prune, col):
     """snn_fill_rows without the counting sweep: rows r0..r1 in one sweep into arrays that
     grow as needed. Returns (entries per row, column indices, weights), as the two sweeps
     give them; for a caller that does not size the whole graph first (a streaming writer)."""
+    n = knn.shape[0]
+    return snn_rows_into(knn, ptr, idx, r0, r1, prune, col, np.zeros(n, dtype=np.int32),
+                         np.empty(n, dtype=np.int32))
+
+
+@numba.njit(nogil=True, cache=True)
+def snn_rows_into(knn, ptr, idx, r0, r1, prune, col, cnt, touched):
+    """snn_rows with its two n-long scratch arrays given (int32; cnt all zero, and left all
+    zero): a caller with many small row ranges reuses them instead of making them each time
+    (callers refuse n >= 2^31)."""
     n, k = knn.shape
     kf = float(k)
-    cnt = np.zeros(n, dtype=np.int32)
-    touched = np.empty(n, dtype=np.int64)
     counts = np.zeros(r1 - r0, dtype=np.int64)
     cap = max(16, (r1 - r0) * k * 2)
     indices = np.empty(cap, dtype=np.int32)

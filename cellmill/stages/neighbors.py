@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from cellmill.engine.cells import passed_pcs, write_all_cells
 from cellmill.engine.registry import Context, stage
 from cellmill.engine.schedulers import in_waves
+from cellmill.io.buffers import ThreadBuffers
 from cellmill.io.heap import release_heap
 from cellmill.io.scratch import Buckets, scratch_dir
 from cellmill.stages.shared import knn as shared_knn
@@ -130,6 +131,20 @@ def _snn_rows(knn, ptr, idx, r0, r1, prune, col):
     return snn_rows(knn, ptr, idx, r0, r1, prune, col)
 
 
+# the SNN rows' scratch (two n-long arrays) per worker thread, reused by the many small row
+# ranges of write_snn_from_disk; lazily zeroed: a range touches the part near its rows
+_SNN_SCRATCH = ThreadBuffers(prefault=False)
+
+
+def _snn_rows_reusing(knn, ptr, idx, r0, r1, prune, col):
+    from cellmill.kernels.snn import snn_rows_into
+
+    n = knn.shape[0]
+    cnt = _SNN_SCRATCH.get("cnt", n, np.int32)
+    touched = _SNN_SCRATCH.get("touched", n, np.int32)
+    return snn_rows_into(knn, ptr, idx, r0, r1, prune, col, cnt, touched)
+
+
 def write_snn_graph(store, slot: str, name: str, knn: np.ndarray, prune: float = 1.0 / 15.0,
                     scheduler=None, chunk: int = 4096, progress: bool = False,
                     cells: np.ndarray | None = None, n_cells: int | None = None) -> int:
@@ -163,41 +178,158 @@ def _spill_block(n_cells: int) -> int:
 
 
 class _SpilledRows:
-    """The distance lists of the passed cells, spilled to scratch as the search returns them
-    (in tree order) and read back one output block of cells at a time, in order, by
-    write_all_cells: the n x k float64 array (160 MB at 1M cells, k = 20) is never whole in
-    memory, and not beside the search index."""
+    """The lists of the passed cells (indices and distances), spilled to scratch as the
+    search returns them (in tree order) and read back one output block of cells at a time, in
+    order, by write_all_cells (`field(name)`): the n x k arrays (240 MB at 1M cells, k = 20)
+    are never whole in memory, and not beside the search."""
 
-    def __init__(self, root, cells: np.ndarray, k: int, block: int):
-        self.cells, self.shape, self.dtype = cells, (len(cells), k), np.dtype(np.float64)
-        self.block = block
+    def __init__(self, root, cells: np.ndarray, k: int, block: int, idx_dtype):
+        self.cells, self.k, self.block = cells, k, block
         n_out = int(cells[-1]) // block + 1 if len(cells) else 0
-        self.buckets = Buckets(root, "dist", n_out, {"row": (np.int64, 1), "dist": (np.float64, k)})
+        self.dtypes = {"idx": np.dtype(idx_dtype), "dist": np.dtype(np.float64)}
+        self.buckets = Buckets(root, "lists", n_out, {"row": (np.int64, 1),
+                                                      "idx": (idx_dtype, k),
+                                                      "dist": (np.float64, k)})
+        self.rows_left = {}  # bucket -> its rows, kept until both fields are read
 
-    def append(self, rows: np.ndarray, dist: np.ndarray) -> None:
-        self.buckets.append(self.cells[rows] // self.block, row=rows, dist=dist)
+    def append(self, rows: np.ndarray, idx: np.ndarray, dist: np.ndarray) -> None:
+        self.buckets.append(self.cells[rows] // self.block, row=rows, idx=idx, dist=dist)
 
-    def __getitem__(self, sl: slice) -> np.ndarray:
-        """Rows sl (the passed cells of output block sl's cells: one bucket)."""
+    def field(self, name: str):
+        return _SpilledField(self, name)
+
+    def read(self, sl: slice, name: str) -> np.ndarray:
+        """Rows sl of `name` (the passed cells of output block sl's cells: one bucket)."""
+        dtype = self.dtypes[name]
         if sl.stop <= sl.start:
-            return np.empty((0, self.shape[1]))
-        part = self.buckets.read(int(self.cells[sl.start]) // self.block)
-        out = np.empty((sl.stop - sl.start, self.shape[1]))
-        out[part["row"] - sl.start] = part["dist"]
+            return np.empty((0, self.k), dtype=dtype)
+        b = int(self.cells[sl.start]) // self.block
+        if b not in self.rows_left:
+            self.rows_left[b] = self.buckets.read(b, ["row"])["row"]
+        rows = self.rows_left[b]
+        part = self.buckets.read(b, [name])[name]
+        out = np.empty((sl.stop - sl.start, self.k), dtype=dtype)
+        out[rows - sl.start] = part
         return out
 
 
-def _search_spilled(index, k: int, cells: np.ndarray, root, ctx, block: int):
-    """Exact search: (indices in memory, the SNN graph needs them; distances spilled)."""
+class _SpilledField:
+    """One of _SpilledRows' arrays, as write_all_cells reads it (shape, dtype, row slices)."""
+
+    def __init__(self, rows: _SpilledRows, name: str):
+        self.rows, self.name = rows, name
+        self.shape, self.dtype = (len(rows.cells), rows.k), rows.dtypes[name]
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        return self.rows.read(sl, self.name)
+
+
+def _search_to_disk(index, k: int, cells: np.ndarray, root, ctx, block: int):
+    """Exact search with nothing O(cells x k) in memory: the lists go to scratch, spilled by
+    output block of cells (for knn_index / knn_distance) and, as tree positions, in tree
+    order to root/knn.pos (for the SNN graph). Returns the spilled rows."""
+    from cellmill.io.scratch import write_raw
+
     n = len(index.perm)
-    idx = np.empty((n, k), dtype=index_dtype(n))
-    dist = _SpilledRows(root, cells, k, block)
+    pos_of = np.empty(n, dtype=np.int32)
+    pos_of[index.perm] = np.arange(n, dtype=np.int32)
+    spilled = _SpilledRows(root, cells, k, block, index_dtype(n))
+    at = 0  # the chunks come in tree order, one after the other
     for rows, p_idx, p_dist in knn_chunks(index, k, scheduler=ctx.scheduler(),
                                           progress=ctx.progress):
-        idx[rows] = p_idx
-        dist.append(rows, p_dist)
-    dist.buckets.close()
-    return idx, dist
+        spilled.append(rows, p_idx, p_dist)
+        pos = np.where(p_idx >= 0, pos_of[np.maximum(p_idx, 0)], -1).astype(np.int32)
+        write_raw(root / "knn.pos", pos, at)
+        at += pos.nbytes
+    spilled.buckets.close()
+    return spilled
+
+
+SNN_ROWS = 16384  # tree positions per block while the reverse lists are built
+SNN_OUT = 8192  # cells per block of the graph's spilled rows (more past 2M cells: <= 256 files)
+
+
+def _reverse_lists_on_disk(root, n: int, k: int) -> np.ndarray:
+    """The reverse lists (for every tree position m, the positions i, ascending, whose lists
+    hold m) of root/knn.pos, written to root/knn.rev; returns their pointers (n + 1)."""
+    from cellmill.io.scratch import read_raw, write_raw
+
+    def blocks():
+        for a in range(0, n, SNN_ROWS):
+            e = min(a + SNN_ROWS, n)
+            yield a, e, read_raw(root / "knn.pos", np.int32, (e - a) * k, 4 * k * a)
+
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    for _a, _e, lists in blocks():
+        ptr[1:] += np.bincount(lists[lists >= 0], minlength=n)
+    np.cumsum(ptr, out=ptr)
+    pairs = Buckets(root, "rev", -(-n // SNN_ROWS), {"m": (np.int32, 1), "i": (np.int32, 1)})
+    for a, e, lists in blocks():
+        i = np.repeat(np.arange(a, e, dtype=np.int32), k)
+        keep = lists >= 0
+        pairs.append(lists[keep] // SNN_ROWS, m=lists[keep], i=i[keep])
+    pairs.close()
+    for b in range(pairs.n):
+        part = pairs.read(b)
+        order = np.argsort(part["m"], kind="stable")  # each list's rows stay ascending
+        write_raw(root / "knn.rev", part["i"][order], 4 * int(ptr[b * SNN_ROWS]))
+    return ptr
+
+
+def write_snn_from_disk(store, root, n: int, k: int, perm: np.ndarray, cells: np.ndarray,
+                        prune: float, scheduler=None, progress: bool = False,
+                        chunk: int = 2048) -> int:
+    """write_snn_graph for the lists _search_to_disk left in root/knn.pos, the graph's rows
+    built in tree order (a row's neighbours, and theirs, are near it in tree order) from the
+    lists and reverse lists mapped from disk (what a wave of rows touches handed back after
+    it), spilled by block of cells and written in cell order: the same graph, bit for bit.
+    Returns its nnz."""
+    import uuid
+
+    import dask
+
+    from cellmill.io.scratch import Mapped, Releasing
+
+    n_out = store.n_cells
+    if n_out >= 2**31:
+        raise ValueError("SNN graph: more than 2^31 cells")
+    if n == 0:
+        return write_snn_graph(store, "obsp", "snn", np.empty((0, k), np.int32), prune,
+                               cells=cells, n_cells=n_out)
+    ptr = _reverse_lists_on_disk(root, n, k)
+    lists = Mapped(root / "knn.pos", np.int32, (n, k))
+    rev = Mapped(root / "knn.rev", np.int32, (int(ptr[-1]),))
+    col = np.asarray(cells)[perm].astype(np.int32)  # tree position -> cell
+    tag = uuid.uuid4().hex  # named, not hashed: hashing reads every page of a mapping
+    shared = [dask.delayed(a, name=f"snn-{what}-{tag}") for what, a in
+              (("lists", lists.array), ("ptr", ptr), ("rev", rev.array))]
+    d_col = dask.delayed(col, name=f"snn-col-{tag}")
+    starts = range(0, n, chunk)
+    tasks = [dask.delayed(_snn_rows, pure=True)(*shared, a, min(a + chunk, n), float(prune),
+                                                d_col) for a in starts]
+    per = max(SNN_OUT, -(-n_out // 256))
+    out = Buckets(root, "snn", -(-n_out // per), {"row": (np.int32, 1), "col": (np.int32, 1),
+                                                   "val": (np.float64, 1)})
+    waves = in_waves(tasks, scheduler, "snn", progress, per_worker=shared_knn.WAVE)
+    with Releasing([lists, rev]):
+        for a, (p_counts, p_idx, p_data) in zip(starts, waves, strict=True):
+            row = np.repeat(col[a:a + len(p_counts)], p_counts)
+            out.append(row // per, row=row, col=p_idx, val=p_data)
+    out.close()
+    _SNN_SCRATCH.clear()
+    del tasks, shared, lists, rev
+    writer = store.sparse_writer("obsp", "snn", (n_out, n_out))
+    indptr = np.zeros(n_out + 1, dtype=np.int64)
+    for b in range(out.n):
+        part = out.read(b)
+        order = np.argsort(part["row"], kind="stable")  # a row's entries stay by column
+        writer.append(part["col"][order], part["val"][order])
+        r0 = b * per
+        indptr[r0 + 1:min(r0 + per, n_out) + 1] = np.bincount(part["row"] - r0,
+                                                              minlength=min(per, n_out - r0))
+    np.cumsum(indptr, out=indptr)
+    writer.commit(indptr)
+    return int(indptr[-1])
 
 
 def _neighbors_params(cfg):
@@ -229,20 +361,31 @@ def run_neighbors(ctx: Context) -> dict:
             info["method"] = "exact"
         block = _spill_block(store.n_cells)
         if exact:
-            idx, dist = _search_spilled(index, k, cells, root, ctx, block)
+            spilled = _search_to_disk(index, k, cells, root, ctx, block)
+            perm = index.perm
             del index
-        # one full-size array at a time: each is written and freed before the next is made
-        release_heap()
-        write_all_cells(store, "obsm", "knn_distance", dist, cells, np.nan, block=block)
-        del dist
+            release_heap()
+            write_all_cells(store, "obsm", "knn_distance", spilled.field("dist"), cells,
+                            np.nan, block=block)
+            write_all_cells(store, "obsm", "knn_index", spilled.field("idx"), cells, -1,
+                            lookup=cells.astype(np.int64), block=block)
+            del spilled
+            nnz = write_snn_from_disk(store, root, len(cells), k, perm, cells, cfg.prune,
+                                      scheduler=ctx.scheduler(), progress=ctx.progress)
+        else:
+            # one full-size array at a time: each is written and freed before the next
+            release_heap()
+            write_all_cells(store, "obsm", "knn_distance", dist, cells, np.nan, block=block)
+            del dist
+            write_all_cells(store, "obsm", "knn_index", idx, cells, -1,
+                            lookup=cells.astype(np.int64))
+            nnz = write_snn_graph(store, "obsp", "snn", idx, cfg.prune,
+                                  scheduler=ctx.scheduler(), progress=ctx.progress,
+                                  cells=cells, n_cells=store.n_cells)
+            del idx
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    write_all_cells(store, "obsm", "knn_index", idx, cells, -1,
-                    lookup=cells.astype(np.int64))
-    nnz = write_snn_graph(store, "obsp", "snn", idx, cfg.prune, scheduler=ctx.scheduler(),
-                          progress=ctx.progress, cells=cells, n_cells=store.n_cells)
     log.info("neighbors: %s k=%d on %d PCs, %d cells; SNN %d entries", info["method"], k,
              n_pcs, len(cells), nnz)
-    del idx
     release_heap()
     return {"knn": info}

@@ -42,6 +42,13 @@ def row_blocks(points: np.ndarray, rows: int = 65536):
 
 
 INDEX_ROWS = 32768  # at most this many points per block of an index on disk
+# queries per search task on an index on disk: a task holds their lists while it reads every
+# block it cannot rule out (at 1M cells on 15 PCs, all 32 of them: ~3% of its time), so the
+# chunk is a size, not a fraction of the cells, and the memory in flight does not grow with n
+DISK_CHUNK = 8192
+# search results computed and not yet taken, per worker (the default of 8 held ~70 MB more at
+# 1M cells than at 196k)
+WAVE = 2
 
 
 class DiskPoints(NamedTuple):
@@ -208,13 +215,13 @@ def _join_chunk(disk, perm, lo, hi, block_lo, block_hi, slack, q0, q1, k):
 
 def _disk_chunks(disk: DiskPoints, workers: int, chunk: int | None) -> list[tuple[int, int]]:
     """The query ranges of the tasks on an index on disk: each block cut into pieces of at
-    most `chunk` points (by default a block, halved down to a tile while there are fewer than
-    8 tasks per worker: each task reads the blocks it searches)."""
+    most `chunk` points (by default DISK_CHUNK, halved down to a tile while there are fewer
+    than 8 tasks per worker)."""
     from cellmill.kernels.knn import TILE
 
     spans = [disk.span(b) for b in range(len(disk.bounds) - 1)]
     if chunk is None:
-        chunk = max(e - a for a, e in spans)
+        chunk = min(DISK_CHUNK, max(e - a for a, e in spans))
         while chunk > TILE and sum(-(-(e - a) // chunk) for a, e in spans) < 8 * workers:
             chunk //= 2
     return [(q, min(q + chunk, e)) for a, e in spans for q in range(a, e, chunk)]
@@ -251,8 +258,8 @@ def knn_chunks(index: KnnIndex, k: int, scheduler=None, chunk: int | None = None
                                                      d_hi, LEAF, a, min(a + chunk, n), k)
                  for a in starts]
     try:
-        for a, (p_idx, p_dist) in zip(starts, in_waves(tasks, scheduler, desc, progress),
-                                      strict=True):
+        waves = in_waves(tasks, scheduler, desc, progress, per_worker=WAVE)
+        for a, (p_idx, p_dist) in zip(starts, waves, strict=True):
             yield index.perm[a:a + len(p_idx)], p_idx, p_dist
     finally:
         _BUFFERS.clear()
