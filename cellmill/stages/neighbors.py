@@ -6,11 +6,12 @@ Seurat's pruned Jaccard SNN graph (kernels/snn.py). Stored: obsm/knn_index (abso
 indices, -1 rows for QC-failed cells), obsm/knn_distance (Euclidean, NaN rows), obsp/snn (all
 cells; rows of failed cells empty).
 
-Memory: the O(cells x k) arrays, not copies of them: PCs read chunk by chunk (only the passed
-rows and the used columns) into the search index (float32 while its tree is built, the float64
-points parked in a scratch file meanwhile), int32 neighbour indices, results of parallel tasks
-copied wave by wave into preallocated arrays, the SNN graph filled straight into its all-cells
-CSR, full-size outputs made and written one at a time, freed heap trimmed between steps.
+Memory on the exact path: nothing O(cells x k). The search index is on disk, read a block at
+a time (knn_index_from_blocks); the lists go to scratch as they come, by block of cells for
+the obsm arrays and as tree positions in tree order for the graph; the graph's rows are built
+in tree order from those lists and their reverse lists, mapped from disk (a row's neighbours
+and theirs lie in the same part of the tree; the pages are handed back every 50 ms), spilled
+by block of cells and written in cell order. The NN-descent path holds its lists in memory.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ class _SpilledRows:
         self.buckets = Buckets(root, "lists", n_out, {"row": (np.int64, 1),
                                                       "idx": (idx_dtype, k),
                                                       "dist": (np.float64, k)})
-        self.rows_left = {}  # bucket -> its rows, kept until both fields are read
+        self.rows_left = {}  # bucket -> its rows, kept until its other field is read
 
     def append(self, rows: np.ndarray, idx: np.ndarray, dist: np.ndarray) -> None:
         self.buckets.append(self.cells[rows] // self.block, row=rows, idx=idx, dist=dist)
@@ -204,9 +205,10 @@ class _SpilledRows:
         if sl.stop <= sl.start:
             return np.empty((0, self.k), dtype=dtype)
         b = int(self.cells[sl.start]) // self.block
-        if b not in self.rows_left:
-            self.rows_left[b] = self.buckets.read(b, ["row"])["row"]
-        rows = self.rows_left[b]
+        if b in self.rows_left:  # the bucket's second field: its rows are not kept after it
+            rows = self.rows_left.pop(b)
+        else:
+            rows = self.rows_left[b] = self.buckets.read(b, ["row"])["row"]
         part = self.buckets.read(b, [name])[name]
         out = np.empty((sl.stop - sl.start, self.k), dtype=dtype)
         out[rows - sl.start] = part
