@@ -185,7 +185,7 @@ class Mapped:
     def release(self) -> None:
         import mmap
 
-        if self._mm is not None:
+        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):  # (not on Windows)
             self._mm.madvise(mmap.MADV_DONTNEED)
 
 

@@ -49,32 +49,21 @@ def slack_of_max(m: float, d: int) -> float:
     return 5.0 * U32 * m * float(np.sqrt(d))
 
 
-RELEASE_EVERY = 1 << 21  # values read between two calls of tree_order's `release`
-
-
-def tree_order(points_t: np.ndarray, leaf: int = LEAF, release=None) -> np.ndarray:
+def tree_order(points_t: np.ndarray, leaf: int = LEAF) -> np.ndarray:
     """A permutation putting nearby points together: recursive median splits along the widest
     dimension, at multiples of `leaf`, so every block of `leaf` consecutive points (the last
     one may be smaller) is one leaf of the tree. `points_t`: the points dimension-major
-    (d x n); `release`: called every RELEASE_EVERY values read (points_t mapped from a file:
-    its pages handed back)."""
+    (d x n)."""
     d, n = points_t.shape
     perm = np.arange(n, dtype=np.int64)
     stack = [(0, n)]
-    read = 0
     while stack:
         a, b = stack.pop()
         if b - a <= leaf:
             continue
         rows = perm[a:b]
         # one dimension at a time: a copy of the whole segment would double the points' memory
-        spread = []
-        for j in range(d):
-            spread.append(np.ptp(points_t[j, rows]))
-            read += b - a
-            if release is not None and read >= RELEASE_EVERY:
-                release()
-                read = 0
+        spread = [np.ptp(points_t[j, rows]) for j in range(d)]
         dim = int(np.argmax(spread))
         n_leaves = -(-(b - a) // leaf)
         mid = leaf * ((n_leaves + 1) // 2)

@@ -1,6 +1,7 @@
 """k nearest neighbours, shared by the neighbors and umap stages: exact blocked brute force with
-bounding-box pruning (kernels/knn.py) over chunks of query cells, run where passes run, or
-pynndescent; recall against exact search."""
+bounding-box pruning (kernels/knn.py) over chunks of query cells, run where passes run, its
+index in memory (knn_index) or on disk, read a block at a time (knn_index_from_blocks); or
+pynndescent, its recall checked against exact search."""
 
 from __future__ import annotations
 
@@ -141,7 +142,6 @@ def knn_index_from_blocks(blocks, n: int, root: Path, rows: int = INDEX_ROWS) ->
         row = np.take(read_raw(raw64, np.float64, n, 8 * j * n), perm)
         lo[j], hi[j] = np.minimum.reduceat(row, starts), np.maximum.reduceat(row, starts)
         row32 = np.take(ref32[j], perm)
-        ref32[j] = 0.0  # (its pages stay, but nothing else is held beside them)
         for a, e in spans:
             write_raw(disk.f64, row[a:e], 8 * (d * a + j * (e - a)))
             write_raw(disk.f32, row32[a:e], 4 * (d * a + j * (e - a)))
