@@ -293,3 +293,41 @@ def test_streamed_umap_identical_on_cluster(cluster, tmp_path):
     one = umap_streamed(points, n_epochs=30, scratch=tmp_path / "c", scheduler=("sync", 1))
     np.testing.assert_array_equal(got, ref)
     np.testing.assert_array_equal(one, ref)
+
+
+def test_snn_graph_from_disk_identical_on_cluster(cluster, tmp_path):
+    """The neighbors stage's SNN graph built from lists on disk: its tasks take the mapped
+    lists (io/scratch.Mapped, which a worker process maps again from the file): the same
+    graph from the LocalCluster as from threads, and as the in-memory search's graph."""
+    from make_10x import barcodes, random_counts, write_10x_v3
+
+    import cellmill.stages.neighbors as nb
+    from cellmill.io.ingest import ingest
+    from cellmill.stages.shared.knn import exact_knn, knn_index_from_blocks, row_blocks
+
+    n, k = 1200, 10
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(n, 8)) + rng.integers(0, 3, n)[:, None] * 3.0
+    write_10x_v3(tmp_path / "a.h5", random_counts(n, 10, seed=1), barcodes(n, seed=1),
+                 [f"G{i}" for i in range(10)])
+    root = tmp_path / "scratch"
+    root.mkdir()
+    index = knn_index_from_blocks(row_blocks(x, 256), n, root / "index", 256)
+    cells = np.arange(n)
+
+    class Ctx:
+        progress = False
+
+        def scheduler(self):
+            return ("threads", 2)
+
+    nb._search_to_disk(index, k, cells, root, Ctx(), block=512)
+    col = cells[index.perm].astype(np.int32)
+    graphs = []
+    for i, sched in enumerate((("threads", 2), cluster)):
+        store = ingest(tmp_path / "a.h5", tmp_path / f"s{i}.zarr")
+        nb.write_snn_from_disk(store, root, n, k, col, 1 / 15, scheduler=sched, chunk=100)
+        graphs.append(store.read_sparse("obsp", "snn"))
+    ref = nb.snn_graph(exact_knn(x, k)[0], 1 / 15)
+    for g in graphs:
+        assert (g != ref).nnz == 0 and np.array_equal(g.indices, ref.indices)

@@ -527,8 +527,41 @@ def test_snn_rows_in_one_sweep_equal_the_two_sweeps():
     assert counts.max() > 2 * 20  # rows longer than the first buffer's share
 
 
-@pytest.mark.parametrize("rows,chunk", [(256, 64), (128, 333)])
-def test_neighbors_on_disk_writes_brute_forces_lists_and_dense_snn(tmp_path, rows, chunk):
+def test_snn_rows_from_gathered_reverse_lists_equal_snn_rows():
+    # the kernel on a block's gathered reverse lists (columns as cells, in any order)
+    # against the counting kernel on the whole reverse lists, with missing neighbours
+    from cellmill.kernels.snn import gather_lists, reverse_lists, snn_rows, snn_rows_local
+
+    n, k = 300, 12
+    knn, _ = exact_knn(mixture(n, seed=3), k)
+    knn = knn.astype(np.int32)
+    knn[5, 3:] = -1
+    knn[17, -1] = -1
+    ptr, idx = reverse_lists(knn, n)
+    rng = np.random.default_rng(1)
+    col = np.sort(rng.choice(5 * n, n, replace=False)).astype(np.int32)[rng.permutation(n)]
+    rev_cells = col[idx]
+    for a, e in [(0, 1), (3, 40), (40, 300)]:
+        ms, inv = np.unique(knn[a:e], return_inverse=True)
+        local = inv.reshape(e - a, k).astype(np.int32)
+        if ms[0] < 0:
+            ms, local = ms[1:], local - 1
+        lptr = np.zeros(len(ms) + 1, dtype=np.int64)
+        np.cumsum(ptr[ms + 1] - ptr[ms], out=lptr[1:])
+        lrev = np.empty(lptr[-1], dtype=np.int32)
+        gather_lists(ptr, rev_cells, ms, lptr, lrev)
+        for u in range(len(ms)):  # a list's order does not matter
+            rng.shuffle(lrev[lptr[u]:lptr[u + 1]])
+        got = snn_rows_local(local, lptr, lrev, 1 / 15, np.zeros(5 * n, np.int32))
+        ref = snn_rows(knn, ptr, idx, a, e, 1 / 15, col)
+        for g, r in zip(got, ref, strict=True):
+            np.testing.assert_array_equal(g, r)
+    assert (got[0] > 0).all()
+
+
+@pytest.mark.parametrize("rows,chunk,slab", [(256, 64, 4096), (128, 333, 1 << 20)])
+def test_neighbors_on_disk_writes_brute_forces_lists_and_dense_snn(tmp_path, monkeypatch, rows,
+                                                                    chunk, slab):
     """The exact path of the neighbors stage with nothing O(cells x k) in memory (index on
     disk, lists spilled, the SNN graph built in tree order from mapped lists and written by
     blocks of cells): obsm lists as brute force gives them among all cells, obsp/snn as the
@@ -562,7 +595,8 @@ def test_neighbors_on_disk_writes_brute_forces_lists_and_dense_snn(tmp_path, row
                        block=512)
     nb.write_all_cells(store, "obsm", "knn_index", spilled.field("idx"), cells, -1,
                        lookup=cells.astype(np.int64), block=512)
-    nnz = nb.write_snn_from_disk(store, root, n, k, index.perm, cells, 1 / 15,
+    monkeypatch.setattr(nb, "SNN_SLAB", slab)  # reverse lists copied out in slabs this size
+    nnz = nb.write_snn_from_disk(store, root, n, k, cells[index.perm].astype(np.int32), 1 / 15,
                                  scheduler=("threads", 2), chunk=chunk)
     b_idx, b_dist = brute_knn(x, k)
     knn_index = store.read_array("obsm", "knn_index")

@@ -4,13 +4,12 @@ holds of the file)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cellmill.io.scratch import Mapped, Releasing, read_raw, read_raw_into, write_raw
+from cellmill.io.scratch import Mapped, read_raw, read_raw_into, write_raw
 
 linux_only = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux /proc")
 
@@ -55,17 +54,20 @@ def test_mapped_file_hands_its_pages_back(tmp_path):
 
 
 @linux_only
-def test_releasing_hands_pages_back_on_a_timer(tmp_path):
+def test_mapped_file_hands_back_a_range_and_pickles_as_its_file(tmp_path):
+    import pickle
+
     path = tmp_path / "y.i32"
-    write_raw(path, np.arange(1 << 21, dtype=np.int32))
+    write_raw(path, np.arange(1 << 21, dtype=np.int32))  # 8 MB, 2048 pages
     m = Mapped(path, np.int32, (1 << 21,))
-    with Releasing([m], seconds=0.01):
-        assert int(m.array.sum(dtype=np.int64)) == (1 << 21) * ((1 << 21) - 1) // 2
-        for _ in range(200):  # the thread's next round
-            if mapped_kb(path) == 0:
-                break
-            time.sleep(0.01)
-        assert mapped_kb(path) == 0
-        m.array[:1024].sum()
-    assert mapped_kb(path) == 0  # and once more at the end
+    assert int(m.array.sum(dtype=np.int64)) == (1 << 21) * ((1 << 21) - 1) // 2
+    m.release(10, (1 << 22) - 10)  # widened to 2 MB spans: the first 4 MB
+    assert mapped_kb(path) == 4096
+    m.array[:1000].sum()
+    m.release(4096, 4100)  # the first 2 MB span again
+    assert mapped_kb(path) == 4096
+    m.release(0, 10**12)
+    assert mapped_kb(path) == 0
+    copy = pickle.loads(pickle.dumps(m))
+    assert copy.array.shape == (1 << 21,) and copy.array[12345] == 12345
     assert Mapped(path, np.int32, (0,)).array.shape == (0,)

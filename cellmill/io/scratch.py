@@ -15,6 +15,15 @@ def scratch_dir(near: Path, what: str) -> Path:
     return Path(near).with_name(f"{Path(near).name}.{what}-scratch")
 
 
+def group_rows(bucket_of_row: np.ndarray, n: int, **arrays) -> tuple:
+    """The arrays' rows grouped by bucket (0..n-1, rows keeping their order within a bucket)
+    and where each bucket's rows start (n + 1 cuts): Buckets.append's sort, which a worker
+    can do before handing the rows to the one that writes them."""
+    order = np.argsort(bucket_of_row, kind="stable")
+    cuts = np.searchsorted(bucket_of_row[order], np.arange(n + 1))
+    return cuts, {name: arr[order] for name, arr in arrays.items()}
+
+
 class Buckets:
     """Append-only raw files, one set per block of rows."""
 
@@ -28,13 +37,13 @@ class Buckets:
         return self.root / f"{self.prefix}{b}.{field}"
 
     def append(self, bucket_of_row: np.ndarray, **arrays) -> None:
-        order = np.argsort(bucket_of_row, kind="stable")
-        cuts = np.searchsorted(bucket_of_row[order], np.arange(self.n + 1))
+        self.append_grouped(*group_rows(bucket_of_row, self.n, **arrays))
+
+    def append_grouped(self, cuts: np.ndarray, arrays: dict) -> None:
+        """Append rows already grouped by bucket (group_rows: bucket b's are cuts[b]..cuts[b+1])."""
         for name, arr in arrays.items():
-            arr = arr[order]
-            for b in range(self.n):
-                if cuts[b + 1] > cuts[b]:
-                    arr[cuts[b]:cuts[b + 1]].tofile(self.files[(b, name)])
+            for b in np.flatnonzero(cuts[1:] > cuts[:-1]):
+                arr[cuts[b]:cuts[b + 1]].tofile(self.files[(b, name)])
 
     def close(self) -> None:
         for f in self.files.values():
@@ -162,6 +171,9 @@ def read_raw_into(path: Path, out: np.ndarray, offset: int = 0) -> np.ndarray:
     return out
 
 
+RELEASE_SPAN = 1 << 21  # Mapped.release's unit (a multiple of the page size)
+
+
 class Mapped:
     """A raw scratch file mapped read-only as an array (a private mapping: writable in numpy's
     and Numba's eyes, nothing written back). `release()` drops the pages this process has
@@ -173,7 +185,8 @@ class Mapped:
     def __init__(self, path: Path, dtype, shape: tuple):
         import mmap
 
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self.path, self.dtype, self.shape = Path(path), np.dtype(dtype), tuple(shape)
+        size = int(np.prod(shape)) * self.dtype.itemsize
         self._mm = None
         if size == 0:
             self.array = np.zeros(shape, dtype=dtype)
@@ -182,36 +195,19 @@ class Mapped:
             self._mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
         self.array = np.frombuffer(self._mm, dtype=dtype).reshape(shape)
 
-    def release(self) -> None:
+    def __reduce__(self):  # a worker process maps the file itself (a shared file system)
+        return Mapped, (self.path, self.dtype, self.shape)
+
+    def release(self, start: int = 0, stop: int | None = None) -> None:
+        """Hand back the pages of bytes start..stop (default: all) of the file, widened to
+        whole 2 MB spans: the kernel may map a file's page cache 2 MB at a time (large
+        folios), and handing back part of one leaves the rest of it mapped."""
         import mmap
 
-        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):  # (not on Windows)
-            self._mm.madvise(mmap.MADV_DONTNEED)
-
-
-class Releasing:
-    """While open (a `with` block), a thread hands back the pages of the `maps` (Mapped)
-    every `seconds`: what the process holds of them is what was touched since, whatever the
-    tasks reading them do meanwhile."""
-
-    def __init__(self, maps, seconds: float = 0.05):
-        import threading
-
-        self.maps, self.seconds = list(maps), seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cellmill-release", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.seconds):
-            for m in self.maps:
-                m.release()
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        for m in self.maps:
-            m.release()
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):  # (not on Windows)
+            return
+        size = len(self._mm)
+        start -= start % RELEASE_SPAN
+        stop = size if stop is None else min(-(-int(stop) // RELEASE_SPAN) * RELEASE_SPAN, size)
+        if stop > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)

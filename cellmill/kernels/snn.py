@@ -154,6 +154,73 @@ def snn_rows_into(knn, ptr, idx, r0, r1, prune, col, cnt, touched):
 
 
 @numba.njit(nogil=True, cache=True)
+def gather_lists(ptr, idx, ms, lptr, out):
+    """Copy the lists idx[ptr[m]:ptr[m + 1]] of the points ms (ascending: the reads go
+    forward through idx) to out[lptr[t]:lptr[t + 1]] (t = 0.. len(ms))."""
+    for t in range(ms.shape[0]):
+        m = ms[t]
+        o = lptr[t] - ptr[m]
+        for q in range(ptr[m], ptr[m + 1]):
+            out[o + q] = idx[q]
+
+
+@numba.njit(nogil=True, cache=True)
+def snn_rows_local(local, lptr, lrev, prune, cnt):
+    """snn_rows for a block of rows from gathered reverse lists: local[r, p] is the position
+    in lptr of row r's p-th neighbour (-1: none), lrev[lptr[u]:lptr[u + 1]] that neighbour's
+    reverse list as output columns (cells). cnt: zeros, one per column (left all zero; a row
+    touches the part near its columns). Returns (entries per row, columns ascending,
+    weights) as snn_rows does."""
+    rows, k = local.shape
+    kf = float(k)
+    counts = np.zeros(rows, dtype=np.int64)
+    cap = max(16, rows * k * 2)
+    indices = np.empty(cap, dtype=np.int32)
+    data = np.empty(cap, dtype=np.float64)
+    touched = np.empty(max(16, 4 * k * k), dtype=np.int32)
+    a = 0
+    for r in range(rows):
+        nt = 0
+        for p in range(k):
+            u = local[r, p]
+            if u < 0:
+                continue
+            for q in range(lptr[u], lptr[u + 1]):
+                j = lrev[q]
+                if cnt[j] == 0:
+                    if nt == touched.shape[0]:
+                        grown = np.empty(2 * nt, dtype=np.int32)
+                        grown[:nt] = touched
+                        touched = grown
+                    touched[nt] = j
+                    nt += 1
+                cnt[j] += 1
+        if a + nt > cap:  # room for every touched column, kept or not
+            while a + nt > cap:
+                cap *= 2
+            grown_i = np.empty(cap, dtype=np.int32)
+            grown_d = np.empty(cap, dtype=np.float64)
+            grown_i[:a] = indices[:a]
+            grown_d[:a] = data[:a]
+            indices, data = grown_i, grown_d
+        o = a
+        for t in range(nt):
+            j = touched[t]
+            w = _weight(float(cnt[j]), kf)
+            if not (w < prune):
+                indices[o] = j
+                data[o] = w
+                o += 1
+            cnt[j] = 0
+        order = np.argsort(indices[a:o])
+        indices[a:o] = indices[a:o][order]
+        data[a:o] = data[a:o][order]
+        counts[r] = o - a
+        a = o
+    return counts, indices[:a].copy(), data[:a].copy()
+
+
+@numba.njit(nogil=True, cache=True)
 def upper_edges(indptr, indices, data):
     """The entries above the diagonal of a symmetric CSR graph (sorted indices) as an edge list
     (E x 2 int64, row-major order, as igraph takes it) and their weights."""

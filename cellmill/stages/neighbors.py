@@ -25,7 +25,6 @@ import scipy.sparse as sp
 from cellmill.engine.cells import passed_pcs, write_all_cells
 from cellmill.engine.registry import Context, stage
 from cellmill.engine.schedulers import in_waves
-from cellmill.io.buffers import ThreadBuffers
 from cellmill.io.heap import release_heap
 from cellmill.io.scratch import Buckets, scratch_dir
 from cellmill.stages.shared import knn as shared_knn
@@ -132,20 +131,6 @@ def _snn_rows(knn, ptr, idx, r0, r1, prune, col):
     return snn_rows(knn, ptr, idx, r0, r1, prune, col)
 
 
-# the SNN rows' scratch (two n-long arrays) per worker thread, reused by the many small row
-# ranges of write_snn_from_disk; lazily zeroed: a range touches the part near its rows
-_SNN_SCRATCH = ThreadBuffers(prefault=False)
-
-
-def _snn_rows_reusing(knn, ptr, idx, r0, r1, prune, col):
-    from cellmill.kernels.snn import snn_rows_into
-
-    n = knn.shape[0]
-    cnt = _SNN_SCRATCH.get("cnt", n, np.int32)
-    touched = _SNN_SCRATCH.get("touched", n, np.int32)
-    return snn_rows_into(knn, ptr, idx, r0, r1, prune, col, cnt, touched)
-
-
 def write_snn_graph(store, slot: str, name: str, knn: np.ndarray, prune: float = 1.0 / 15.0,
                     scheduler=None, chunk: int = 4096, progress: bool = False,
                     cells: np.ndarray | None = None, n_cells: int | None = None) -> int:
@@ -249,11 +234,13 @@ def _search_to_disk(index, k: int, cells: np.ndarray, root, ctx, block: int):
 
 SNN_ROWS = 16384  # tree positions per block while the reverse lists are built
 SNN_OUT = 8192  # cells per block of the graph's spilled rows (more past 2M cells: <= 256 files)
+SNN_SLAB = 1 << 20  # bytes of the mapped reverse lists a task reads before handing them back
 
 
-def _reverse_lists_on_disk(root, n: int, k: int) -> np.ndarray:
-    """The reverse lists (for every tree position m, the positions i, ascending, whose lists
-    hold m) of root/knn.pos, written to root/knn.rev; returns their pointers (n + 1)."""
+def _reverse_lists_on_disk(root, n: int, k: int, col: np.ndarray) -> np.ndarray:
+    """The reverse lists of root/knn.pos (for every tree position m, the cells col[i] of the
+    positions i whose lists hold m), written to root/knn.rev; returns their pointers (n + 1;
+    int32 where they fit)."""
     from cellmill.io.scratch import read_raw, write_raw
 
     def blocks():
@@ -265,61 +252,88 @@ def _reverse_lists_on_disk(root, n: int, k: int) -> np.ndarray:
     for _a, _e, lists in blocks():
         ptr[1:] += np.bincount(lists[lists >= 0], minlength=n)
     np.cumsum(ptr, out=ptr)
-    pairs = Buckets(root, "rev", -(-n // SNN_ROWS), {"m": (np.int32, 1), "i": (np.int32, 1)})
+    pairs = Buckets(root, "rev", -(-n // SNN_ROWS), {"m": (np.int32, 1), "c": (np.int32, 1)})
     for a, e, lists in blocks():
-        i = np.repeat(np.arange(a, e, dtype=np.int32), k)
+        c = np.repeat(col[a:e], k)
         keep = lists >= 0
-        pairs.append(lists[keep] // SNN_ROWS, m=lists[keep], i=i[keep])
+        pairs.append(lists[keep] // SNN_ROWS, m=lists[keep], c=c[keep])
     pairs.close()
     for b in range(pairs.n):
         part = pairs.read(b)
-        order = np.argsort(part["m"], kind="stable")  # each list's rows stay ascending
-        write_raw(root / "knn.rev", part["i"][order], 4 * int(ptr[b * SNN_ROWS]))
-    return ptr
+        order = np.argsort(part["m"])  # (a list's order does not matter: its rows are sorted)
+        write_raw(root / "knn.rev", part["c"][order], 4 * int(ptr[b * SNN_ROWS]))
+    return ptr.astype(np.int32) if ptr[-1] < 2**31 else ptr
 
 
-def write_snn_from_disk(store, root, n: int, k: int, perm: np.ndarray, cells: np.ndarray,
-                        prune: float, scheduler=None, progress: bool = False,
-                        chunk: int = 2048) -> int:
-    """write_snn_graph for the lists _search_to_disk left in root/knn.pos, the graph's rows
-    built in tree order (a row's neighbours, and theirs, are near it in tree order) from the
-    lists and reverse lists mapped from disk (what a wave of rows touches handed back after
-    it), spilled by block of cells and written in cell order: the same graph, bit for bit.
-    Returns its nnz."""
+def _snn_block(lists, ptr: np.ndarray, rev, r0: int, r1: int, prune: float, col: np.ndarray,
+               n_out: int, per: int):
+    """Rows r0..r1 (tree positions) of the SNN graph from the mapped lists and reverse lists
+    (io/scratch.Mapped), as (row, column, weight) entries grouped by block of `per` cells
+    (io/scratch.group_rows). The reverse lists the rows need are copied out a slab of the
+    file at a time, each slab's pages handed back once copied, so a task holds its rows'
+    lists, not the pages they lie on (a row's neighbours are spread over its cluster in tree
+    order, and the file may be mapped 2 MB at a time)."""
+    from cellmill.io.scratch import group_rows
+    from cellmill.kernels.snn import gather_lists, snn_rows_local
+
+    k, size = lists.shape[1], rev.dtype.itemsize
+    block = np.array(lists.array[r0:r1])
+    lists.release(r0 * k * 4, r1 * k * 4)
+    ms, inv = np.unique(block, return_inverse=True)
+    local = inv.reshape(block.shape).astype(np.int32)
+    if len(ms) and ms[0] < 0:  # no neighbour
+        ms, local = ms[1:], local - 1
+    start = ptr[ms].astype(np.int64)
+    lptr = np.zeros(len(ms) + 1, dtype=np.int64)
+    np.cumsum(ptr[ms + 1] - start, out=lptr[1:])
+    lrev = np.empty(int(lptr[-1]), dtype=rev.dtype)
+    slab = start * size // SNN_SLAB
+    cuts = [0, *(np.flatnonzero(np.diff(slab)) + 1).tolist(), len(ms)]
+    for s0, s1 in zip(cuts[:-1], cuts[1:], strict=True):
+        if s1 > s0:
+            gather_lists(ptr, rev.array, ms[s0:s1], lptr[s0:], lrev)
+            rev.release(int(start[s0]) * size, int(ptr[ms[s1 - 1] + 1]) * size)
+    # one count per cell, its pages touched where the rows' columns are
+    counts, idx, val = snn_rows_local(local, lptr, lrev, float(prune),
+                                      np.zeros(n_out, dtype=np.int32))
+    row = np.repeat(col[r0:r1], counts)
+    return group_rows(row // per, -(-n_out // per), row=row, col=idx, val=val)
+
+
+def write_snn_from_disk(store, root, n: int, k: int, col: np.ndarray, prune: float,
+                        scheduler=None, progress: bool = False, chunk: int = 2048) -> int:
+    """write_snn_graph for the lists _search_to_disk left in root/knn.pos (col: the cell of
+    each tree position), the graph's rows built in tree order from the lists and reverse
+    lists mapped from disk (_snn_block), spilled by block of cells and written in cell order:
+    the same graph, bit for bit. Returns its nnz."""
     import uuid
 
     import dask
 
-    from cellmill.io.scratch import Mapped, Releasing
+    from cellmill.io.scratch import Mapped
 
     n_out = store.n_cells
     if n_out >= 2**31:
         raise ValueError("SNN graph: more than 2^31 cells")
     if n == 0:
         return write_snn_graph(store, "obsp", "snn", np.empty((0, k), np.int32), prune,
-                               cells=cells, n_cells=n_out)
-    ptr = _reverse_lists_on_disk(root, n, k)
+                               cells=np.empty(0, np.int64), n_cells=n_out)
+    ptr = _reverse_lists_on_disk(root, n, k, col)
     lists = Mapped(root / "knn.pos", np.int32, (n, k))
     rev = Mapped(root / "knn.rev", np.int32, (int(ptr[-1]),))
-    col = np.asarray(cells)[perm].astype(np.int32)  # tree position -> cell
     tag = uuid.uuid4().hex  # named, not hashed: hashing reads every page of a mapping
     shared = [dask.delayed(a, name=f"snn-{what}-{tag}") for what, a in
-              (("lists", lists.array), ("ptr", ptr), ("rev", rev.array))]
+              (("lists", lists), ("ptr", ptr), ("rev", rev))]
     d_col = dask.delayed(col, name=f"snn-col-{tag}")
-    starts = range(0, n, chunk)
-    tasks = [dask.delayed(_snn_rows, pure=True)(*shared, a, min(a + chunk, n), float(prune),
-                                                d_col) for a in starts]
     per = max(SNN_OUT, -(-n_out // 256))
+    tasks = [dask.delayed(_snn_block, pure=True)(*shared, a, min(a + chunk, n), float(prune),
+                                                 d_col, n_out, per) for a in range(0, n, chunk)]
     out = Buckets(root, "snn", -(-n_out // per), {"row": (np.int32, 1), "col": (np.int32, 1),
                                                    "val": (np.float64, 1)})
-    waves = in_waves(tasks, scheduler, "snn", progress, per_worker=shared_knn.WAVE)
-    with Releasing([lists, rev]):
-        for a, (p_counts, p_idx, p_data) in zip(starts, waves, strict=True):
-            row = np.repeat(col[a:a + len(p_counts)], p_counts)
-            out.append(row // per, row=row, col=p_idx, val=p_data)
+    for cuts, arrays in in_waves(tasks, scheduler, "snn", progress, per_worker=shared_knn.WAVE):
+        out.append_grouped(cuts, arrays)
     out.close()
-    _SNN_SCRATCH.clear()
-    del tasks, shared, lists, rev
+    del tasks, shared, d_col, lists, rev, ptr
     writer = store.sparse_writer("obsp", "snn", (n_out, n_out))
     indptr = np.zeros(n_out + 1, dtype=np.int64)
     for b in range(out.n):
@@ -364,7 +378,7 @@ def run_neighbors(ctx: Context) -> dict:
         block = _spill_block(store.n_cells)
         if exact:
             spilled = _search_to_disk(index, k, cells, root, ctx, block)
-            perm = index.perm
+            col = cells[index.perm].astype(np.int32)  # tree position -> cell
             del index
             shutil.rmtree(root / "index")  # the points' files (180 MB at 1M cells)
             release_heap()
@@ -372,8 +386,8 @@ def run_neighbors(ctx: Context) -> dict:
                             np.nan, block=block)
             write_all_cells(store, "obsm", "knn_index", spilled.field("idx"), cells, -1,
                             lookup=cells.astype(np.int64), block=block)
-            del spilled
-            nnz = write_snn_from_disk(store, root, len(cells), k, perm, cells, cfg.prune,
+            del spilled, cells
+            nnz = write_snn_from_disk(store, root, len(col), k, col, cfg.prune,
                                       scheduler=ctx.scheduler(), progress=ctx.progress)
         else:
             # one full-size array at a time: each is written and freed before the next
@@ -389,6 +403,6 @@ def run_neighbors(ctx: Context) -> dict:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     log.info("neighbors: %s k=%d on %d PCs, %d cells; SNN %d entries", info["method"], k,
-             n_pcs, len(cells), nnz)
+             n_pcs, info["cells"], nnz)
     release_heap()
     return {"knn": info}
