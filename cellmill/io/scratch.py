@@ -176,11 +176,11 @@ RELEASE_SPAN = 1 << 21  # Mapped.release's unit (a multiple of the page size)
 
 class Mapped:
     """A raw scratch file mapped read-only as an array (a private mapping: writable in numpy's
-    and Numba's eyes, nothing written back). `release()` drops the pages this process has
-    touched from its address space; they stay in the page cache (evicted under pressure and
-    read again when needed), so the process holds what it touched since the last release,
-    not the file: for lists read where the work is (the SNN graph's reverse lists, read near
-    the rows being built)."""
+    and Numba's eyes, nothing written back). `release(start, stop)` drops the pages of a byte
+    range from this process's address space; they stay in the page cache (evicted under
+    pressure and read again when needed), so the process holds what it touched since, not
+    the file: for lists read a part at a time (the SNN graph's reverse lists). Pickled, it
+    maps its file again (a worker process on the same file system)."""
 
     def __init__(self, path: Path, dtype, shape: tuple):
         import mmap

@@ -116,37 +116,35 @@ def snn_fill_rows(knn, ptr, idx, r0, r1, prune, counts, col):
 
 
 @numba.njit(nogil=True, cache=True)
+def _grown(indices, data, a, need):
+    """indices and data (their first a entries kept) with room for `need`, doubling."""
+    cap = indices.shape[0]
+    while need > cap:
+        cap *= 2
+    grown_i = np.empty(cap, dtype=np.int32)
+    grown_d = np.empty(cap, dtype=np.float64)
+    grown_i[:a] = indices[:a]
+    grown_d[:a] = data[:a]
+    return grown_i, grown_d
+
+
+@numba.njit(nogil=True, cache=True)
 def snn_rows(knn, ptr, idx, r0, r1, prune, col):
     """snn_fill_rows without the counting sweep: rows r0..r1 in one sweep into arrays that
     grow as needed. Returns (entries per row, column indices, weights), as the two sweeps
     give them; for a caller that does not size the whole graph first (a streaming writer)."""
-    n = knn.shape[0]
-    return snn_rows_into(knn, ptr, idx, r0, r1, prune, col, np.zeros(n, dtype=np.int32),
-                         np.empty(n, dtype=np.int32))
-
-
-@numba.njit(nogil=True, cache=True)
-def snn_rows_into(knn, ptr, idx, r0, r1, prune, col, cnt, touched):
-    """snn_rows with its two n-long scratch arrays given (int32; cnt all zero, and left all
-    zero): a caller with many small row ranges reuses them instead of making them each time
-    (callers refuse n >= 2^31)."""
     n, k = knn.shape
     kf = float(k)
+    cnt = np.zeros(n, dtype=np.int32)
+    touched = np.empty(n, dtype=np.int32)  # (callers refuse n >= 2^31)
     counts = np.zeros(r1 - r0, dtype=np.int64)
-    cap = max(16, (r1 - r0) * k * 2)
-    indices = np.empty(cap, dtype=np.int32)
-    data = np.empty(cap, dtype=np.float64)
+    indices = np.empty(max(16, (r1 - r0) * k * 2), dtype=np.int32)
+    data = np.empty(indices.shape[0], dtype=np.float64)
     a = 0
     for i in range(r0, r1):
         nt = _row(knn, ptr, idx, i, cnt, touched)
-        if a + nt > cap:  # room for every touched row, kept or not
-            while a + nt > cap:
-                cap *= 2
-            grown_i = np.empty(cap, dtype=np.int32)
-            grown_d = np.empty(cap, dtype=np.float64)
-            grown_i[:a] = indices[:a]
-            grown_d[:a] = data[:a]
-            indices, data = grown_i, grown_d
+        if a + nt > indices.shape[0]:  # room for every touched column, kept or not
+            indices, data = _grown(indices, data, a, a + nt)
         o = _emit(cnt, touched, nt, kf, prune, col, indices, data, a)
         counts[i - r0] = o - a
         a = o
@@ -174,9 +172,8 @@ def snn_rows_local(local, lptr, lrev, prune, cnt):
     rows, k = local.shape
     kf = float(k)
     counts = np.zeros(rows, dtype=np.int64)
-    cap = max(16, rows * k * 2)
-    indices = np.empty(cap, dtype=np.int32)
-    data = np.empty(cap, dtype=np.float64)
+    indices = np.empty(max(16, rows * k * 2), dtype=np.int32)
+    data = np.empty(indices.shape[0], dtype=np.float64)
     touched = np.empty(max(16, 4 * k * k), dtype=np.int32)
     a = 0
     for r in range(rows):
@@ -195,14 +192,8 @@ def snn_rows_local(local, lptr, lrev, prune, cnt):
                     touched[nt] = j
                     nt += 1
                 cnt[j] += 1
-        if a + nt > cap:  # room for every touched column, kept or not
-            while a + nt > cap:
-                cap *= 2
-            grown_i = np.empty(cap, dtype=np.int32)
-            grown_d = np.empty(cap, dtype=np.float64)
-            grown_i[:a] = indices[:a]
-            grown_d[:a] = data[:a]
-            indices, data = grown_i, grown_d
+        if a + nt > indices.shape[0]:  # room for every touched column, kept or not
+            indices, data = _grown(indices, data, a, a + nt)
         o = a
         for t in range(nt):
             j = touched[t]

@@ -9,8 +9,8 @@ cells; rows of failed cells empty).
 Memory on the exact path: nothing O(cells x k). The search index is on disk, read a block at
 a time (knn_index_from_blocks); the lists go to scratch as they come, by block of cells for
 the obsm arrays and as tree positions in tree order for the graph; the graph's rows are built
-in tree order from those lists and their reverse lists, mapped from disk (a row's neighbours
-and theirs lie in the same part of the tree; the pages are handed back every 50 ms), spilled
+in tree order, a block of rows per task, from those lists and the reverse lists their
+neighbours have, copied out of a file mapped from disk a slab at a time (_snn_block), spilled
 by block of cells and written in cell order. The NN-descent path holds its lists in memory.
 """
 
