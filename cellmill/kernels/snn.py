@@ -61,13 +61,14 @@ def _weight(s, kf):
 @numba.njit(nogil=True, cache=True)
 def _emit(cnt, touched, nt, kf, prune, col, indices, data, a):
     """Write the kept entries of the row just counted (touched[:nt], cnt) at indices/data[a:],
-    sorted by column, and clear cnt; returns the end of the row."""
+    sorted by column (col[j]; j itself when col is empty), and clear cnt; returns the end of
+    the row."""
     o = a
     for t in range(nt):
         j = touched[t]
         w = _weight(float(cnt[j]), kf)
         if not (w < prune):
-            indices[o] = col[j]
+            indices[o] = col[j] if col.shape[0] else j
             data[o] = w
             o += 1
         cnt[j] = 0
@@ -174,38 +175,14 @@ def snn_rows_local(local, lptr, lrev, prune, cnt):
     counts = np.zeros(rows, dtype=np.int64)
     indices = np.empty(max(16, rows * k * 2), dtype=np.int32)
     data = np.empty(indices.shape[0], dtype=np.float64)
-    touched = np.empty(max(16, 4 * k * k), dtype=np.int32)
+    touched = np.empty(max(1, lrev.shape[0]), dtype=np.int32)  # a row touches fewer columns
+    cells = np.empty(0, dtype=np.int32)  # the columns are the counted values themselves
     a = 0
     for r in range(rows):
-        nt = 0
-        for p in range(k):
-            u = local[r, p]
-            if u < 0:
-                continue
-            for q in range(lptr[u], lptr[u + 1]):
-                j = lrev[q]
-                if cnt[j] == 0:
-                    if nt == touched.shape[0]:
-                        grown = np.empty(2 * nt, dtype=np.int32)
-                        grown[:nt] = touched
-                        touched = grown
-                    touched[nt] = j
-                    nt += 1
-                cnt[j] += 1
+        nt = _row(local, lptr, lrev, r, cnt, touched)
         if a + nt > indices.shape[0]:  # room for every touched column, kept or not
             indices, data = _grown(indices, data, a, a + nt)
-        o = a
-        for t in range(nt):
-            j = touched[t]
-            w = _weight(float(cnt[j]), kf)
-            if not (w < prune):
-                indices[o] = j
-                data[o] = w
-                o += 1
-            cnt[j] = 0
-        order = np.argsort(indices[a:o])
-        indices[a:o] = indices[a:o][order]
-        data[a:o] = data[a:o][order]
+        o = _emit(cnt, touched, nt, kf, prune, cells, indices, data, a)
         counts[r] = o - a
         a = o
     return counts, indices[:a].copy(), data[:a].copy()
