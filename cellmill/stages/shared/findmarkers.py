@@ -139,7 +139,12 @@ def rank_pass(store: Store, label_of_cell: np.ndarray, stratum_of_label: np.ndar
     n_labels, n_strata = len(stratum_of_label), int(stratum_of_label.max()) + 1
     n_counts = np.asarray(store.obs_column("n_counts"), dtype=np.float64)
     indptr = store.gene_major_indptr()
-    max_nnz = int(min(SLAB_NNZ_MAX, memory_bytes / 4 / max(workers, 1) / 16))
+    # a task holds its slab (8 bytes a nonzero) and the kernel's sort scratch for the densest
+    # gene (24 bytes a value, up to one per cell: 24 MB at 1M cells): the slab gives way to
+    # the scratch, so a task's memory does not grow with the number of cells
+    slab_bytes = min(SLAB_NNZ_MAX * 8, memory_bytes / 8 / max(workers, 1))
+    densest = int(np.diff(indptr).max()) if len(indptr) > 1 else 0
+    max_nnz = int(max(slab_bytes - 24 * densest, slab_bytes / 4) // 8)
     # at least a few slabs per worker, for balance
     max_nnz = max(1, min(max_nnz, int(indptr[-1]) // (4 * max(workers, 1)) + 1))
     slabs = plan_slabs(indptr, max_nnz)
@@ -178,6 +183,15 @@ def rank_pass(store: Store, label_of_cell: np.ndarray, stratum_of_label: np.ndar
 
 # ------------------------------------------------------------------------------- tables
 
+def _gene_index(genes) -> pd.Index:
+    """Gene names as a pandas Index (unnamed). Tables taken from one Index share its name
+    strings: each table building its own held ~3 MB of them (28k genes), and the GSEA stage
+    keeps one table per cluster x time point (~100 MB at 1M cells, where the pairs are many)."""
+    if isinstance(genes, pd.Index) and genes.name is None:
+        return genes
+    return pd.Index(np.asarray(genes).astype(str), name=None)
+
+
 def de_table(genes, n1, n2, nnz_1, nnz_2, sum_e_1, sum_e_2, rank_sum_1, tie_sum, n_genes_total,
              logfc_threshold=0.0, min_pct=0.0, only_pos=False) -> pd.DataFrame:
     """FindMarkers' table from per-gene group statistics (index = gene, Seurat's order)."""
@@ -189,7 +203,7 @@ def de_table(genes, n1, n2, nnz_1, nnz_2, sum_e_1, sum_e_2, rank_sum_1, tie_sum,
     idx = np.flatnonzero(keep)
     p = wilcoxon_p(np.asarray(rank_sum_1)[idx], n1, n2, np.asarray(tie_sum)[idx])
     df = pd.DataFrame({"p_val": p, "avg_log2FC": fc[idx], "pct.1": pct1[idx],
-                       "pct.2": pct2[idx]}, index=pd.Index(np.asarray(genes)[idx], name=None))
+                       "pct.2": pct2[idx]}, index=_gene_index(genes)[idx])
     if only_pos:
         df = df[df["avg_log2FC"] > 0]
     df["p_val_adj"] = np.minimum(1.0, df["p_val"].to_numpy() * n_genes_total)
@@ -234,7 +248,7 @@ def find_markers_many(store: Store, contrasts: list, logfc_threshold: float = 0.
             used = np.zeros(store.n_cells, dtype=bool)
             used[i1] = used[i2] = True
             passes.append(([k], used))
-    genes = np.asarray(store.var().index).astype(str)
+    genes = _gene_index(np.asarray(store.var().index).astype(str))
     out: list[pd.DataFrame | None] = [None] * len(sets)
     for members, _ in passes:
         label = np.full(store.n_cells, -1, dtype=np.int32)
@@ -308,7 +322,7 @@ def find_all_markers(store: Store, labels: np.ndarray | None = None,
     n_labels = int(labels.max()) + 1 if (labels >= 0).any() else 0
     levels = levels or [str(i) for i in range(n_labels)]
     n_labels = max(n_labels, len(levels))
-    genes = np.asarray(store.var().index).astype(str)
+    genes = _gene_index(np.asarray(store.var().index).astype(str))
     if n_labels == 0:
         return pd.DataFrame(columns=ALL_COLUMNS)
     r = rank_pass(store, labels, np.zeros(n_labels, dtype=np.int32), scale_factor,
