@@ -158,9 +158,9 @@ class _Runs:
         self.folder = folder
         self.n_genes = n_genes
         self.genes = genes  # (g0, g1) of each window
-        # per run and window: bytes of its three pieces (gene counts, values, cells) and its
-        # nonzeros; the gene counts live in the file, not here (an int32 per gene and run was
-        # 29 MB at 1M cells, 5.7 at 196k)
+        # per run and window: bytes of its three pieces (gene counts, values, cells), 0 where
+        # the window has none of the run's entries; the gene counts live in the file, not
+        # here (an int32 per gene and run was 29 MB at 1M cells, 5.7 at 196k)
         self.sizes: list[np.ndarray | None] = [None] * n_runs
 
     def path(self, i):
@@ -173,7 +173,7 @@ class _Runs:
         del m
         nnz = int(ip[-1])
         per_gene = np.diff(ip)
-        sizes = np.zeros((len(self.genes), 4), dtype=np.int64)
+        sizes = np.zeros((len(self.genes), 3), dtype=np.int64)
         with open(self.path(i), "wb") as f:
             for w, (g0, g1) in enumerate(self.genes):
                 lo, hi = int(ip[g0]), int(ip[g1])
@@ -183,7 +183,6 @@ class _Runs:
                         z = RUN_CODEC.encode(part)
                         f.write(z)
                         sizes[w, j] = len(z)
-                    sizes[w, 3] = hi - lo
         return per_gene, sizes
 
     def read(self, i, w):
@@ -192,9 +191,9 @@ class _Runs:
         sizes = self.sizes[i]
         ip = np.zeros(g1 - g0 + 1, dtype=np.int64)
         data = idx = np.empty(0, dtype=np.int32)
-        if sizes[w, 3]:
+        if sizes[w, 0]:
             with open(self.path(i), "rb") as f:
-                f.seek(int(sizes[:w, :3].sum()))
+                f.seek(int(sizes[:w].sum()))
                 counts, data, idx = (np.frombuffer(RUN_CODEC.decode(f.read(int(sizes[w, j]))),
                                                    np.int32) for j in range(3))
             np.cumsum(counts, out=ip[1:])

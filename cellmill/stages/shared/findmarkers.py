@@ -183,13 +183,11 @@ def rank_pass(store: Store, label_of_cell: np.ndarray, stratum_of_label: np.ndar
 
 # ------------------------------------------------------------------------------- tables
 
-def _gene_index(genes) -> pd.Index:
-    """Gene names as a pandas Index (unnamed). Tables taken from one Index share its name
-    strings: each table building its own held ~3 MB of them (28k genes), and the GSEA stage
-    keeps one table per cluster x time point (~100 MB at 1M cells, where the pairs are many)."""
-    if isinstance(genes, pd.Index) and genes.name is None:
-        return genes
-    return pd.Index(np.asarray(genes).astype(str), name=None)
+def _gene_names(store: Store) -> pd.Index:
+    """The store's gene names as one Index: the tables taken from it share its name strings
+    (each table building its own held ~3 MB of them at 28k genes, and the GSEA stage keeps a
+    table per cluster x time point: ~100 MB at 1M cells)."""
+    return pd.Index(np.asarray(store.var().index).astype(str))
 
 
 def de_table(genes, n1, n2, nnz_1, nnz_2, sum_e_1, sum_e_2, rank_sum_1, tie_sum, n_genes_total,
@@ -203,7 +201,7 @@ def de_table(genes, n1, n2, nnz_1, nnz_2, sum_e_1, sum_e_2, rank_sum_1, tie_sum,
     idx = np.flatnonzero(keep)
     p = wilcoxon_p(np.asarray(rank_sum_1)[idx], n1, n2, np.asarray(tie_sum)[idx])
     df = pd.DataFrame({"p_val": p, "avg_log2FC": fc[idx], "pct.1": pct1[idx],
-                       "pct.2": pct2[idx]}, index=_gene_index(genes)[idx])
+                       "pct.2": pct2[idx]}, index=pd.Index(genes, name=None)[idx])
     if only_pos:
         df = df[df["avg_log2FC"] > 0]
     df["p_val_adj"] = np.minimum(1.0, df["p_val"].to_numpy() * n_genes_total)
@@ -248,7 +246,7 @@ def find_markers_many(store: Store, contrasts: list, logfc_threshold: float = 0.
             used = np.zeros(store.n_cells, dtype=bool)
             used[i1] = used[i2] = True
             passes.append(([k], used))
-    genes = _gene_index(np.asarray(store.var().index).astype(str))
+    genes = _gene_names(store)
     out: list[pd.DataFrame | None] = [None] * len(sets)
     for members, _ in passes:
         label = np.full(store.n_cells, -1, dtype=np.int32)
@@ -322,7 +320,7 @@ def find_all_markers(store: Store, labels: np.ndarray | None = None,
     n_labels = int(labels.max()) + 1 if (labels >= 0).any() else 0
     levels = levels or [str(i) for i in range(n_labels)]
     n_labels = max(n_labels, len(levels))
-    genes = _gene_index(np.asarray(store.var().index).astype(str))
+    genes = _gene_names(store)
     if n_labels == 0:
         return pd.DataFrame(columns=ALL_COLUMNS)
     r = rank_pass(store, labels, np.zeros(n_labels, dtype=np.int32), scale_factor,
