@@ -47,6 +47,22 @@ def decode_threads(n: int):
             pool.shutdown(wait=True)
 
 
+def current_pool() -> ThreadPoolExecutor | None:
+    """This thread's inflating pool (None: inflate in the calling thread)."""
+    return getattr(_state, "pool", None)
+
+
+@contextmanager
+def using_pool(pool: ThreadPoolExecutor | None):
+    """Inflate with another thread's pool inside this block (this thread only)."""
+    old = getattr(_state, "pool", None)
+    _state.pool = pool
+    try:
+        yield
+    finally:
+        _state.pool = old
+
+
 def _filters(ds: h5py.Dataset) -> list[int] | None:
     """The filter ids in the order they were applied on writing, or None when this module
     cannot decode the dataset's chunks (then h5py reads it)."""

@@ -113,6 +113,7 @@ def ingest(source: str | Path, out: str | Path, overwrite: bool = False,
         if not s.path.exists():
             raise InputError(s.path, f"file of sample {s.name!r} not found")
     writer = StoreWriter(out, overwrite=overwrite, block_cells=block_cells)
+    _import_in_background("anndata.io")  # finish() writes obs and var with it: ~1 s of imports
     try:
         if workers > 1:  # this process writes: workers - 1 processes decode
             _add_decoded(writer, specs, feature_types, prefix, workers - 1, progress)
@@ -126,14 +127,33 @@ def ingest(source: str | Path, out: str | Path, overwrite: bool = False,
         raise
 
 
+def _import_in_background(module: str) -> None:
+    """Import `module` on a thread while the samples are read (a later import waits for it)."""
+    import importlib
+    import threading
+
+    threading.Thread(target=importlib.import_module, args=(module,), daemon=True,
+                     name="cellmill-import").start()
+
+
 def _add(writer: StoreWriter, spec: SampleSpec, feature_types, prefix: bool) -> None:
     """Stream one sample into the writer (its barcodes and genes are freed on return)."""
+    from cellmill.io.prefetch import prefetched
     from cellmill.io.readers import open_sample
+    from cellmill.io.sample import SampleStream
 
     with open_sample(spec.path, feature_types=feature_types) as sample:
         if sample.n_cells == 0 or sample.n_genes == 0:
             raise InputError(spec.path, f"sample {spec.name!r} is empty")
-        writer.add_sample(spec.name, sample, spec.metadata, prefix_cells=prefix)
+        if isinstance(sample, SampleStream):  # the next slice is read while this one is written
+            slices = prefetched(sample.slices)
+            sample = SampleStream(sample.barcodes, sample.var, sample.source, slices)
+            try:
+                writer.add_sample(spec.name, sample, spec.metadata, prefix_cells=prefix)
+            finally:
+                slices.close()  # no read in flight once the file closes
+        else:
+            writer.add_sample(spec.name, sample, spec.metadata, prefix_cells=prefix)
 
 
 def _add_decoded(writer: StoreWriter, specs: list[SampleSpec], feature_types, prefix: bool,

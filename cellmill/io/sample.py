@@ -154,7 +154,10 @@ def normalise_types(feature_types: Iterable[str] | str | None) -> tuple[str, ...
 def decode_strings(values: np.ndarray) -> np.ndarray:
     """bytes / str array -> object array of str (UTF-8)."""
     values = np.asarray(values)
-    if values.dtype.kind == "S":
+    if values.dtype.kind == "S" and values.size and values.dtype.itemsize and \
+            np.ascontiguousarray(values).reshape(-1).view(np.uint8).max() < 0x80:
+        values = values.astype(str)  # ASCII (gene ids, barcodes): numpy's cast, ~4x faster
+    elif values.dtype.kind == "S":
         values = np.char.decode(values, "utf-8")
     elif values.dtype.kind == "O":
         values = np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values])
