@@ -55,7 +55,8 @@ def run_cluster(ctx: Context) -> None:
         from cellmill.stages.clustering.streamed import streamed_cluster_labels
 
         labels = streamed_cluster_labels(store, cells, cfg.resolution, cfg.seed,
-                                         cfg.n_iterations, ctx.progress)
+                                         cfg.n_iterations, ctx.progress,
+                                         memory_bytes=ctx.cfg.compute.memory_bytes)
     else:
         labels = cluster_labels(lambda: passed_snn(store, cells), cfg.algorithm,
                                 cfg.resolution, cfg.seed, cfg.n_iterations, cfg.leiden_backend)

@@ -25,6 +25,7 @@ is decoded on a second thread while one is processed.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -32,6 +33,8 @@ import scipy.sparse as sp
 
 from cellmill.io.progress import bar
 from cellmill.kernels.moving import community_edges, move_rows, row_strengths
+
+log = logging.getLogger("cellmill")
 
 ROWS = 32_768  # rows per block: fixed, so sums are added in the same order for any budget
 MAX_SWEEPS = 200  # a safeguard only: every move raises the modularity, so sweeps end
@@ -65,17 +68,37 @@ class GraphRows:
         if self.n != n_cells:
             self.rank = np.full(n_cells, -1, dtype=np.int32)
             self.rank[self.cells] = np.arange(self.n, dtype=np.int32)
+        self._held = None  # (node indices, weights) of all entries once `hold` read them
+
+    def nbytes(self) -> int:
+        """Bytes of the graph's entries as `read` returns them (int32 nodes, float64 weights)."""
+        return 12 * int(self.ptr[-1])
+
+    def hold(self, max_bytes: int) -> bool:
+        """Read all entries into memory once when they take at most max_bytes: the local
+        moving's sweeps (30 or so) then slice them instead of decoding the graph each time
+        (196k cells: 4.7 of the 6.1 s). The same blocks either way."""
+        if self._held is None and self.nbytes() <= max_bytes:
+            self._held = self._entries(0, int(self.ptr[-1]))
+        return self._held is not None
 
     def read(self, p0: int, p1: int):
         """Rows p0..p1 as (p0, indptr, node indices, weights)."""
         a, b = int(self.ptr[p0]), int(self.ptr[p1])
+        if self._held is not None:
+            idx, data = self._held[0][a:b], self._held[1][a:b]
+        else:
+            idx, data = self._entries(a, b)
+        return p0, self.ptr[p0: p1 + 1] - a, idx, data
+
+    def _entries(self, a: int, b: int):
         idx, data = self.store.sparse_entries(self.slot, self.name, a, b)
         if self.rank is not None:
             idx = self.rank[idx]
             if len(idx) and idx.min() < 0:
                 raise ValueError(f"{self.store.path}: {self.slot}/{self.name} points to cells "
                                  "outside the clustered ones")
-        return p0, self.ptr[p0: p1 + 1] - a, idx, np.asarray(data, dtype=np.float64)
+        return idx, np.asarray(data, dtype=np.float64)
 
     def blocks(self, want=None, desc: str = "", progress: bool = False):
         """Every block in order (or those for which want(p0, p1) is true), the next one read
@@ -177,12 +200,16 @@ def rows_of(rows: GraphRows, nodes) -> sp.csr_matrix:
 
 
 def streamed_cluster_labels(store, cells: np.ndarray, resolution: float = 0.3, seed: int = 0,
-                            n_iterations: int = -1, progress: bool = False) -> np.ndarray:
+                            n_iterations: int = -1, progress: bool = False,
+                            memory_bytes: int | None = None) -> np.ndarray:
     """Final labels of `cells` as cluster_labels gives them (renumbered by size, singletons
-    grouped as Seurat does), with the graph streamed."""
+    grouped as Seurat does), with the graph streamed, or held in memory when it takes at most
+    a quarter of `memory_bytes` (the same labels)."""
     from cellmill.stages.clustering.in_memory import group_singletons, order_by_size
 
     rows = GraphRows(store, cells)
+    if memory_bytes and rows.hold(memory_bytes // 4):
+        log.info("cluster: graph held in memory (%.0f MB)", rows.nbytes() / 2**20)
     raw, _ = streamed_leiden(rows, resolution, seed, n_iterations, progress)
     labels = order_by_size(raw)
     single = np.flatnonzero(np.bincount(labels)[labels] == 1)
