@@ -5,6 +5,7 @@ block sizes, an invariant start, no convergence, and no files left behind."""
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import scipy.sparse.linalg as sla
 from scipy.sparse.csgraph import connected_components
 
 from cellmill.stages.umap import eigen
@@ -50,8 +51,6 @@ def test_restarts_and_arpacks_tolerance(tmp_path):
     """A small basis (many restarts) at ARPACK's tolerance 1e-4 as the UMAP start uses it:
     the residuals of the returned pairs are within the test, and the plane of eigenvectors
     2-3 is ARPACK's (tol 1e-10) to 1e-4."""
-    import scipy.sparse.linalg as sla
-
     m = normalised_adjacency(6000, seed=1, groups=3)
     calls = [0]
 
@@ -78,6 +77,22 @@ def test_the_same_bits_for_any_block_size(tmp_path, monkeypatch):
     # sums over blocks differ in their last bits; the pairs agree to rounding
     np.testing.assert_allclose(a[0], b[0], atol=1e-12)
     assert angles(a[1], b[1]).min() > 1 - 1e-10
+
+
+def test_basis_in_memory_gives_the_same_bits(tmp_path, monkeypatch):
+    m = normalised_adjacency(3000, seed=3)
+    monkeypatch.setattr(eigen, "ROWS", 701)  # several blocks, the last one short
+    need = 2 * eigen._Basis.nbytes(3000, 10)
+    assert need == 2 * 8 * 11 * 701 * 5
+    a = eigen.largest_eigenpairs(lambda x: m @ x, 3000, 3, tmp_path / "a", m=10,
+                                 hold_bytes=need - 1)
+    assert list((tmp_path / "a").iterdir()) == []  # on disk, then removed
+    b = eigen.largest_eigenpairs(lambda x: m @ x, 3000, 3, tmp_path / "b", m=10, hold_bytes=need)
+    assert list((tmp_path / "b").iterdir()) == []  # never on disk
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    ref_w = sla.eigsh(m, 3, which="LA", tol=1e-10)[0]
+    np.testing.assert_allclose(b[0], np.sort(ref_w)[::-1], atol=1e-7)
 
 
 def test_invariant_start_and_no_convergence(tmp_path):
