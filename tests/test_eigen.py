@@ -2,10 +2,11 @@
 eigh and scipy's ARPACK: eigenvalues, the subspaces of the eigenvectors, restarts, small
 block sizes, an invariant start, no convergence, and no files left behind."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import scipy.sparse.linalg as sla
 from scipy.sparse.csgraph import connected_components
 
 from cellmill.stages.umap import eigen
@@ -51,6 +52,8 @@ def test_restarts_and_arpacks_tolerance(tmp_path):
     """A small basis (many restarts) at ARPACK's tolerance 1e-4 as the UMAP start uses it:
     the residuals of the returned pairs are within the test, and the plane of eigenvectors
     2-3 is ARPACK's (tol 1e-10) to 1e-4."""
+    import scipy.sparse.linalg as sla
+
     m = normalised_adjacency(6000, seed=1, groups=3)
     calls = [0]
 
@@ -79,20 +82,26 @@ def test_the_same_bits_for_any_block_size(tmp_path, monkeypatch):
     assert angles(a[1], b[1]).min() > 1 - 1e-10
 
 
-def test_basis_in_memory_gives_the_same_bits(tmp_path, monkeypatch):
-    m = normalised_adjacency(3000, seed=3)
-    monkeypatch.setattr(eigen, "ROWS", 701)  # several blocks, the last one short
-    need = 2 * eigen._Basis.nbytes(3000, 10)
-    assert need == 2 * 8 * 11 * 701 * 5
-    a = eigen.largest_eigenpairs(lambda x: m @ x, 3000, 3, tmp_path / "a", m=10,
-                                 hold_bytes=need - 1)
-    assert list((tmp_path / "a").iterdir()) == []  # on disk, then removed
-    b = eigen.largest_eigenpairs(lambda x: m @ x, 3000, 3, tmp_path / "b", m=10, hold_bytes=need)
-    assert list((tmp_path / "b").iterdir()) == []  # never on disk
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_array_equal(a[1], b[1])
-    ref_w = sla.eigsh(m, 3, which="LA", tol=1e-10)[0]
-    np.testing.assert_allclose(b[0], np.sort(ref_w)[::-1], atol=1e-7)
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux /proc")
+def test_basis_blocks_are_views_whose_pages_are_handed_back(tmp_path, monkeypatch):
+    from test_scratch import mapped_kb
+
+    monkeypatch.setattr(eigen, "ROWS", 4096)  # blocks of 11 x 32 kB
+    n, m = 40_000, 10
+    basis = eigen._Basis(tmp_path / "b.f64", n, m)
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((m + 1, n))
+    for j in range(m + 1):
+        basis.put(j, vecs[j])
+    w = rng.standard_normal(n)
+    h = sum(basis.block(blk, m + 1) @ w[a:b] for blk, (a, b) in enumerate(basis.spans))
+    np.testing.assert_allclose(h, vecs @ w, rtol=1e-12)
+    # all 10 blocks read (3.5 MB of basis): the process holds the last one's pages only
+    assert mapped_kb(tmp_path / "b.f64") <= 8 * (m + 1) * 4096 // 1024 + 8
+    basis.put(3, np.zeros(n))  # written after being mapped: the views see it
+    np.testing.assert_array_equal(basis.block(9, m + 1)[3], 0.0)
+    basis.close()
+    assert not (tmp_path / "b.f64").exists()
 
 
 def test_invariant_start_and_no_convergence(tmp_path):

@@ -166,7 +166,7 @@ def _components_and_degrees(graph: DiskGraph, keep_from: float) -> tuple[int, np
 
 
 def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False,
-                  threads: int = 1, root: Path | None = None, hold_bytes: int = 0):
+                  threads: int = 1, root: Path | None = None):
     """umap-learn's spectral initialisation (as graph.spectral_init) with the graph streamed:
     eigenvectors 2..3 of the largest eigenvalues of D^-1/2 W D^-1/2 (a Krylov basis of 32
     vectors as files under `root`, tol 1e-4, v0 ones: stages/umap/eigen.py), scaled to +-10
@@ -212,8 +212,7 @@ def spectral_init(graph: DiskGraph, keep_from: float, points, rs, progress=False
           tempfile.TemporaryDirectory(prefix="krylov-", dir=root) as tmp):
         try:
             _, vecs = largest_eigenpairs(matvec, n, dim + 1, Path(tmp), m=LANCZOS_VECTORS,
-                                         tol=1e-4, v0=np.ones(n), max_products=n * 5,
-                                         hold_bytes=hold_bytes)
+                                         tol=1e-4, v0=np.ones(n), max_products=n * 5)
             emb = vecs[:, 1:]
         except ArpackLikeError:
             emb = random_start(rs, n, dim)
@@ -337,9 +336,8 @@ def umap_streamed(points, n_neighbors: int = 30, min_dist: float = 0.3,
         if memory_bytes and graph.hold(memory_bytes // 4):
             log.info("umap: graph held in memory (%.0f MB)", graph.nbytes() / 2**20)
         rs = np.random.RandomState(seed)
-        # the Krylov basis too (2 x 33 vectors: 103 MB at 196k cells, 528 MB at 1M)
         init = spectral_init(graph, keep_from, points, rs, progress, n_workers(scheduler),
-                             root, hold_bytes=(memory_bytes or 0) // 4)
+                             root)
         release_heap()
         t3 = time.perf_counter()
         a, b = find_ab_params(1.0, min_dist)
