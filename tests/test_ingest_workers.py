@@ -51,6 +51,7 @@ def test_any_worker_count_gives_the_same_store(tmp_path, small_parts):
         b = _files(store.path)
         assert sorted(a) == sorted(b)
         assert [k for k in a if a[k] != b[k]] == []
+        assert not store.path.with_name(store.path.name + ".ingest-scratch").exists()
 
     # and the content itself, against the matrices the files were written from
     _, dense = dense_union(expected)
@@ -59,6 +60,25 @@ def test_any_worker_count_gives_the_same_store(tmp_path, small_parts):
     np.testing.assert_array_equal(obs["n_counts"], dense.sum(1))
     assert list(obs["barcode"]) == [b for _, bc, _ in expected.values() for b in bc]
     np.testing.assert_array_equal(store.var()["total_counts"], dense.sum(0))
+
+
+def test_spilled_part_comes_back_as_the_same_slices(tmp_path):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    slices = [sp.random(7, 49, 0.2, format="csr", random_state=1),  # 69 values: padded
+              sp.csr_matrix((5, 49), dtype=np.int32),  # no entries
+              sp.random(3, 49, 0.5, format="csr", random_state=2)]
+    slices[0].data = rng.integers(1, 9, slices[0].nnz).astype(np.int32)
+    assert slices[0].nnz % 2 == 1
+    spilled = decode.Spilled.write(slices, tmp_path / "0-0.part")
+    back = spilled.load()
+    assert not (tmp_path / "0-0.part").exists()
+    for a, b in zip(slices, back, strict=True):
+        assert a.shape == b.shape
+        for x, y in ((a.data, b.data), (a.indices, b.indices), (a.indptr, b.indptr)):
+            assert x.dtype == y.dtype
+            np.testing.assert_array_equal(x, y)
 
 
 class _InlinePool:
@@ -104,6 +124,7 @@ def test_bad_value_in_a_late_part_is_the_sequential_error(tmp_path, small_parts)
             _ingest(manifest, out, workers=workers)
         errors.append(str(e.value))
         assert not out.exists()
+        assert not out.with_name(out.name + ".ingest-scratch").exists()
     assert errors[0] == errors[1] and "\n" not in errors[1]
     assert Path(errors[1].split(": ")[0]).resolve() == (tmp_path / "s1.h5").resolve()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
@@ -156,6 +177,7 @@ def test_killed_ingest_leaves_no_store_and_no_worker(tmp_path, small_parts):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert not out.exists()
     assert [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the dead one's, unfinished
+    assert (tmp_path / "study.zarr.ingest-scratch").is_dir()  # its decoded parts' folder
     deadline = time.monotonic() + 20
     while _marked(mark) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -165,5 +187,6 @@ def test_killed_ingest_leaves_no_store_and_no_worker(tmp_path, small_parts):
     store = _ingest(manifest, out, workers=2)
     ref = _ingest(manifest, tmp_path / "ref.zarr", workers=1)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not (tmp_path / "study.zarr.ingest-scratch").exists()
     a, b = _files(ref.path), _files(store.path)
     assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []

@@ -11,11 +11,16 @@ worker reads and checks the sample's header itself (barcodes and genes travel wi
 part only), so a corrupt file fails in the worker with the sequential reader's own InputError,
 which the parent re-raises when it reaches that part in order.
 
+A worker hands a part's counts back through a raw file in a scratch folder beside the store
+(``Spilled``; the parent reads it and deletes it), not through the pool's pipe: pickling and
+unpickling ~34 MB a part cost both processes more CPU than decoding it (196k cells, one
+decoder: 43 -> 30 s, 56 -> 40 CPU s).
+
 Memory: at most `workers` parts are decoding or decoded and waiting, plus the part being
-written. A decoded part costs 8 bytes per nonzero (int32 counts and gene indices), about twice
-that while it is pickled across; with ``PART_NNZ`` = 4M that is ~34 MB a part (~70 MB at its
-peak) instead of a whole sample's: a 30k-cell sample at ~2,000 genes a cell is 60M nonzeros,
-~480 MB decoded, and 12 B/nnz more while the HDF5 read and checks run. The store is the same
+written. A decoded part costs 8 bytes per nonzero (int32 counts and gene indices); with
+``PART_NNZ`` = 4M that is ~34 MB a part instead of a whole sample's: a 30k-cell sample at
+~2,000 genes a cell is 60M nonzeros, ~480 MB decoded, and 12 B/nnz more while the HDF5 read
+and checks run. The store is the same
 as a sequential ingest's, byte for byte, for any worker count: the parent writes the same
 slices in the same order.
 
@@ -39,6 +44,8 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 # Nonzeros per part (a part holds whole slices of ``tenx.SLICE_NNZ``; one slice may exceed it).
 PART_NNZ = 4 << 20
@@ -69,6 +76,45 @@ class Task:
     path: str
     feature_types: tuple[str, ...] | None
     ranges: list[tuple[int, int]] | None  # None: the whole sample
+    spill: str | None = None  # a folder: the part's counts come back through a file there
+
+
+@dataclass
+class Spilled:
+    """A part's slices in a raw file: per slice its shape and its data, indices and indptr
+    (dtype, length), each array starting at a multiple of 8 bytes."""
+
+    path: str
+    layout: list
+
+    @classmethod
+    def write(cls, slices: list, path: Path) -> Spilled:
+        layout = []
+        with open(path, "wb") as f:
+            for m in slices:
+                arrays = (m.data, m.indices, m.indptr)
+                layout.append((m.shape, [(a.dtype.str, len(a)) for a in arrays]))
+                for a in arrays:
+                    a = np.ascontiguousarray(a)
+                    a.tofile(f)
+                    f.write(bytes(-a.nbytes % 8))
+        return cls(os.fspath(path), layout)
+
+    def load(self) -> list:
+        """The slices (views of one array read from the file), the file removed."""
+        import scipy.sparse as sp
+
+        raw = np.fromfile(self.path, dtype=np.uint8)
+        os.unlink(self.path)
+        slices, at = [], 0
+        for shape, arrays in self.layout:
+            parts = []
+            for dtype, count in arrays:
+                nbytes = np.dtype(dtype).itemsize * count
+                parts.append(raw[at:at + nbytes].view(dtype))
+                at += nbytes + (-nbytes % 8)
+            slices.append(sp.csr_matrix(tuple(parts), shape=shape, copy=False))
+        return slices
 
 
 def decode(task: Task) -> Part:
@@ -86,12 +132,17 @@ def decode(task: Task) -> Part:
     with ctx as stream:
         header = (stream.barcodes, stream.var, stream.source) if task.index == 0 else None
         slices = list(stream.slices)
+    if task.spill is not None:  # through a file: pickling ~34 MB through the pipe and
+        # unpickling it cost more CPU than decoding it (both ends, 196k cells: ~20 s)
+        slices = Spilled.write(slices, Path(task.spill) / f"{task.sample}-{task.index}.part")
     return Part(task.sample, task.index, task.n_parts, header, slices)
 
 
-def tasks(paths: list[Path], feature_types, part_nnz: int | None = None) -> Iterator[Task]:
+def tasks(paths: list[Path], feature_types, part_nnz: int | None = None,
+          spill: Path | None = None) -> Iterator[Task]:
     """The parts of the samples in order; each sample is planned when its turn comes (here,
-    so the slicing is this process's ``tenx.SLICE_NNZ``)."""
+    so the slicing is this process's ``tenx.SLICE_NNZ``). With `spill` (an existing folder)
+    a worker hands a part's counts back through a file there."""
     from cellmill.io import tenx
 
     part_nnz = PART_NNZ if part_nnz is None else part_nnz
@@ -99,7 +150,8 @@ def tasks(paths: list[Path], feature_types, part_nnz: int | None = None) -> Iter
         ranges = tenx.plan_ranges(path, tenx.SLICE_NNZ)
         groups = _group(ranges, part_nnz) if ranges else [None]
         for k, g in enumerate(groups):
-            yield Task(i, k, len(groups), os.fspath(path), feature_types, g)
+            yield Task(i, k, len(groups), os.fspath(path), feature_types, g,
+                       None if spill is None else os.fspath(spill))
 
 
 def _group(ranges: list[tuple[int, int, int]], part_nnz: int) -> list[list]:
@@ -137,6 +189,8 @@ def decoded(task_iter: Iterator[Task], workers: int) -> Iterator[Part]:
                 break
         while pending:
             part = pending.popleft().result()
+            if isinstance(part.slices, Spilled):
+                part.slices = part.slices.load()
             t = next(task_iter, None)
             if t is not None:
                 pending.append(_submit(pool, t))

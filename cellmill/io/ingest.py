@@ -159,11 +159,17 @@ def _add(writer: StoreWriter, spec: SampleSpec, feature_types, prefix: bool) -> 
 def _add_decoded(writer: StoreWriter, specs: list[SampleSpec], feature_types, prefix: bool,
                  workers: int, progress: bool) -> None:
     """Write the samples decoded by worker processes, in manifest order."""
+    import shutil
+
     from cellmill.io.decode import decoded, tasks
     from cellmill.io.progress import bar
     from cellmill.io.sample import SampleStream
+    from cellmill.io.scratch import scratch_dir
 
-    parts = decoded(tasks([s.path for s in specs], feature_types), workers)
+    spill = scratch_dir(writer.path, "ingest")  # decoded parts come back through files here
+    shutil.rmtree(spill, ignore_errors=True)  # a killed run's
+    spill.mkdir(parents=True)
+    parts = decoded(tasks([s.path for s in specs], feature_types, spill=spill), workers)
     try:
         for i, spec in enumerate(bar(specs, desc="ingest", unit="sample", enabled=progress)):
             first = next(parts)
@@ -176,6 +182,7 @@ def _add_decoded(writer: StoreWriter, specs: list[SampleSpec], feature_types, pr
             writer.add_sample(spec.name, stream, spec.metadata, prefix_cells=prefix)
     finally:
         parts.close()  # shuts the pool down, also when the writer failed
+        shutil.rmtree(spill, ignore_errors=True)
 
 
 def _sample_slices(first, parts):
