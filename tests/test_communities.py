@@ -97,22 +97,25 @@ def test_streamed_leiden_matches_igraph_on_the_whole_graph(planted, monkeypatch)
     np.testing.assert_array_equal(comm.streamed_cluster_labels(store, cells, 0.3, seed=0), ours)
 
 
-def test_graph_held_in_memory_gives_the_same_blocks_and_labels(planted):
+def test_spilled_graph_gives_the_same_blocks_and_labels(planted, tmp_path, monkeypatch):
     store, cells, snn, _ = planted
-    streamed, held = comm.GraphRows(store, cells), comm.GraphRows(store, cells)
-    assert not held.hold(held.nbytes() - 1)  # over the budget: stays on disk
-    assert held.hold(held.nbytes())
+    streamed, spilled = comm.GraphRows(store, cells), comm.GraphRows(store, cells)
+    monkeypatch.setattr(comm, "ROWS", 97)  # spilled in several pieces
+    spilled.spill(tmp_path / "g")
     for (a, b) in [(0, 1500), (97, 311), (1499, 1500)]:
-        for x, y in zip(streamed.read(a, b), held.read(a, b), strict=True):
+        for x, y in zip(streamed.read(a, b), spilled.read(a, b), strict=True):
             np.testing.assert_array_equal(x, y)
-    _, ip, idx, w = held.read(0, 1500)  # the SNN graph among the QC-passed cells, renumbered
+    _, ip, idx, w = spilled.read(0, 1500)  # the SNN graph among the QC-passed cells, renumbered
     np.testing.assert_array_equal(ip, snn.indptr)
     np.testing.assert_array_equal(idx, snn.indices)
     np.testing.assert_allclose(w, snn.data, rtol=1e-15)
+    assert sum(len(blk[2]) for blk in spilled.blocks()) == snn.nnz
+    monkeypatch.setattr(comm, "ROWS", 32_768)
     ours = comm.streamed_cluster_labels(store, cells, 0.3, seed=0)
-    big = comm.streamed_cluster_labels(store, cells, 0.3, seed=0,
-                                       memory_bytes=4 * held.nbytes())
-    np.testing.assert_array_equal(big, ours)
+    scratch = tmp_path / "scratch"
+    np.testing.assert_array_equal(
+        comm.streamed_cluster_labels(store, cells, 0.3, seed=0, scratch=scratch), ours)
+    assert not scratch.exists()
 
 
 def test_singletons_read_only_their_rows(planted):

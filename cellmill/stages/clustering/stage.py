@@ -52,11 +52,12 @@ def run_cluster(ctx: Context) -> None:
     cfg, store = ctx.cfg.cluster, ctx.store
     cells = np.flatnonzero(qc_passed(store))
     if cfg.algorithm == "leiden" and cfg.leiden_backend == "streamed":
+        from cellmill.io.scratch import scratch_dir
         from cellmill.stages.clustering.streamed import streamed_cluster_labels
 
         labels = streamed_cluster_labels(store, cells, cfg.resolution, cfg.seed,
                                          cfg.n_iterations, ctx.progress,
-                                         memory_bytes=ctx.cfg.compute.memory_bytes)
+                                         scratch=scratch_dir(store.path, "cluster"))
     else:
         labels = cluster_labels(lambda: passed_snn(store, cells), cfg.algorithm,
                                 cfg.resolution, cfg.seed, cfg.n_iterations, cfg.leiden_backend)
