@@ -36,13 +36,11 @@ _state = threading.local()
 @contextmanager
 def decode_threads(n: int):
     """Inflate chunks with `n` threads inside this block (this thread only)."""
-    old = getattr(_state, "pool", None)
     pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="h5inflate") if n > 1 else None
-    _state.pool = pool
     try:
-        yield
+        with using_pool(pool):
+            yield
     finally:
-        _state.pool = old
         if pool is not None:
             pool.shutdown(wait=True)
 

@@ -148,6 +148,12 @@ def write_raw(path: Path, arr: np.ndarray, offset: int = 0) -> None:
         os.close(fd)
 
 
+def sized_raw(path: Path, nbytes: int) -> None:
+    """A raw file of `nbytes` (zeros, not written: sparse), made or cut to that size."""
+    with open(path, "wb") as f:
+        f.truncate(nbytes)
+
+
 def read_raw(path: Path, dtype, count: int, offset: int = 0) -> np.ndarray:
     """`count` values of `dtype` from the file `path`, from byte `offset`."""
     return np.fromfile(path, dtype=dtype, count=count, offset=offset)

@@ -18,7 +18,6 @@ worker count.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -35,35 +34,31 @@ class ArpackLikeError(RuntimeError):
 class _Basis:
     """Basis vectors 0..m laid out by row block: block b holds rows b*ROWS.. of vector 0,
     then of vector 1, ..., so a block of rows of the first vectors is one contiguous range.
-    The basis is a raw float64 file, mapped read-only and written with pwrite (one page
-    cache): a block is a view of the mapping whose pages are handed back when the next block
-    is taken, so the process holds one block, not the basis. Reading the file into a buffer
-    instead ran at ~2 GB/s: 85 of the ~90 ms an orthogonalisation took at 196k cells; through
-    the mapping a pass over the basis is ~2.5 ms (the spectral start at 196k: 37.9 -> 11.1
-    s)."""
+    The basis is a raw float64 file, mapped (``io.scratch.Mapped``) and written at offsets
+    (``write_raw``; one page cache): a block is a view of the mapping whose pages are handed
+    back when the next block is taken, so the process holds one block, not the basis.
+    Reading the file into a buffer instead ran at ~2 GB/s: 85 of the ~90 ms an
+    orthogonalisation took at 196k cells; through the mapping a pass over the basis is ~2.5
+    ms (the spectral start at 196k: 37.9 -> 11.1 s)."""
 
     def __init__(self, path: Path, n: int, m: int):
-        import mmap
+        from cellmill.io.scratch import Mapped, sized_raw
 
         self.path, self.n, self.m = Path(path), n, m
         self.rows = min(ROWS, max(n, 1))
         self.spans = [(a, min(a + self.rows, n)) for a in range(0, n, self.rows)]
-        size = 8 * (m + 1) * self.rows * len(self.spans)  # the last block padded
-        self.file = open(self.path, "w+b")
-        self.file.truncate(size)
-        self._mm = mmap.mmap(self.file.fileno(), size, access=mmap.ACCESS_READ)
-        self.values = np.frombuffer(self._mm, dtype=np.float64)
+        size = (m + 1) * self.rows * len(self.spans)  # values; the last block padded
+        sized_raw(self.path, 8 * size)
+        self.mapped = Mapped(self.path, np.float64, (size,))
         self._taken = None  # the byte range of the block last handed out
 
     def _at(self, blk: int, j: int) -> int:
         return 8 * self.rows * ((self.m + 1) * blk + j)
 
     def _put_rows(self, blk: int, j: int, values: np.ndarray) -> None:
-        at = self._at(blk, j)
-        view = memoryview(np.ascontiguousarray(values, dtype=np.float64)).cast("B")
-        done = 0
-        while done < len(view):  # pwrite may write less than asked
-            done += os.pwrite(self.file.fileno(), view[done:], at + done)
+        from cellmill.io.scratch import write_raw
+
+        write_raw(self.path, np.asarray(values, dtype=np.float64), self._at(blk, j))
 
     def put(self, j: int, vec: np.ndarray) -> None:
         vec = np.ascontiguousarray(vec, dtype=np.float64)
@@ -74,21 +69,12 @@ class _Basis:
         """Block blk of vectors 0..cols-1 as cols x rows, a view valid until the next call
         (the pages of the previous block are handed back)."""
         a, b = self.spans[blk]
-        self._release()
+        if self._taken is not None:
+            self.mapped.release(*self._taken)
         at = self._at(blk, 0)
-        self._taken = (at, cols * self.rows * 8)
-        view = self.values[at // 8:at // 8 + cols * self.rows]
+        self._taken = (at, at + cols * self.rows * 8)
+        view = self.mapped.array[at // 8:at // 8 + cols * self.rows]
         return view.reshape(cols, self.rows)[:, :b - a]
-
-    def _release(self) -> None:
-        import mmap
-
-        if self._taken is not None and hasattr(mmap, "MADV_DONTNEED"):  # (not on Windows)
-            at, size = self._taken  # widened to whole pages: the file's, refetched if needed
-            start = at - at % mmap.PAGESIZE
-            stop = min(-(-(at + size) // mmap.PAGESIZE) * mmap.PAGESIZE, len(self._mm))
-            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
-        self._taken = None
 
     def orthogonalise(self, w: np.ndarray, cols: int) -> np.ndarray:
         """w minus its projection on vectors 0..cols-1 (in place; twice, as DGKS), and the
@@ -120,10 +106,7 @@ class _Basis:
         return res
 
     def close(self) -> None:
-        self._taken = None
-        self.values = None
-        self._mm.close()
-        self.file.close()
+        self._taken = self.mapped = None
         self.path.unlink(missing_ok=True)
 
 
