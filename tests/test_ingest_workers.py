@@ -103,7 +103,7 @@ def test_at_most_workers_parts_in_flight(tmp_path, small_parts, monkeypatch):
     _study(tmp_path)
     paths = [tmp_path / f"s{i}.h5" for i in range(4)]
     pool = _InlinePool()
-    monkeypatch.setattr(decode, "_pool", lambda workers: pool)
+    monkeypatch.setattr(decode, "spawn_pool", lambda workers: pool)
     order = []
     for part in decode.decoded(decode.tasks(paths, ("Gene Expression",)), workers=3):
         order.append((part.sample, part.index))

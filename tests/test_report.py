@@ -376,3 +376,66 @@ def test_cell_counts_match_a_crosstab(study):
     s = ctx.cfg.study
     assert [col.split()[0] for col in got.columns[:3]] == [s.control] * 3
     assert [col.split()[1] for col in got.columns[:3]] == ["3d", "14d", "5mo"]
+
+
+def _pixels(path: Path) -> np.ndarray:
+    import matplotlib.image as mpimg
+
+    return mpimg.imread(path)
+
+
+def test_figures_drawn_by_several_processes_match_one(study, tmp_path):
+    """The same figures, notes and captions with 3 processes as with one; the pixels the
+    same up to antialiasing (matplotlib itself varies by 1/255 in a few pixels of long
+    curves from one run to the next, in one process too)."""
+    from cellmill.report.figures import ReportInputs
+    from cellmill.report.parallel import make_figures
+
+    ctx, *_ = study
+    one = make_figures(ReportInputs(ctx.cfg, ctx.store, ctx.tables), tmp_path / "one", 1)
+    three = make_figures(ReportInputs(ctx.cfg, ctx.store, ctx.tables), tmp_path / "three", 3)
+    assert [(r.key, r.title, r.caption, r.note) for r in one] == \
+        [(r.key, r.title, r.caption, r.note) for r in three]
+    assert sum(r.path is not None for r in one) == 13
+    for a, b in zip(one, three, strict=True):
+        assert b.path == tmp_path / "three" / a.path.name
+        pa, pb = _pixels(a.path), _pixels(b.path)
+        assert pa.shape == pb.shape, a.key
+        off = np.abs(pa - pb).max(axis=2)
+        assert off.max() <= 2 / 255 + 1e-6 and (off > 0).mean() < 1e-3, a.key
+
+
+def test_figures_of_a_broken_worker_pool_are_drawn_here(study, tmp_path, monkeypatch):
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    import cellmill.report.parallel as par
+    from cellmill.report.figures import ReportInputs
+    from cellmill.report.parallel import make_figures
+
+    class Broken:  # a pool whose worker died: every task fails
+        def submit(self, *a):
+            f = Future()
+            f.set_exception(BrokenProcessPool("a worker died"))
+            return f
+
+        def shutdown(self, **kw):
+            pass
+
+    monkeypatch.setattr(par, "spawn_pool", lambda *a: Broken())
+    ctx, *_ = study
+    res = make_figures(ReportInputs(ctx.cfg, ctx.store, ctx.tables), tmp_path, 4)
+    assert [r.key for r in res if r.path is None] == []
+    assert len(list(tmp_path.glob("*.png"))) == 13
+
+
+@pytest.mark.parametrize("workers,memory,want", [
+    (2, "2GB", 2), (2, "1GB", 2), (2, "600MB", 1), (16, "1GB", 2), (16, "2GB", 4),
+    (16, "64GB", 13), (1, "8GB", 1)])
+def test_figure_processes_fit_the_memory_budget(workers, memory, want):
+    from cellmill.config import Config
+    from cellmill.report.parallel import figure_workers
+
+    cfg = Config()
+    cfg.compute.workers, cfg.compute.memory = workers, memory
+    assert figure_workers(cfg) == want

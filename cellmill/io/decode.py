@@ -24,28 +24,22 @@ and checks run. The store is the same
 as a sequential ingest's, byte for byte, for any worker count: the parent writes the same
 slices in the same order.
 
-The pool uses the 'spawn' start method: no fork of a process that holds threads or open HDF5
-files (h5py and numba do not survive that), and no process outlives the ingest ('forkserver'
-would keep its server, ~100 MB, beside every later stage of the run). Each worker imports the
-readers once (~0.5 s of CPU). Workers exit when the parent dies (a watchdog thread), so a
-killed ingest leaves no orphans.
+The pool is `io/spawn.py`'s (spawned processes that exit with their parent). Each worker
+imports the readers once (~0.5 s of CPU).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import sys
-import threading
-import time
-import types
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cellmill.io.spawn import spawn_pool, submit
 
 # Nonzeros per part (a part holds whole slices of ``tenx.SLICE_NNZ``; one slice may exceed it).
 PART_NNZ = 4 << 20
@@ -53,7 +47,6 @@ PART_NNZ = 4 << 20
 # time and the writing half stays in one process, so 1-3 workers keep the writer busy; each
 # worker peaks at ~200 MB (imports and one part's buffers), so more would only cost memory.
 MAX_WORKERS = 4
-WATCH_SECONDS = 1.0
 
 
 @dataclass
@@ -180,11 +173,11 @@ def decoded(task_iter: Iterator[Task], workers: int) -> Iterator[Part]:
         for t in task_iter:
             yield decode(t)
         return
-    pool = _pool(workers)
+    pool = spawn_pool(workers)
     pending: deque = deque()
     try:
         for t in task_iter:
-            pending.append(_submit(pool, t))
+            pending.append(submit(pool, decode, t))
             if len(pending) >= workers:
                 break
         while pending:
@@ -193,7 +186,7 @@ def decoded(task_iter: Iterator[Task], workers: int) -> Iterator[Part]:
                 part.slices = part.slices.load()
             t = next(task_iter, None)
             if t is not None:
-                pending.append(_submit(pool, t))
+                pending.append(submit(pool, decode, t))
             yield part
             del part  # the writer is done with it: free before the next one arrives
     finally:
@@ -202,45 +195,3 @@ def decoded(task_iter: Iterator[Task], workers: int) -> Iterator[Part]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    import multiprocessing as mp
-
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                               initializer=_watch_parent, initargs=(os.getpid(),))
-
-
-def _submit(pool: ProcessPoolExecutor, task: Task):
-    """pool.submit, which may start a worker: the worker gets a bare ``__main__``. Otherwise
-    spawn re-runs the caller's script in each worker (a script without an
-    ``if __name__ == "__main__":`` guard would then ingest again); workers need nothing of it."""
-    main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        return pool.submit(decode, task)
-    finally:
-        sys.modules["__main__"] = main
-
-
-def _watch_parent(pid: int) -> None:
-    """Worker set-up: Ctrl-C is the parent's to handle (it shuts the pool down); exit when the
-    ingesting process is gone or a zombie (killed by SIGKILL: nothing else stops a worker
-    waiting for its next task)."""
-    import signal
-
-    import psutil
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = psutil.Process(pid)
-
-    def watch():
-        while True:
-            time.sleep(WATCH_SECONDS)
-            try:
-                if not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE:
-                    os._exit(0)
-            except psutil.NoSuchProcess:
-                os._exit(0)
-            except psutil.Error:
-                pass
-
-    threading.Thread(target=watch, daemon=True).start()

@@ -1,7 +1,7 @@
 """The study's figures as PNG files (matplotlib, headless).
 
 Every figure reads what the stages left in the store and in `tables/`. A figure whose inputs are
-missing (a partial run, a stage that found nothing) raises `Missing`; `make_figures` turns that
+missing (a partial run, a stage that found nothing) raises `Missing`; `draw_figure` turns that
 into a note for the report instead of failing the run.
 """
 
@@ -1002,28 +1002,25 @@ TRIM_FROM = 32 * 2**20  # freed heap bytes worth handing back between figures
 FILE_PREFIX = {"fig1a": "fig1a_", "fig1b": "fig1b_", "fig1c": "fig1c_", "fig1d": "fig1d_",
                "fig1e": "fig1e_", "fig2": "fig2_", "fig2b": "fig2b_", "fig2c": "fig2c_",
                "fig3": "fig3_", "calib": "calibration_", "qc": "qc_", "hvg": "hvg_", "pca": "pca_"}
+FIGURE_FUNCS = {key: (title, func) for key, title, func in FIGURES}
 
 
-def make_figures(inp: ReportInputs, out: Path) -> list[FigureResult]:
-    """Draw every figure it can; the others come back with a note saying why not (and any
-    file an earlier run left for them is removed, so figures/ matches the report)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for key, title, func in FIGURES:
-        try:
-            res = func(inp, out)
-        except Missing as e:
-            res = FigureResult(key, title, note=f"skipped: {e}")
-        except Exception as e:  # a figure must never sink the run; say what went wrong
-            log.warning("figure %s failed", key, exc_info=True)
-            res = FigureResult(key, title, note=f"failed: {type(e).__name__}: {e}")
-        if res.path is None:
-            for stale in out.glob(FILE_PREFIX[key] + "*.png"):
-                stale.unlink()
-        results.append(res)
-        # what a figure freed goes back to the system before the next one when it is much:
-        # glibc keeps it otherwise, and the per-cell figures' leftovers (~100 MB at 1M cells)
-        # were then under every later figure's peak
-        trim_heap(TRIM_FROM)
-    return results
+def draw_figure(inp: ReportInputs, key: str, out: Path) -> FigureResult:
+    """One figure of FIGURES; skipped (inputs missing) or failed, a note says why (and any file
+    an earlier run left for it is removed, so figures/ matches the report)."""
+    title, func = FIGURE_FUNCS[key]
+    try:
+        res = func(inp, out)
+    except Missing as e:
+        res = FigureResult(key, title, note=f"skipped: {e}")
+    except Exception as e:  # a figure must never sink the run; say what went wrong
+        log.warning("figure %s failed", key, exc_info=True)
+        res = FigureResult(key, title, note=f"failed: {type(e).__name__}: {e}")
+    if res.path is None:
+        for stale in Path(out).glob(FILE_PREFIX[key] + "*.png"):
+            stale.unlink()
+    # what a figure freed goes back to the system before the next one when it is much:
+    # glibc keeps it otherwise, and the per-cell figures' leftovers (~100 MB at 1M cells)
+    # were then under every later figure's peak
+    trim_heap(TRIM_FROM)
+    return res

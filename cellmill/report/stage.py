@@ -21,9 +21,9 @@ from cellmill.report.figures import (
     SIG,
     Missing,
     ReportInputs,
-    make_figures,
     sort_labels,
 )
+from cellmill.report.parallel import figure_workers, make_figures
 
 log = logging.getLogger("cellmill")
 
@@ -318,7 +318,7 @@ def build_report(ctx: Context, partial: str | None = None):
             store = None
     cfg, s = ctx.cfg, ctx.cfg.study
     inp = ReportInputs(cfg, store, ctx.outdir / "tables", scheduler=ctx.scheduler())
-    figs = {f.key: f for f in make_figures(inp, ctx.figures)}
+    figs = {f.key: f for f in make_figures(inp, ctx.figures, figure_workers(cfg))}
     notes: list[str] = []
     # no condition column: the study parts (target tests, GSEA, their figures) did not run;
     # one note says so instead of one per figure and table (no store: nothing is known yet)
