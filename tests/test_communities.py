@@ -100,8 +100,8 @@ def test_streamed_leiden_matches_igraph_on_the_whole_graph(planted, monkeypatch)
 def test_spilled_graph_gives_the_same_blocks_and_labels(planted, tmp_path, monkeypatch):
     store, cells, snn, _ = planted
     streamed, spilled = comm.GraphRows(store, cells), comm.GraphRows(store, cells)
-    monkeypatch.setattr(comm, "ROWS", 97)  # spilled in several pieces
-    spilled.spill(tmp_path / "g")
+    monkeypatch.setattr(comm, "ROWS", 97)  # spilled in several pieces, by 3 threads
+    spilled.spill(tmp_path / "g", threads=3)
     for (a, b) in [(0, 1500), (97, 311), (1499, 1500)]:
         for x, y in zip(streamed.read(a, b), spilled.read(a, b), strict=True):
             np.testing.assert_array_equal(x, y)
@@ -114,7 +114,8 @@ def test_spilled_graph_gives_the_same_blocks_and_labels(planted, tmp_path, monke
     ours = comm.streamed_cluster_labels(store, cells, 0.3, seed=0)
     scratch = tmp_path / "scratch"
     np.testing.assert_array_equal(
-        comm.streamed_cluster_labels(store, cells, 0.3, seed=0, scratch=scratch), ours)
+        comm.streamed_cluster_labels(store, cells, 0.3, seed=0, scratch=scratch, threads=2),
+        ours)
     assert not scratch.exists()
 
 
