@@ -18,6 +18,7 @@ import types
 from concurrent.futures import Future, ProcessPoolExecutor
 
 WATCH_SECONDS = 1.0
+_MAIN = threading.Lock()  # one swap of __main__ at a time (several threads may submit)
 
 
 def spawn_pool(workers: int, initializer=None, initargs: tuple = ()) -> ProcessPoolExecutor:
@@ -34,12 +35,13 @@ def submit(pool: ProcessPoolExecutor, fn, *args) -> Future:
     spawn re-runs the caller's script in each worker (a script without an
     ``if __name__ == "__main__":`` guard would then run its work again); workers need
     nothing of it."""
-    main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        return pool.submit(fn, *args)
-    finally:
-        sys.modules["__main__"] = main
+    with _MAIN:
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            return pool.submit(fn, *args)
+        finally:
+            sys.modules["__main__"] = main
 
 
 def _set_up(pid: int, initializer, initargs: tuple) -> None:

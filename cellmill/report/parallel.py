@@ -4,8 +4,9 @@ matplotlib holds the GIL while it draws, so threads would only take turns: the f
 drawn by this process (matplotlib is loaded here already) and `workers - 1` spawned ones
 (io/spawn.py), each reading its own inputs from the store and tables. Figures are handed
 out costliest first, one at a time, to whichever process is free. A figure is drawn whole by
-one process from the same inputs, so the files are the same for any worker count. A worker
-that dies (out of memory, killed) hands its figures back to this process.
+one process from the same inputs, so the figures are the same for any worker count (up to
+the antialiasing of a few pixels, which varies from run to run in one process too). A
+worker that dies (out of memory, killed) hands its figures back to this process.
 """
 
 from __future__ import annotations
@@ -90,7 +91,6 @@ def draw_in_processes(inp: ReportInputs, out: Path, workers: int) -> dict[str, F
     for key in todo:  # what a dead worker left
         done[key] = draw_figure(inp, key, out)
     return done
-
 
 
 def figure_workers(cfg) -> int:
