@@ -24,10 +24,10 @@ import pandas as pd
 from scipy import special, stats
 
 from cellmill.kernels.lowess import clowess
+from cellmill.kernels.wls import wls_fit
 from cellmill.stages.statistics.welch import bh_adjust
 
 RANK_TOL = 1e-7  # R's lm.fit / qr() (LINPACK dqrdc2) tolerance for a dependent column
-GENE_CHUNK = 4096  # genes per batched QR in the weighted fit (bounds the temporary arrays)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,19 +107,6 @@ def check_design(design, n_samples: int | None = None) -> np.ndarray:
     return d
 
 
-def _fit_batch(xw: np.ndarray, yw: np.ndarray):
-    """Least squares of yw[g] on xw[g] for a batch of genes: (coef, stdev.unscaled, sigma)."""
-    q, r = np.linalg.qr(xw)  # (g, n, p), (g, p, p)
-    qty = np.einsum("gnp,gn->gp", q, yw)
-    coef = np.linalg.solve(r, qty[..., None])[..., 0]
-    rinv = np.linalg.inv(r)
-    stdev = np.sqrt(np.einsum("gij,gij->gi", rinv, rinv))  # diag((R'R)^-1)
-    resid = yw - np.einsum("gnp,gp->gn", xw, coef)
-    n, p = xw.shape[1], xw.shape[2]
-    sigma = np.sqrt(np.einsum("gn,gn->g", resid, resid) / (n - p))
-    return coef, stdev, sigma
-
-
 def lm_fit(expr, design, weights=None) -> dict:
     """limma's lmFit(expr, design, weights) for a genes x samples matrix: coefficients and
     stdev_unscaled (genes x coefficients), sigma, df_residual, amean (row means of expr)."""
@@ -144,14 +131,7 @@ def lm_fit(expr, design, weights=None) -> dict:
             w = np.broadcast_to(w, e.shape)
         if not np.all(np.isfinite(w)) or np.any(w <= 0):
             raise ValueError("weights must be finite and positive")
-        coef = np.empty((g, p))
-        stdev = np.empty((g, p))
-        sigma = np.empty(g)
-        for a in range(0, g, GENE_CHUNK):
-            b = min(g, a + GENE_CHUNK)
-            sw = np.sqrt(w[a:b])
-            coef[a:b], stdev[a:b], sigma[a:b] = _fit_batch(d[None, :, :] * sw[:, :, None],
-                                                           e[a:b] * sw)
+        coef, stdev, sigma = wls_fit(d, np.ascontiguousarray(e), np.ascontiguousarray(w))
     return {"coefficients": coef, "stdev_unscaled": stdev, "sigma": sigma,
             "df_residual": np.full(g, float(n - p)), "amean": e.mean(axis=1), "design": d}
 
@@ -295,9 +275,12 @@ def _tmixture(tstat, stdev, df, proportion, lim) -> float:
     return math.fsum(v0) / ntarget
 
 
-def ebayes(fit: dict, proportion: float = 0.01, stdev_coef_lim=(0.1, 4.0)) -> dict:
+def ebayes(fit: dict, proportion: float = 0.01, stdev_coef_lim=(0.1, 4.0),
+           coefs=None) -> dict:
     """limma's eBayes(fit) (trend = FALSE, robust = FALSE): the fit plus t, p_value, lods,
-    df_prior, s2_prior, s2_post, df_total, var_prior (per coefficient)."""
+    df_prior, s2_prior, s2_post, df_total, var_prior (per coefficient). With `coefs` (0-based
+    columns), p_value, var_prior and lods are computed for those columns only (NaN in the
+    others): each column's tail probabilities cost more than the fit."""
     coef = fit["coefficients"]
     stdev = fit["stdev_unscaled"]
     sigma = fit["sigma"]
@@ -310,11 +293,15 @@ def ebayes(fit: dict, proportion: float = 0.01, stdev_coef_lim=(0.1, 4.0)) -> di
     df_prior, s2_prior, s2_post = sq["df_prior"], sq["var_prior"], sq["var_post"]
     t = coef / stdev / np.sqrt(s2_post)[:, None]
     df_total = np.minimum(df_res + df_prior, np.nansum(df_res))
-    p = 2 * stats.t.sf(np.abs(t), df_total[:, None])
+    cols = range(t.shape[1]) if coefs is None else sorted(set(int(c) for c in coefs))
+    p = np.full(t.shape, np.nan)
+    var_prior = np.full(t.shape[1], np.nan)
     lim = np.asarray(stdev_coef_lim, dtype=np.float64) ** 2 / s2_prior  # median of a scalar
-    var_prior = np.array([_tmixture(t[:, j], stdev[:, j], df_total, proportion, lim)
-                          for j in range(t.shape[1])])
-    var_prior = np.where(np.isnan(var_prior), 1 / s2_prior, var_prior)
+    for j in cols:
+        p[:, j] = 2 * special.stdtr(df_total, -np.abs(t[:, j]))  # 2 t.sf(|t|, df)
+        var_prior[j] = _tmixture(t[:, j], stdev[:, j], df_total, proportion, lim)
+        if np.isnan(var_prior[j]):
+            var_prior[j] = 1 / s2_prior
     r = (stdev ** 2 + var_prior) / stdev ** 2
     t2 = t ** 2
     if df_prior > 1e6:

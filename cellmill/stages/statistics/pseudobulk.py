@@ -239,6 +239,8 @@ def iter_pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 
     from concurrent.futures import ThreadPoolExecutor
     from itertools import islice
 
+    from cellmill.engine.schedulers import on_a_thread
+
     genes = pb["gene"].values.astype(str)
     counts = _ClusterCounts(pb["counts"], keep=2 * max(1, workers))
     totals = counts.totals()  # per sample, all clusters ("all")
@@ -251,7 +253,8 @@ def iter_pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 
             raise ValueError("grouped statistics and pseudobulk genes differ")
         ran = [(c, t) for c, t, _, case, ctrl, _ in items
                if min(int(case.sum()), int(ctrl.sum())) >= MIN_SAMPLES]
-        cell_p = cell_level_pvalues(ds, cfg, ran)
+        # the cell-level p-values, on a thread beside the first contrasts' fits
+        cell_p = on_a_thread(cell_level_pvalues, ds, cfg, ran)
 
     def one(item):
         cluster, tp, name, case, ctrl, covs = item
@@ -261,23 +264,25 @@ def iter_pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 
         if min(n_case, n_ctrl) < MIN_SAMPLES:
             why = (f"fewer than {MIN_SAMPLES} samples with >= {min_cells} cells in a group "
                    f"(case {n_case}, control {n_ctrl})")
-            return pd.DataFrame([{**row, "gene": "", "reason": why}])
+            return pd.DataFrame([{**row, "gene": "", "reason": why}]).reindex(columns=COLUMNS)
         sel = case | ctrl
         x = totals[sel] if cluster == ALL else counts.get(clusters.index(cluster))[sel]
         try:
             table = run_contrast(np.ascontiguousarray(x.T), meta[sel].reset_index(drop=True),
                                  case[sel], [c for c in covs if c in meta])
         except ValueError as e:
-            return pd.DataFrame([{**row, "gene": "", "reason": f"not estimable: {e}"}])
+            return pd.DataFrame([{**row, "gene": "", "reason": f"not estimable: {e}"}]
+                                ).reindex(columns=COLUMNS)
         cols = np.asarray(table.index)
-        out = pd.DataFrame({"gene": genes[cols],
-                            **{k: table[k].to_numpy() for k in
-                               ("logFC", "AveExpr", "t", "P.Value", "adj.P.Val")}})
-        for k, v in row.items():
-            out[k] = v
-        out["p_value_cells"] = np.nan if ds is None else cell_p[(cluster, tp)][cols]
-        out["reason"] = ""
-        return out
+        # built in COLUMNS order here, on the worker (a reindex would copy it on the consumer)
+        values = {"gene": genes[cols], **{k: table[k].to_numpy() for k in
+                                          ("logFC", "AveExpr", "t", "P.Value", "adj.P.Val")},
+                  **{k: np.full(len(cols), v, dtype=object if isinstance(v, str) else None)
+                     for k, v in row.items()},
+                  "p_value_cells": (np.full(len(cols), np.nan) if ds is None
+                                    else cell_p()[(cluster, tp)][cols]),
+                  "reason": np.full(len(cols), "", dtype=object)}
+        return pd.DataFrame({k: values[k] for k in COLUMNS})
 
     items = iter(items)
     ahead = 2 * max(1, workers)
@@ -288,7 +293,7 @@ def iter_pseudobulk_tests(pb, cfg, min_cells: int = 10, ds=None, workers: int = 
             for item in items:
                 pending.append(pool.submit(one, item))
                 break
-            yield frame.reindex(columns=COLUMNS)
+            yield frame
 
 
 class _ClusterCounts:

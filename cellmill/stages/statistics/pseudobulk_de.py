@@ -58,7 +58,7 @@ def voom_de(counts, group, design, coef: int, genes=None) -> VoomResult:
     lib = library_sizes(kept)  # keep.lib.sizes = FALSE
     nf = tmm_factors(kept, lib)
     v = voom(kept, d, lib * nf)
-    fit = ebayes(lm_fit(v["E"], d, v["weights"]))
+    fit = ebayes(lm_fit(v["E"], d, v["weights"]), coefs=[int(coef)])
     names = None if genes is None else np.asarray(genes)[keep]
     return VoomResult(keep=keep, lib_size=lib, norm_factors=nf,
                       table=top_table(fit, int(coef), names),

@@ -14,6 +14,7 @@ import pandas as pd
 
 from cellmill.config import Config, ConfigError
 from cellmill.engine.registry import Context, stage
+from cellmill.engine.schedulers import on_a_thread
 from cellmill.io.planes import remove_stale
 from cellmill.stages.statistics.grouped import (
     SCRATCH,
@@ -35,8 +36,6 @@ def target_tests(ds, cfg: Config) -> pd.DataFrame:
     p_adj_bh: Benjamini-Hochberg over all rows of this table that have a p-value (all target
     genes, clusters, time points and contrasts together), as R's p.adjust(p, "BH").
     """
-    import dask
-
     st = cfg.study
     genes = np.asarray(ds["gene"].values).astype(str)
     known = set(genes)
@@ -49,8 +48,9 @@ def target_tests(ds, cfg: Config) -> pd.DataFrame:
         warnings.warn(f"statistics: no {st.condition!r} column among the grouping columns "
                       f"({by}); target tests skipped", stacklevel=2)
         return pd.DataFrame(columns=TARGET_COLUMNS)
-    with dask.config.set(scheduler="synchronous"):  # in-memory arrays (grouped.py's sum_sq)
-        sub = ds.sel(gene=list(st.target_genes)).load()
+    # in-memory arrays (grouped.py's sum_sq); the scheduler named, not set in dask's config:
+    # this runs on a thread beside the pseudobulk tests
+    sub = ds.sel(gene=list(st.target_genes)).load(scheduler="synchronous")
     coords = group_coords(sub)
     clusters = list(dict.fromkeys(coords["cluster"])) if "cluster" in by else []
     has_tp = st.timepoint in by
@@ -198,7 +198,8 @@ def run_statistics(ctx: Context) -> dict:
     # go with the Dataset)
     out = ctx.tables / "target_tests.csv"
     pb_out = ctx.tables / "pseudobulk.csv"
-    targets = target_tests(ds, cfg) if study else None
+    # the target tests (reads and small sums) on a thread beside the pseudobulk's
+    targets = on_a_thread(target_tests, ds, cfg) if study else None
     pb, why = (None, "") if not study else _pseudobulk_sums(store, ds, cfg, columns)
     if pb is None:  # an earlier run's sums and tests would contradict this one
         store.remove("uns", PSEUDOBULK)
@@ -206,6 +207,7 @@ def run_statistics(ctx: Context) -> dict:
         pb_rows = None
     else:
         pb_rows = _pseudobulk_tests(pb, ds, cfg, pb_out, ctx.scheduler())
+    targets = targets() if study else None
     del ds
     if not study:  # no table at all (an earlier run's would contradict this one)
         out.unlink(missing_ok=True)
