@@ -1,5 +1,6 @@
 """The store: ingest round trips, AnnData compatibility, block reads, manifests."""
 
+import time
 import warnings
 
 import anndata
@@ -250,6 +251,40 @@ def test_peak_memory_sees_peaks_the_sampler_misses():
     assert inner.peak >= base + 250 * 2**20
     assert outer.peak >= inner.peak
     assert after.peak < base + 150 * 2**20
+
+
+def test_current_rss_counts_children_and_grandchildren():
+    """The descendants found from /proc's children lists are psutil's (which reads every
+    process's stat file), and their memory is counted."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from cellmill.engine import monitor
+
+    if not monitor._PROC_CHILDREN:
+        pytest.skip("no /proc/<pid>/task/<tid>/children on this system")
+    hold = "import time; a = bytearray(200 * 2**20); time.sleep(30)"
+    code = ("import subprocess, sys, time; "
+            f"subprocess.Popen([sys.executable, '-c', {hold!r}]); time.sleep(30)")
+    base = monitor.current_rss()
+    kids = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+    try:
+        me = psutil.Process()
+        for _ in range(100):  # until both grandchildren hold their 200 MB
+            found = me.children(recursive=True)
+            if len(found) == 4 and sum(p.memory_info().rss for p in found) > 400 * 2**20:
+                break
+            time.sleep(0.1)
+        assert sorted(monitor._descendants(me.pid)) == sorted(p.pid for p in found)
+        assert monitor.current_rss() >= base + 400 * 2**20
+    finally:
+        for k in kids:
+            for p in psutil.Process(k.pid).children(recursive=True):
+                p.kill()
+            k.kill()
+            k.wait()
 
 
 def test_qc_table_written_in_pieces(tmp_path, monkeypatch):

@@ -2,20 +2,50 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import psutil
 
 
 def current_rss() -> int:
+    """RSS of this process and all its descendants, in bytes."""
     proc = psutil.Process()
     rss = proc.memory_info().rss
-    for child in proc.children(recursive=True):
+    kids = _descendants(proc.pid) if _PROC_CHILDREN else \
+        [c.pid for c in proc.children(recursive=True)]
+    for pid in kids:
         try:
-            rss += child.memory_info().rss
+            rss += psutil.Process(pid).memory_info().rss
         except psutil.Error:
             pass
     return rss
+
+
+def _descendants(pid: int) -> list[int]:
+    """Descendant pids from Linux's /proc/<pid>/task/<tid>/children lists. psutil finds
+    children by reading every process's stat file: ~1.4 ms a sample with 67 processes (a
+    PeakMemory samples 20 times a second, holding the GIL), more on a busy HPC node."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:  # ended
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+# the children lists need CONFIG_PROC_CHILDREN (most Linux kernels have it)
+_PROC_CHILDREN = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
 
 
 def _glibc(name: str, *args) -> None:
