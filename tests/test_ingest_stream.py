@@ -185,13 +185,13 @@ def test_bad_value_in_a_late_slice_aborts(tmp_path, monkeypatch, key, value, mat
     _corrupt_last(bad, key, value)
     monkeypatch.setattr(tenx, "SLICE_NNZ", TINY)
     slices = []
-    add = StoreWriter._add_counts
+    add = StoreWriter._remap
 
     def counting(self, counts, *args):
         slices.append(counts.shape[0])
         return add(self, counts, *args)
 
-    monkeypatch.setattr(StoreWriter, "_add_counts", counting)
+    monkeypatch.setattr(StoreWriter, "_remap", counting)
     out = tmp_path / "study.zarr"
     with pytest.raises(InputError, match=match) as e:
         _ingest(manifest, out)

@@ -17,6 +17,7 @@ import zarr
 from cellmill.errors import InputError
 from cellmill.io import faults
 from cellmill.io.heap import release_heap
+from cellmill.io.prefetch import prefetched
 from cellmill.io.sample import SampleStream
 from cellmill.io.store import (
     CHUNK_NNZ,
@@ -72,11 +73,11 @@ class StoreWriter:
         # this sample lists genes in another order than the study: re-sort each row
         resort = len(cols) > 1 and bool(np.any(np.diff(cols) < 0))
         n_counts, n_features = [], []
-        for counts in stream.slices:
-            c, f = self._add_counts(counts, cols, resort)
-            n_counts.append(c)
-            n_features.append(f)
-            faults.wrote()
+        # slice k is remapped on a thread while slice k - 1 is appended here (the remap was
+        # most of this thread's time, and this thread was ingest's bottleneck); one thread,
+        # so the per-gene sums are added in slice order
+        for part in prefetched(self._remap(c, cols, resort) for c in stream.slices):
+            self._append(*part, n_counts, n_features)
         n = sum(len(c) for c in n_counts)
         if n != stream.n_cells:
             raise InputError(stream.source, f"{n} cells in the matrix but "
@@ -107,8 +108,10 @@ class StoreWriter:
         self.gene_counts = _grow(self.gene_counts, n_union)
         return cols
 
-    def _add_counts(self, counts: sp.csr_matrix, cols: np.ndarray, resort: bool):
-        """Remap, count and append one slice of cells; returns its per-cell totals and genes."""
+    def _remap(self, counts: sp.csr_matrix, cols: np.ndarray, resort: bool):
+        """One slice of cells with the study's gene columns (rows re-sorted when the sample's
+        genes come in another order), its per-cell totals and genes; adds its per-gene
+        detected cells and counts into the study's."""
         indices, n_counts, n_features = remap_and_count(
             counts.data, counts.indices, counts.indptr, cols, self.gene_cells, self.gene_counts)
         # a copy when re-sorting: the caller's Sample must stay intact
@@ -116,11 +119,16 @@ class StoreWriter:
         indptr = counts.indptr.astype(np.int64, copy=False)
         if resort:
             sort_rows(data, indices, indptr)
+        return data, indices, indptr, n_counts, n_features
+
+    def _append(self, data, indices, indptr, c, f, n_counts: list, n_features: list) -> None:
         self.data.append(data)
         self.indices.append(indices)
         self.indptr.append(indptr[1:] + self.nnz)
         self.nnz += len(data)
-        return n_counts, n_features
+        n_counts.append(c)
+        n_features.append(f)
+        faults.wrote()
 
     def _add_obs(self, sample_name, barcodes, metadata, prefix_cells, n_counts, n_features):
         self.obs_parts.append(_ObsPart(
