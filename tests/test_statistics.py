@@ -510,6 +510,30 @@ def test_grouped_block_long_and_short_rows_match_numpy():
             np.testing.assert_allclose(got[kern.M2], want[3], rtol=1e-10, atol=1e-14)
 
 
+def test_grouped_block_into_reuses_arrays_that_hold_the_block_and_replaces_small_ones():
+    """The pass hands each block arrays a former block filled (stale values): the entries must
+    not depend on them, and arrays too small for the block's bound are replaced."""
+    from cellmill.kernels import grouped as kern
+
+    rng = np.random.default_rng(5)
+    x = np.where(rng.random((30, 200)) < 0.3, rng.geometric(0.2, (30, 200)), 0)
+    m = sp.csr_matrix(x.astype(np.int32))
+    slot_of_row = rng.integers(0, 3, 30)
+    args = (m.data, m.indices, m.indptr.astype(np.int64), slot_of_row,
+            x.sum(1).astype(np.float64), 1e4, 3, 200)
+    n, ptr, genes, vals = kern.grouped_block(*args)
+    big_g = np.full(3 * 200, 7, dtype=np.int32)  # the bound is <= slots x genes
+    big_v = np.full((3 * 200, kern.N_VALS), np.nan)
+    n2, ptr2, g2, v2, nt = kern.grouped_block_into(*args, big_g, big_v)
+    assert g2 is big_g and v2 is big_v and nt == len(genes)
+    assert np.array_equal(n2, n) and np.array_equal(ptr2, ptr)
+    assert np.array_equal(g2[:nt], genes) and np.array_equal(v2[:nt], vals)
+    small_g, small_v = np.zeros(4, dtype=np.int32), np.zeros((4, kern.N_VALS))
+    _, _, g3, v3, nt3 = kern.grouped_block_into(*args, small_g, small_v)
+    assert g3 is not small_g and len(g3) >= nt3 == nt
+    assert np.array_equal(g3[:nt3], genes) and np.array_equal(v3[:nt3], vals)
+
+
 def test_grouped_block_refuses_counts_past_the_packed_sums():
     from cellmill.kernels import grouped as kern
 

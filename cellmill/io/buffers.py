@@ -43,3 +43,28 @@ class ThreadBuffers:
     def clear(self) -> None:
         with self._lock:
             self._arrays.clear()
+
+
+class Recycled:
+    """Sets of arrays a task's result is made of, handed back once the result is used and
+    taken by a later task (of any thread). Only as many exist as results are in use at once,
+    and their pages are mapped once, not on every task."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._free: list = []
+
+    def take(self, empty):
+        """A set handed back earlier, or `empty()` when none is free."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return empty()
+
+    def give(self, arrays) -> None:
+        with self._lock:
+            self._free.append(arrays)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()

@@ -41,7 +41,7 @@ import pandas as pd
 
 from cellmill.config import ConfigError
 from cellmill.engine.schedulers import on_a_thread, ordered_stream
-from cellmill.io.buffers import ThreadBuffers
+from cellmill.io.buffers import Recycled, ThreadBuffers
 from cellmill.io.heap import prefaulted_zeros, trim_heap
 from cellmill.io.store import GRANULE, Store
 from cellmill.kernels import grouped as kern
@@ -124,20 +124,28 @@ def _groups(store: Store, columns: list[str], mask: np.ndarray | None):
     return codes, coords, np.asarray(store.obs_column("n_counts"), dtype=np.float64)
 
 
+def _no_entries():
+    return np.empty(0, dtype=np.int32), np.empty((0, kern.N_VALS), dtype=np.float64)
+
+
 def _stats_task(store: Store, start: int, stop: int, codes: np.ndarray, n_counts: np.ndarray,
-                scale: float, n_groups: int, granule: int, buffers: ThreadBuffers | None):
+                scale: float, n_groups: int, granule: int, buffers: ThreadBuffers | None,
+                results: Recycled | None = None):
     """One block: moments per (granule, group) slot, slots ordered by (granule, group). The
     counts are read into this thread's `buffers` (when given): the result holds none of
-    them."""
+    them. Its entries are written into arrays taken from `results` (when given; the last
+    item of the result: hand it back there once the result is used)."""
     m = store.read_rows(start, stop, buffers=buffers)
     rows = np.flatnonzero(codes >= 0)
     key = (rows // granule) * n_groups + codes[rows]
     slots, inverse = np.unique(key, return_inverse=True)
     slot_of_row = np.full(stop - start, -1, dtype=np.int64)
     slot_of_row[rows] = inverse.ravel()
-    parts = kern.grouped_block(m.data, m.indices, m.indptr.astype(np.int64), slot_of_row,
-                               n_counts.astype(np.float64), float(scale), len(slots), m.shape[1])
-    return (slots % n_groups,) + parts
+    genes, vals = results.take(_no_entries) if results is not None else _no_entries()
+    n, ptr, genes, vals, nt = kern.grouped_block_into(
+        m.data, m.indices, m.indptr.astype(np.int64), slot_of_row, n_counts.astype(np.float64),
+        float(scale), len(slots), m.shape[1], genes, vals)
+    return slots % n_groups, n, ptr, genes[:nt], vals[:nt], (genes, vals)
 
 
 def _warm_kernels(store: Store, scale: float, granule: int) -> None:
@@ -149,7 +157,7 @@ def _warm_kernels(store: Store, scale: float, granule: int) -> None:
     stop = min(GRANULE, store.n_cells)
     codes = np.zeros(stop, dtype=np.int64)
     n_counts = np.ones(stop)
-    _, n, ptr, genes, vals = _stats_task(store, 0, stop, codes, n_counts, scale, 1, granule,
+    _, n, ptr, genes, vals, _ = _stats_task(store, 0, stop, codes, n_counts, scale, 1, granule,
                                          None)
     planes = [np.zeros((1, store.n_genes)) for _ in PLANES]
     acc_n = np.zeros(1)
@@ -277,20 +285,25 @@ def grouped_statistics(store: Store, columns: list[str], scale_factor: float = 1
     pbar = bar(total=len(ranges), desc="grouped statistics", enabled=progress)
     # a worker thread's block arrays are reused (threads only: a cluster's workers would keep
     # theirs after the pass)
-    buffers = ThreadBuffers() if isinstance(scheduler, tuple) or scheduler is None else None
-    args = ((store, a, b, codes[a:b], n_counts[a:b], scale_factor, n_groups, granule, buffers)
-            for a, b in ranges)
+    local = isinstance(scheduler, tuple) or scheduler is None
+    buffers = ThreadBuffers() if local else None
+    results = Recycled() if local else None  # the entries' arrays, at most window + 1 sets
+    args = ((store, a, b, codes[a:b], n_counts[a:b], scale_factor, n_groups, granule, buffers,
+             results) for a, b in ranges)
     try:
         for i, part in enumerate(ordered_stream(_stats_task, args, scheduler, window)):
             if acc is None:
                 acc = _OpenGroups(first, last, len(ranges), n_genes, rows, out)
-            acc.fold(i, *part)
+            acc.fold(i, *part[:-1])
+            if results is not None:
+                results.give(part[-1])
             pbar.update(1)
     finally:
         pbar.close()
         out.close()
         if buffers is not None:
             buffers.clear()
+            results.clear()
     n = acc.n if acc is not None else np.zeros(n_groups)
     del acc
     if timing is not None:
