@@ -191,6 +191,35 @@ class ComputeConfig(_Section):
     def memory_bytes(self) -> int:
         return parse_bytes(self.memory)
 
+    @property
+    def on_cluster(self) -> bool:
+        return "://" in self.scheduler
+
+    @property
+    def local_workers(self) -> int:
+        """Threads or processes of this machine's own work (ingest's decoders, the report's
+        figures, thread pools beside a pass): `workers` on a local scheduler. With a cluster,
+        `workers` and `memory` are the cluster's, so no more than the CPUs this process may
+        use (64 cluster workers must not become 64 decoding processes on a login node)."""
+        if not self.on_cluster:
+            return int(self.workers)
+        return int(max(1, min(self.workers, _usable_cpus())))
+
+    @property
+    def local_memory_bytes(self) -> int:
+        """Memory for this machine's own work: `memory`, or with a cluster one worker's share
+        of it for each local worker."""
+        if not self.on_cluster:
+            return self.memory_bytes
+        return self.memory_bytes // max(1, self.workers) * self.local_workers
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
 
 @dataclass
 class QCConfig(_Section):

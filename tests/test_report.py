@@ -439,3 +439,22 @@ def test_figure_processes_fit_the_memory_budget(workers, memory, want):
     cfg = Config()
     cfg.compute.workers, cfg.compute.memory = workers, memory
     assert figure_workers(cfg) == want
+
+
+def test_figure_processes_on_a_cluster_are_this_machines_share(monkeypatch):
+    """With a cluster, compute.workers and compute.memory are the cluster's: the report draws
+    on this machine with at most its CPUs and one worker's share of memory each."""
+    from cellmill import config
+    from cellmill.report.parallel import figure_workers
+
+    cfg = config.Config()
+    cfg.compute.scheduler = "tcp://10.1.2.3:8786"
+    cfg.compute.workers, cfg.compute.memory = 64, "256GB"
+    monkeypatch.setattr(config, "_usable_cpus", lambda: 4)
+    assert cfg.compute.local_workers == 4
+    assert cfg.compute.local_memory_bytes == 4 * (256 * 10**9 // 64)
+    assert figure_workers(cfg) == 4
+    cfg.compute.memory = "16GB"  # 250 MB a worker: 1 GB here holds the parent and one more
+    assert figure_workers(cfg) == 2
+    cfg.compute.scheduler = "threads"  # a local scheduler: workers and memory as given
+    assert cfg.compute.local_workers == 64 and figure_workers(cfg) == 13

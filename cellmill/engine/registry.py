@@ -319,7 +319,7 @@ def run_stages(ctx: Context, until: str | None = None) -> dict[str, dict]:
     from cellmill.io import faults
     from cellmill.io.store import Store
 
-    limit_malloc_arenas(ctx.cfg.compute.workers)  # before the stages start their threads
+    limit_malloc_arenas(ctx.cfg.compute.local_workers)  # before the stages start their threads
     stages = load_stages()
     if until is not None and until not in ORDER:
         raise ValueError(f"--until: unknown stage {until!r} (stages: {', '.join(ORDER)})")

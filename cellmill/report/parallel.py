@@ -94,7 +94,8 @@ def draw_in_processes(inp: ReportInputs, out: Path, workers: int) -> dict[str, F
 
 
 def figure_workers(cfg) -> int:
-    """Processes drawing the figures: compute.workers, as many as compute.memory holds
-    beside this process's share."""
-    from_memory = 1 + max(0, cfg.compute.memory_bytes - PARENT_BYTES) // WORKER_BYTES
-    return int(max(1, min(cfg.compute.workers, len(FIGURE_FUNCS), from_memory)))
+    """Processes drawing the figures: compute.workers (this machine's share of them with a
+    cluster), as many as compute.memory (idem) holds beside this process's share."""
+    c = cfg.compute
+    from_memory = 1 + max(0, c.local_memory_bytes - PARENT_BYTES) // WORKER_BYTES
+    return int(max(1, min(c.local_workers, len(FIGURE_FUNCS), from_memory)))

@@ -62,10 +62,11 @@ def run_ingest(ctx: Context) -> None:
     # on 2 workers one decoder beside the writer measured slower than decoding in place
     # with the next slice read on a thread (196k cells: 30 against 20 s), so it needs
     # spare cores
-    workers = c.workers if c.workers >= PARALLEL_DECODE_MIN_WORKERS and \
+    local = c.local_workers  # ingest runs on this machine, a cluster or not
+    workers = local if local >= PARALLEL_DECODE_MIN_WORKERS and \
         c.scheduler not in ("synchronous", "sync") else 1
     ctx.store = ingest(src, ctx.store_path, overwrite=True, feature_types=ft,
-                       progress=ctx.progress, workers=workers, threads=max(1, c.workers))
+                       progress=ctx.progress, workers=workers, threads=max(1, local))
 
 
 PARALLEL_DECODE_MIN_WORKERS = 3

@@ -58,7 +58,7 @@ def run_cluster(ctx: Context) -> None:
         labels = streamed_cluster_labels(store, cells, cfg.resolution, cfg.seed,
                                          cfg.n_iterations, ctx.progress,
                                          scratch=scratch_dir(store.path, "cluster"),
-                                         threads=ctx.cfg.compute.workers)
+                                         threads=ctx.cfg.compute.local_workers)
     else:
         labels = cluster_labels(lambda: passed_snn(store, cells), cfg.algorithm,
                                 cfg.resolution, cfg.seed, cfg.n_iterations, cfg.leiden_backend)

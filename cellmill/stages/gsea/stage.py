@@ -193,7 +193,7 @@ def run_gsea(ctx: Context) -> None:
         # ranking CSVs (pandas, holding the GIL) are written meanwhile
         with warnings.catch_warnings():  # fold-change rankings always have ties
             warnings.filterwarnings("ignore", message=".*ties.*")
-            with ThreadPoolExecutor(max_workers=max(1, cfg.compute.workers)) as pool:
+            with ThreadPoolExecutor(max_workers=cfg.compute.local_workers) as pool:
                 futures = [pool.submit(one, stats) for _, _, stats in todo]
                 for c, t, stats in todo:
                     write_table(pd.DataFrame({"gene": stats.index, "stat": stats.to_numpy()}),

@@ -262,7 +262,7 @@ def _pseudobulk_tests(pb, ds, cfg: Config, path, scheduler=None) -> pd.DataFrame
 
     st = cfg.study
     t0 = time.perf_counter()
-    workers = scheduler[1] if isinstance(scheduler, tuple) else cfg.compute.workers
+    workers = scheduler[1] if isinstance(scheduler, tuple) else cfg.compute.local_workers
     targets = set(st.target_genes)
     kept, ran, skipped = [], 0, 0
     with TableWriter(path, COLUMNS) as table:
