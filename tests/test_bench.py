@@ -1,0 +1,51 @@
+"""The benchmark's disk-read accounting (cellmill/bench/suite.py): a file read after its pages
+were dropped from the page cache counts as read from the disk, a cached read does not, and the
+stage table names the stages that waited on the disk."""
+
+import os
+
+import pytest
+
+from cellmill.bench import suite
+
+
+def test_disk_reads_count_uncached_reads_only(tmp_path):
+    path = tmp_path / "blob"
+    size = 32 * 2**20
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+        f.flush()
+        os.fsync(f.fileno())  # dirty pages are not dropped
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    before = suite.disk_read_mb()
+    path.read_bytes()
+    first = suite.disk_read_mb() - before
+    if first == 0:
+        pytest.skip("this file system counts no block reads (tmpfs or similar)")
+    assert 0.9 * 32 <= first <= 34
+    before = suite.disk_read_mb()
+    path.read_bytes()  # now from the page cache
+    assert suite.disk_read_mb() - before < 1
+
+
+def test_stage_table_names_the_stages_that_read_the_disk():
+    stage = {"seconds": 10.0, "cpu_seconds": 15.0, "peak_rss_mb": 600.0}
+    doc = {"machine": {"cpus": 2, "memory_gb": 24},
+           "settings": {"scheduler": "threads", "workers": 2, "memory": "1GB"},
+           "results": [{
+        "cells": 196_000, "nnz": 427_000_000, "n_cells_qc": 196_000, "store_mb": 1500.0,
+        "stages": {"hvg": {**stage, "disk_read_mb": 3.0},
+                   "statistics": {**stage, "disk_read_mb": 1234.0}},
+        "scanpy": {"skipped": "--no-scanpy"},
+        "decode": {"seconds": 1.5, "cpu_seconds": 2.5, "peak_rss_mb": 170.0, "nnz": 427_000_000,
+                   "first_disk_read_mb": 0.0}}]}
+    md = suite.markdown(doc)
+    assert "| statistics | 10.0 | 15.0 | 600 | 42.7 | 1234 |" in md
+    assert "| hvg | 10.0 | 15.0 | 600 | 42.7 | 3 |" in md
+    note = [line for line in md.splitlines() if line.startswith("Read from the disk")]
+    assert note and "statistics 1,234 MB" in note[0] and "hvg" not in note[0]
+    assert "(the store: 1,500 MB)" in note[0]
