@@ -49,3 +49,36 @@ def test_stage_table_names_the_stages_that_read_the_disk():
     note = [line for line in md.splitlines() if line.startswith("Read from the disk")]
     assert note and "statistics 1,234 MB" in note[0] and "hvg" not in note[0]
     assert "(the store: 1,500 MB)" in note[0]
+
+
+def test_whole_study_line_sets_one_process_beside_the_stage_sum():
+    r = {"stages": {"qc": {"seconds": 1.5}, "umap": {"seconds": 30.0}},
+         "whole": {"seconds": 25.25, "process_seconds": 27.0, "peak_rss_mb": 812.4,
+                   "stages": {"qc": {"peak_rss_mb": 300.0}, "umap": {"peak_rss_mb": 812.4}}}}
+    (line,) = [x for x in suite.whole_lines(r) if x]
+    assert "**25.2 s**" in line and "peak RSS 812 MB (in umap)" in line
+    assert "27.0 s with the process's start-up" in line and "sum to 31.5 s" in line
+    assert "failed (exit status 1)" in suite.whole_lines({"stages": {},
+                                                          "whole": {"error": "exit status 1"}})[1]
+
+
+def test_whole_study_child_runs_cellmill_run_in_one_process(tmp_path):
+    import json
+
+    from cellmill.simulate import simulate_study
+
+    sim = tmp_path / "sim"
+    simulate_study(sim, n_cells=1500, seed=1)
+    cfg = tmp_path / "bench.toml"
+    cfg.write_text(f'[input]\nmanifest = "{sim / "manifest.csv"}"\n\n'
+                   '[compute]\nprogress = false\n\n'
+                   f'[gsea]\ngmt = "{sim / "planted.gmt"}"\n')
+    out, result = tmp_path / "whole", tmp_path / "whole.json"
+    assert suite.main(["_whole", str(cfg), str(out), "normalize", str(result)]) == 0
+    got = json.loads(result.read_text())
+    run = json.loads((out / "run.json").read_text())
+    assert got["seconds"] == run["wall_seconds"] > 0
+    assert got["peak_rss_mb"] == run["peak_rss_mb"] > 0
+    assert list(got["stages"]) == ["ingest", "qc", "normalize"]
+    assert got["seconds_in_process"] >= got["seconds"]
+    assert (out / "study.zarr").is_dir()

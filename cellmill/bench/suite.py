@@ -6,9 +6,10 @@ For every size: simulate a study (cellmill.simulate; cached under OUT/data), run
 the workflow through `run_stages`, each stage in a fresh child process (so a stage's peak RSS is
 its own and not what an earlier stage left behind), and read its timings from the store's stage
 record (wall seconds, CPU seconds, peak RSS). Then a read-only decode pass over the store (the
-ceiling a streaming pass can reach), and scanpy on the same files and the same steps in its own
-child process (cellmill/bench/scanpy_baseline.py) when it fits in memory. Writes OUT/bench.json and
-OUT/bench.md after every size.
+ceiling a streaming pass can reach), the whole study again as a user runs it (`cellmill run`,
+every stage in one process, from the input files; --no-whole skips it), and scanpy on the same
+files and the same steps in its own child process (cellmill/bench/scanpy_baseline.py) when it
+fits in memory. Writes OUT/bench.json and OUT/bench.md after every size.
 
 Headline: qc..cluster (qc, normalize, hvg, pca, neighbors, cluster) wall time and peak RSS against
 scanpy's same steps; the memory check compares each stage's peak RSS at the largest size with its
@@ -127,6 +128,27 @@ def _child_stage(config: str, outdir: str, stage: str, result: str) -> int:
     return 0
 
 
+def _child_whole(config: str, outdir: str, until: str, result: str) -> int:
+    """The whole study as `cellmill run` runs it: every stage in this one process."""
+    from cellmill.config import load_config
+    from cellmill.engine.schedulers import close_clients
+    from cellmill.engine.workflow import run_workflow
+
+    t0 = time.perf_counter()
+    try:
+        ctx = run_workflow(load_config(config), Path(outdir), until=until)
+    finally:
+        close_clients()
+    run = json.loads((Path(outdir) / "run.json").read_text())
+    out = {"seconds": run["wall_seconds"], "peak_rss_mb": run["peak_rss_mb"],
+           "seconds_in_process": round(time.perf_counter() - t0, 3),
+           "stages": {n: {"seconds": t.get("seconds"), "peak_rss_mb": t.get("peak_rss_mb")}
+                      for n, t in ctx.timings.items()},
+           "disk_read_mb": round(disk_read_mb(), 1)}
+    Path(result).write_text(json.dumps(out, default=str))
+    return 0
+
+
 def _touch(start, stop, m, cells):
     return m.nnz
 
@@ -240,6 +262,8 @@ def bench_size(n: int, args, stages: list[str], log) -> dict:
                         str(args.workers), str(run / "child.json")], run / "child.json", logf,
                        args.timeout)
         res["decode"] = d
+    if not args.no_whole and not any("error" in t for t in res["stages"].values()):
+        res["whole"] = run_whole(cfg, run, stages[-1], args, log, _label(n))
     res["scanpy"] = run_scanpy(n, sim, res, args, run, log)
     if store.exists():
         res["store_mb"] = round(sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
@@ -249,6 +273,24 @@ def bench_size(n: int, args, stages: list[str], log) -> dict:
     res["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     res["available_memory_gb_after"] = round(psutil.virtual_memory().available / 1e9, 1)
     return res
+
+
+def run_whole(cfg: Path, run: Path, until: str, args, log, label: str) -> dict:
+    """The whole study again, as a user runs it: `cellmill run` in one child process, from the
+    input files into a store of its own (removed after unless --keep-stores)."""
+    whole = run / "whole"
+    shutil.rmtree(whole, ignore_errors=True)
+    log(f"{label}: the whole study in one process (cellmill run) ...")
+    t0 = time.perf_counter()
+    r = _run_child(["-m", "cellmill.bench.suite", "_whole", str(cfg), str(whole), until,
+                    str(run / "child.json")], run / "child.json", run / "bench.log",
+                   args.timeout)
+    r["process_seconds"] = round(time.perf_counter() - t0, 1)  # start-up and imports too
+    if not args.keep_stores:
+        shutil.rmtree(whole / "study.zarr", ignore_errors=True)
+    log(f"{label}: whole study in one process: {r.get('seconds')} s, "
+        f"peak {r.get('peak_rss_mb')} MB" + (f" ({r['error']})" if "error" in r else ""))
+    return r
 
 
 def run_scanpy(n: int, sim: Path, res: dict, args, run: Path, log) -> dict:
@@ -344,6 +386,22 @@ def _rate(nnz, seconds) -> str:
     return f"{nnz / seconds / 1e6:.3g}"
 
 
+def whole_lines(r: dict) -> list[str]:
+    """The whole study in one process beside the sum of the stages' fresh processes."""
+    w = r.get("whole") or {}
+    if "error" in w:
+        return ["", f"Whole study in one `cellmill run` process: failed ({w['error']})."]
+    if not w.get("seconds"):
+        return []
+    parts = [t for t in r["stages"].values() if t.get("seconds") is not None]
+    total = sum(t["seconds"] for t in parts)
+    top = max(w["stages"].items(), key=lambda kv: kv[1].get("peak_rss_mb") or 0)[0]
+    return ["", f"Whole study in one `cellmill run` process: **{w['seconds']:.1f} s**, peak RSS "
+            f"{w['peak_rss_mb']:.0f} MB (in {top}); {w['process_seconds']:.1f} s with the "
+            f"process's start-up. The rows above, each stage in a fresh process, sum to "
+            f"{total:.1f} s."]
+
+
 def markdown(doc: dict) -> str:
     lines = [f"# cellmill bench ({doc['machine']['cpus']} CPUs, "
              f"{doc['machine']['memory_gb']} GB RAM, scheduler {doc['settings']['scheduler']}, "
@@ -407,6 +465,7 @@ def markdown(doc: dict) -> str:
                       + ". Their times include waiting on the disk"
                       + (" (ingest reads its input files)" if disk[0][0] == "ingest" else "")
                       + "."]
+        lines += whole_lines(r)
         passes = [(s, t["pass_seconds"]) for s, t in r["stages"].items() if t.get("pass_seconds")]
         if passes and dec.get("seconds"):
             first = dec.get("first_seconds")
@@ -458,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="above this size scanpy runs only up to cluster (default 50k)")
     ap.add_argument("--no-warmup", action="store_true",
                     help="skip the unreported small run that compiles the Numba kernels")
+    ap.add_argument("--no-whole", action="store_true",
+                    help="skip the whole study in one `cellmill run` process after the stages")
     ap.add_argument("--keep-stores", action="store_true", help="keep OUT/runs/*/study.zarr")
     ap.add_argument("--resume", action="store_true",
                     help="keep finished stages of an earlier bench run (their old timings)")
@@ -519,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     if argv and argv[0] == "_stage":
         return _child_stage(*argv[1:5])
+    if argv and argv[0] == "_whole":
+        return _child_whole(*argv[1:5])
     if argv and argv[0] == "_decode":
         return _child_decode(argv[1], argv[2], int(argv[3]), argv[4])
     import psutil
@@ -539,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_warmup:
         log(f"warm-up run ({WARMUP_CELLS} cells, not reported) ...")
         wargs = argparse.Namespace(**{**vars(args), "out": str(out / "warmup"),
-                                      "no_scanpy": True, "resume": False,
+                                      "no_scanpy": True, "no_whole": True, "resume": False,
                                       "keep_stores": False})
         bench_size(WARMUP_CELLS, wargs, stages, lambda m: None)
     from cellmill.engine.provenance import versions
