@@ -393,8 +393,7 @@ def whole_lines(r: dict) -> list[str]:
         return ["", f"Whole study in one `cellmill run` process: failed ({w['error']})."]
     if not w.get("seconds"):
         return []
-    parts = [t for t in r["stages"].values() if t.get("seconds") is not None]
-    total = sum(t["seconds"] for t in parts)
+    total = sum(t.get("seconds") or 0.0 for t in r["stages"].values())
     top = max(w["stages"].items(), key=lambda kv: kv[1].get("peak_rss_mb") or 0)[0]
     return ["", f"Whole study in one `cellmill run` process: **{w['seconds']:.1f} s**, peak RSS "
             f"{w['peak_rss_mb']:.0f} MB (in {top}); {w['process_seconds']:.1f} s with the "
