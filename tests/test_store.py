@@ -402,3 +402,36 @@ def test_appender_writes_zarrs_own_chunks(tmp_path):
     m.append(v)
     m.close()
     np.testing.assert_array_equal(m.arr[:], v)
+
+
+def test_direct_chunks_of_row_blocks_are_zarrs_own(tmp_path):
+    """_direct_chunks on a 2-d array chunked by rows only (as pca's embeddings): each chunk's
+    file is byte for byte zarr's, the last one padded with the fill value as zarr pads it;
+    chunks that split a row are left to zarr."""
+    import zarr
+
+    from cellmill.io.store import _direct_chunks, codec
+
+    g = zarr.open_group(tmp_path / "a.zarr", mode="w")
+    v = np.random.default_rng(1).normal(size=(2500, 7))
+    v[1000:1100] = np.nan
+    kw = dict(shape=v.shape, dtype=np.float64, chunks=(1024, 7), compressors=codec(),
+              fill_value=np.nan)
+    direct, z = g.create_array("direct", **kw), g.create_array("zarr", **kw)
+    put = _direct_chunks(direct)
+    assert put is not None
+    for i, a in enumerate(range(0, len(v), 1024)):
+        put(i, v[a:a + 1024])
+    z[:] = v
+    mine = sorted((tmp_path / "a.zarr" / "direct" / "c").rglob("*"))
+    theirs = sorted((tmp_path / "a.zarr" / "zarr" / "c").rglob("*"))
+    assert [f.relative_to(tmp_path / "a.zarr" / "direct") for f in mine] == \
+        [f.relative_to(tmp_path / "a.zarr" / "zarr") for f in theirs]
+    files = [f for f in mine if f.is_file()]
+    assert len(files) == 3
+    assert all(x.read_bytes() == (tmp_path / "a.zarr" / "zarr" / x.relative_to(
+        tmp_path / "a.zarr" / "direct")).read_bytes() for x in files)
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "a.zarr" / "direct")[:], v)
+    split = g.create_array("split", shape=v.shape, dtype=np.float64, chunks=(1024, 4),
+                           compressors=codec())
+    assert _direct_chunks(split) is None

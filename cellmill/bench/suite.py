@@ -13,7 +13,10 @@ fits in memory. Writes OUT/bench.json and OUT/bench.md after every size.
 
 Headline: qc..cluster (qc, normalize, hvg, pca, neighbors, cluster) wall time and peak RSS against
 scanpy's same steps; the memory check compares each stage's peak RSS at the largest size with its
-peak at 196k cells (goal: within 15%).
+peak at 196k cells (goal: within 15%). `--scaling 2,16` runs the stages again at each of those
+worker counts (fresh processes, no scanpy) and adds a scaling table: wall time per stage and
+count, the speed-up over the fewest workers, and the 2 -> 16 goals (qc..cluster >= 5x, the
+whole study >= 4x).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ GOAL_SPEED, GOAL_MEMORY = 5.0, 6.0
 GOAL_PASS = 0.5  # a streaming pass at >= half the read-only decode throughput
 WARMUP_CELLS = 3000
 DISK_NOTE_MB = 64  # a stage that read this much from the disk is named under its table
+# the issue's scaling goals: from 2 to 16 worker threads on one machine
+SCALE_FROM, SCALE_TO = 2, 16
+GOAL_SCALE_HEADLINE, GOAL_SCALE_WHOLE = 5.0, 4.0
 
 
 def parse_size(text: str) -> int:
@@ -49,6 +55,17 @@ def parse_size(text: str) -> int:
         return int(float(t[:-1] if mult > 1 else t) * mult)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a cell count: {text!r} (e.g. 25k, 1M)") from None
+
+
+def _worker_counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: worker counts, comma-separated, each >= 1 "
+                                         "(e.g. 2,16)")
+    return counts
 
 
 def _sizes(text: str) -> list[int]:
@@ -401,10 +418,80 @@ def whole_lines(r: dict) -> list[str]:
             f"{total:.1f} s."]
 
 
+def run_scaling(n: int, args, stages: list[str], log) -> dict:
+    """The stages again, each in a fresh process, at every --scaling worker count but the
+    main run's, into OUT/scaling/workers<N> (no scanpy, no one-process run)."""
+    out = {}
+    for w in args.scaling or []:
+        if w == args.workers:
+            continue
+        log(f"{_label(n)}: scaling run at {w} workers ...")
+        wargs = argparse.Namespace(**{**vars(args), "workers": w, "no_scanpy": True,
+                                      "no_whole": True, "resume": False,
+                                      "out": str(Path(args.out) / "scaling" / f"workers{w}")})
+        sub = bench_size(n, wargs, stages, log)
+        out[str(w)] = {"stages": sub["stages"], "decode": sub.get("decode")}
+    return out
+
+
+def _total(stages: dict, names=None) -> float | None:
+    names = list(stages) if names is None else names
+    if not names or any((stages.get(s) or {}).get("seconds") is None for s in names):
+        return None
+    return sum(stages[s]["seconds"] for s in names)
+
+
+def scaling_lines(r: dict, workers: int) -> list[str]:
+    """Wall time of every stage at each worker count (fresh processes), the speed-up over the
+    fewest, and the cores the most used (CPU seconds over wall seconds)."""
+    runs = {workers: r["stages"]}
+    runs.update({int(w): sub["stages"] for w, sub in (r.get("scaling") or {}).items()})
+    if len(runs) < 2:
+        return []
+    counts = sorted(runs)
+    base, top = counts[0], counts[-1]
+
+    def cells(label, walls, cpu=None):
+        speed = [f"{walls[0] / w:.2f}" if walls[0] and w else "–" for w in walls[1:]]
+        return (f"| {label} | " + " | ".join(_f(w) for w in walls) + " | "
+                + " | ".join(speed) + f" | {_f(cpu, '{:.2f}')} |")
+
+    lines = ["", f"### Scaling with cores, {r['cells']:,} cells", "",
+             "| stage | " + " | ".join(f"{w} worker{'s' * (w > 1)} s" for w in counts) + " | "
+             + " | ".join(f"× at {w}" for w in counts[1:]) + f" | cores used at {top} |",
+             "|---" * (2 * len(counts) + 1) + "|"]
+    for s in runs[base]:
+        t = [(runs[w].get(s) or {}) for w in counts]
+        last = t[-1]
+        cores = (last["cpu_seconds"] / last["seconds"]
+                 if last.get("cpu_seconds") and last.get("seconds") else None)
+        lines.append(cells(s, [x.get("seconds") for x in t], cores))
+    head = [_total(runs[w], HEADLINE) for w in counts]
+    whole = [_total(runs[w]) for w in counts]
+    lines.append(cells("qc..cluster", head))
+    lines.append(cells("all stages", whole))
+    lines += ["", f"Each stage in a fresh process, as in the tables above; \"all stages\" is "
+              f"their sum. Goal: from {SCALE_FROM} to {SCALE_TO} workers on one machine, "
+              f"qc..cluster >= {GOAL_SCALE_HEADLINE:g}x and the whole study >= "
+              f"{GOAL_SCALE_WHOLE:g}x faster."]
+    if SCALE_FROM in runs and SCALE_TO in runs:
+        a, b = counts.index(SCALE_FROM), counts.index(SCALE_TO)
+        got = [(x[a] / x[b]) if x[a] and x[b] else None for x in (head, whole)]
+        if None not in got:
+            met = got[0] >= GOAL_SCALE_HEADLINE and got[1] >= GOAL_SCALE_WHOLE
+            lines.append(f"Measured: qc..cluster {got[0]:.2f}x, all stages {got[1]:.2f}x: "
+                         f"goal {'met' if met else 'not met'}.")
+    else:
+        lines.append(f"This run did not measure {SCALE_FROM} against {SCALE_TO} workers.")
+    return lines
+
+
 def markdown(doc: dict) -> str:
     lines = [f"# cellmill bench ({doc['machine']['cpus']} CPUs, "
              f"{doc['machine']['memory_gb']} GB RAM, scheduler {doc['settings']['scheduler']}, "
-             f"workers {doc['settings']['workers']}, memory budget "
+             f"workers {doc['settings']['workers']}"
+             + (f" (scaling runs: {', '.join(map(str, doc['settings']['scaling']))})"
+                if doc["settings"].get("scaling") else "") + ", memory budget "
              f"{doc['settings']['memory']})", ""]
     lines += ["## qc..cluster vs scanpy", "",
               "| cells | nonzeros | cellmill s (CPU s) | scanpy s (CPU s) | speed × (CPU) | "
@@ -478,6 +565,7 @@ def markdown(doc: dict) -> str:
             if t.get("steps"):
                 steps = ", ".join(f"{k} {v:.1f} s" for k, v in t["steps"].items())
                 lines += ["", f"{s} by step: {steps}."]
+        lines += scaling_lines(r, doc["settings"]["workers"])
         lines.append("")
     flat = doc.get("flatness")
     if flat and flat["stages"]:
@@ -506,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="all, a stage name (run up to it) or a comma-separated list prefix")
     ap.add_argument("--scheduler", default="threads", help="compute.scheduler for the stages")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--scaling", type=_worker_counts, default=None, metavar="N,N,...",
+                    help="also run the stages at these worker counts (e.g. 2,16) and add a "
+                    "scaling table (speed-up over the fewest workers)")
     ap.add_argument("--memory", default="2GB", help="compute.memory for the stages")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-scanpy", action="store_true", help="do not run the scanpy baseline")
@@ -610,17 +701,20 @@ def main(argv: list[str] | None = None) -> int:
                        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
                        "load_average_start": [round(x, 2) for x in os.getloadavg()]},
            "settings": {"scheduler": args.scheduler, "workers": args.workers,
-                        "memory": args.memory, "seed": args.seed, "stages": stages},
+                        "memory": args.memory, "seed": args.seed, "stages": stages,
+                        "scaling": args.scaling},
            "versions": versions(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
            "results": []}
     if args.merge and (out / "bench.json").exists():
         old = json.loads((out / "bench.json").read_text())
-        if old.get("settings") == doc["settings"]:
+        if {"scaling": None, **old.get("settings", {})} == doc["settings"]:
             doc["results"] = [r for r in old["results"] if r["cells"] not in sizes]
         else:
             log("--merge: the earlier results used other settings; starting afresh")
     for n in sizes:
         r = bench_size(n, args, stages, log)
+        if args.scaling:
+            r["scaling"] = run_scaling(n, args, stages, log)
         r["headline"] = headline(r)
         r["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         doc["results"] = sorted(doc["results"] + [r], key=lambda x: x["cells"])

@@ -575,7 +575,8 @@ def _chunk_pool():
 
 def _direct_chunks(arr: zarr.Array):
     """A function (chunk number, values) writing that chunk's file as zarr would, or None
-    when the array is not one this code knows how to write (a remote store, other codecs)."""
+    when the array is not one this code knows how to write (a remote store, other codecs,
+    chunks that split a row). Chunk i holds rows i * chunk .. of every column."""
     import numcodecs
     from zarr.codecs import BytesCodec
     from zarr.storage import LocalStore
@@ -584,7 +585,8 @@ def _direct_chunks(arr: zarr.Array):
         return str(getattr(x, "value", x))
 
     codecs = arr.metadata.codecs if arr.metadata.zarr_format == 3 else ()
-    if not isinstance(arr.store, LocalStore) or len(codecs) != 2 or arr.ndim != 1:
+    if (not isinstance(arr.store, LocalStore) or len(codecs) != 2 or arr.ndim < 1
+            or tuple(arr.chunks[1:]) != tuple(arr.shape[1:])):
         return None
     raw, blosc = codecs
     if not (isinstance(raw, BytesCodec) and name(raw.endian) == "little"
@@ -598,13 +600,14 @@ def _direct_chunks(arr: zarr.Array):
     size = arr.chunks[0]
     dtype = arr.dtype.newbyteorder("<")
     fill = arr.metadata.fill_value
+    rest = (0,) * (arr.ndim - 1)
 
     def put(i: int, values: np.ndarray) -> None:
         if len(values) < size:  # the last chunk: zarr pads it with the fill value
-            full = np.full(size, fill, dtype=dtype)
+            full = np.full((size,) + tuple(arr.shape[1:]), fill, dtype=dtype)
             full[:len(values)] = values
             values = full
-        path = root / arr.metadata.encode_chunk_key((i,))
+        path = root / arr.metadata.encode_chunk_key((i,) + rest)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(comp.encode(np.ascontiguousarray(values, dtype=dtype)))
 
