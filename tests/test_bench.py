@@ -92,19 +92,22 @@ def test_scaling_table_compares_worker_counts():
     main["umap"] = st(20.0, 38.0)
     fast = {s: st(1.0, 12.0) for s in suite.HEADLINE}
     fast["umap"] = st(4.0, 50.0)
-    r = {"cells": 196_000, "stages": main, "scaling": {"16": {"stages": fast}}}
-    lines = suite.scaling_lines(r, 2)
+    r = {"cells": 196_000, "stages": {}, "scaling": {"16": {"stages": fast},
+                                                     "2": {"stages": main}}}
+    lines = suite.scaling_lines(r)
     assert "| stage | 2 workers s | 16 workers s | × at 16 | cores used at 16 |" in lines
     assert "| umap | 20.0 | 4.0 | 5.00 | 12.50 |" in lines
     assert "| qc..cluster | 48.0 | 6.0 | 8.00 | – |" in lines
     assert "| all stages | 68.0 | 10.0 | 6.80 | – |" in lines
     assert lines[-1] == "Measured: qc..cluster 8.00x, all stages 6.80x: goal met."
-    r["scaling"] = {"1": {"stages": {s: st(16.0, 16.0) for s in main}}}
-    lines = suite.scaling_lines(r, 2)
+    r["scaling"] = {"1": {"stages": {s: st(16.0, 16.0) for s in main}},
+                    "2": {"stages": main}}
+    lines = suite.scaling_lines(r)
     assert "| stage | 1 worker s | 2 workers s | × at 2 | cores used at 2 |" in lines
     assert "| umap | 16.0 | 20.0 | 0.80 | 1.90 |" in lines
     assert lines[-1] == "This run did not measure 2 against 16 workers."
-    assert suite.scaling_lines({"cells": 1, "stages": main}, 2) == []
+    assert suite.scaling_lines({"cells": 1, "stages": main,
+                                "scaling": {"2": {"stages": main}}}) == []
 
 
 def test_scaling_option_takes_worker_counts():

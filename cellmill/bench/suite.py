@@ -233,45 +233,59 @@ def scanpy_fits(n_cells: int, nnz: int, available: int) -> tuple[bool, str]:
     return ok, why
 
 
-def bench_size(n: int, args, stages: list[str], log) -> dict:
-    import psutil
-
-    out = Path(args.out)
+def _prepare_run(n: int, args, run: Path, log) -> tuple[Path, float | None]:
+    """The simulated study (made if needed) and RUN/bench.toml for it; the simulation's
+    seconds, None when it was already there."""
     sim, sim_s = simulate(n, Path(args.data), args.seed, log)
-    run = out / "runs" / _label(n)
     if not args.resume:
         shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True, exist_ok=True)
-    cfg = run / "bench.toml"
-    cfg.write_text(_config_text(sim.resolve(), args))
-    logf = run / "bench.log"
+    (run / "bench.toml").write_text(_config_text(sim.resolve(), args))
+    return sim, sim_s
+
+
+def bench_stage(n: int, run: Path, stage: str, args, res: dict, log, tag: str = "") -> bool:
+    """Run one stage in a fresh child process on RUN's store, its record into res["stages"]
+    (and the store's sizes into res); False when it failed."""
+    label = _label(n) + tag
+    log(f"{label}: stage {stage} ...")
+    r = _run_child(["-m", "cellmill.bench.suite", "_stage", str(run / "bench.toml"), str(run),
+                    stage, str(run / "child.json")], run / "child.json", run / "bench.log",
+                   args.timeout)
+    if "error" in r:
+        res["stages"][stage] = {"error": r["error"]}
+        log(f"{label}: stage {stage} failed: {r['error']}")
+        return False
+    rec = r["record"]
+    for k in ("nnz", "n_cells", "n_genes", "n_cells_qc"):
+        if k in r:
+            res[k] = r[k]
+    res["stages"][stage] = {
+        "seconds": rec.get("seconds"), "cpu_seconds": rec.get("cpu_seconds"),
+        "peak_rss_mb": rec.get("peak_rss_mb"), "skipped": rec.get("skipped", False),
+        "process_max_rss_mb": r["process_max_rss_mb"], "redone": r["redone"],
+        "disk_read_mb": r.get("disk_read_mb"),
+        "load_average_1min": round(os.getloadavg()[0], 2)}
+    streamed = ((rec.get("info") or {}).get("pass") or {}).get("seconds")
+    if streamed:  # hvg and statistics: the time spent streaming the counts
+        res["stages"][stage]["pass_seconds"] = streamed
+    steps = (rec.get("info") or {}).get("seconds")
+    if isinstance(steps, dict):  # umap: seconds per step
+        res["stages"][stage]["steps"] = steps
+    log(f"{label}: stage {stage}: {rec.get('seconds')} s, peak {rec.get('peak_rss_mb')} MB")
+    return True
+
+
+def bench_size(n: int, args, stages: list[str], log) -> dict:
+    import psutil
+
+    run = Path(args.out) / "runs" / _label(n)
+    sim, sim_s = _prepare_run(n, args, run, log)
+    cfg, logf = run / "bench.toml", run / "bench.log"
     res: dict = {"cells": n, "simulate_seconds": sim_s, "stages": {}}
     for stage in stages:
-        log(f"{_label(n)}: stage {stage} ...")
-        r = _run_child(["-m", "cellmill.bench.suite", "_stage", str(cfg), str(run), stage,
-                        str(run / "child.json")], run / "child.json", logf, args.timeout)
-        if "error" in r:
-            res["stages"][stage] = {"error": r["error"]}
-            log(f"{_label(n)}: stage {stage} failed: {r['error']}")
+        if not bench_stage(n, run, stage, args, res, log):
             break
-        rec = r["record"]
-        for k in ("nnz", "n_cells", "n_genes", "n_cells_qc"):
-            if k in r:
-                res[k] = r[k]
-        res["stages"][stage] = {
-            "seconds": rec.get("seconds"), "cpu_seconds": rec.get("cpu_seconds"),
-            "peak_rss_mb": rec.get("peak_rss_mb"), "skipped": rec.get("skipped", False),
-            "process_max_rss_mb": r["process_max_rss_mb"], "redone": r["redone"],
-            "disk_read_mb": r.get("disk_read_mb"),
-            "load_average_1min": round(os.getloadavg()[0], 2)}
-        streamed = ((rec.get("info") or {}).get("pass") or {}).get("seconds")
-        if streamed:  # hvg and statistics: the time spent streaming the counts
-            res["stages"][stage]["pass_seconds"] = streamed
-        steps = (rec.get("info") or {}).get("seconds")
-        if isinstance(steps, dict):  # umap: seconds per step
-            res["stages"][stage]["steps"] = steps
-        log(f"{_label(n)}: stage {stage}: {rec.get('seconds')} s, "
-            f"peak {rec.get('peak_rss_mb')} MB")
     store = run / "study.zarr"
     if store.exists() and "error" not in res["stages"].get("ingest", {"error": 1}):
         log(f"{_label(n)}: read-only decode pass ...")
@@ -419,19 +433,29 @@ def whole_lines(r: dict) -> list[str]:
 
 
 def run_scaling(n: int, args, stages: list[str], log) -> dict:
-    """The stages again, each in a fresh process, at every --scaling worker count but the
-    main run's, into OUT/scaling/workers<N> (no scanpy, no one-process run)."""
-    out = {}
-    for w in args.scaling or []:
-        if w == args.workers:
-            continue
-        log(f"{_label(n)}: scaling run at {w} workers ...")
-        wargs = argparse.Namespace(**{**vars(args), "workers": w, "no_scanpy": True,
-                                      "no_whole": True, "resume": False,
-                                      "out": str(Path(args.out) / "scaling" / f"workers{w}")})
-        sub = bench_size(n, wargs, stages, log)
-        out[str(w)] = {"stages": sub["stages"], "decode": sub.get("decode")}
-    return out
+    """The stages again at every --scaling worker count, each in a fresh process on a store of
+    its own (OUT/scaling/workers<N>), interleaved: a stage runs at every count before the next
+    stage starts, in turn forwards and backwards, so that a machine whose speed drifts
+    (shared hosts do, by tens of percent within an hour) slows every count alike."""
+    runs = {}
+    for w in args.scaling:
+        wargs = argparse.Namespace(**{**vars(args), "workers": w, "resume": False})
+        run = Path(args.out) / "scaling" / f"workers{w}" / _label(n)
+        _prepare_run(n, wargs, run, log)
+        runs[w] = (wargs, run, {"cells": n, "stages": {}})
+    failed = set()
+    for i, stage in enumerate(stages):
+        for w in (args.scaling if i % 2 == 0 else args.scaling[::-1]):
+            if w in failed:
+                continue
+            wargs, run, res = runs[w]
+            if not bench_stage(n, run, stage, wargs, res, log,
+                               tag=f" at {w} worker{'s' * (w > 1)}"):
+                failed.add(w)
+    for _, run, _ in runs.values():
+        if not args.keep_stores:
+            shutil.rmtree(run / "study.zarr", ignore_errors=True)
+    return {str(w): {"stages": res["stages"]} for w, (_, _, res) in runs.items()}
 
 
 def _total(stages: dict, names=None) -> float | None:
@@ -441,11 +465,10 @@ def _total(stages: dict, names=None) -> float | None:
     return sum(stages[s]["seconds"] for s in names)
 
 
-def scaling_lines(r: dict, workers: int) -> list[str]:
-    """Wall time of every stage at each worker count (fresh processes), the speed-up over the
-    fewest, and the cores the most used (CPU seconds over wall seconds)."""
-    runs = {workers: r["stages"]}
-    runs.update({int(w): sub["stages"] for w, sub in (r.get("scaling") or {}).items()})
+def scaling_lines(r: dict) -> list[str]:
+    """Wall time of every stage at each --scaling worker count, the speed-up over the fewest,
+    and the cores the most used (CPU seconds over wall seconds)."""
+    runs = {int(w): sub["stages"] for w, sub in (r.get("scaling") or {}).items()}
     if len(runs) < 2:
         return []
     counts = sorted(runs)
@@ -470,8 +493,9 @@ def scaling_lines(r: dict, workers: int) -> list[str]:
     whole = [_total(runs[w]) for w in counts]
     lines.append(cells("qc..cluster", head))
     lines.append(cells("all stages", whole))
-    lines += ["", f"Each stage in a fresh process, as in the tables above; \"all stages\" is "
-              f"their sum. Goal: from {SCALE_FROM} to {SCALE_TO} workers on one machine, "
+    lines += ["", "Each stage in a fresh process on a store of its own per worker count, the "
+              "counts interleaved stage by stage (not the run of the table above); \"all "
+              f"stages\" is their sum. Goal: from {SCALE_FROM} to {SCALE_TO} workers on one machine, "
               f"qc..cluster >= {GOAL_SCALE_HEADLINE:g}x and the whole study >= "
               f"{GOAL_SCALE_WHOLE:g}x faster."]
     if SCALE_FROM in runs and SCALE_TO in runs:
@@ -565,7 +589,7 @@ def markdown(doc: dict) -> str:
             if t.get("steps"):
                 steps = ", ".join(f"{k} {v:.1f} s" for k, v in t["steps"].items())
                 lines += ["", f"{s} by step: {steps}."]
-        lines += scaling_lines(r, doc["settings"]["workers"])
+        lines += scaling_lines(r)
         lines.append("")
     flat = doc.get("flatness")
     if flat and flat["stages"]:
