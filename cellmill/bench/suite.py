@@ -495,8 +495,8 @@ def scaling_lines(r: dict) -> list[str]:
     lines.append(cells("all stages", whole))
     lines += ["", "Each stage in a fresh process on a store of its own per worker count, the "
               "counts interleaved stage by stage (not the run of the table above); \"all "
-              f"stages\" is their sum. Goal: from {SCALE_FROM} to {SCALE_TO} workers on one machine, "
-              f"qc..cluster >= {GOAL_SCALE_HEADLINE:g}x and the whole study >= "
+              f"stages\" is their sum. Goal: from {SCALE_FROM} to {SCALE_TO} workers on one "
+              f"machine, qc..cluster >= {GOAL_SCALE_HEADLINE:g}x and the whole study >= "
               f"{GOAL_SCALE_WHOLE:g}x faster."]
     if SCALE_FROM in runs and SCALE_TO in runs:
         a, b = counts.index(SCALE_FROM), counts.index(SCALE_TO)
