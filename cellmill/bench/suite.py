@@ -458,13 +458,6 @@ def run_scaling(n: int, args, stages: list[str], log) -> dict:
     return {str(w): {"stages": res["stages"]} for w, (_, _, res) in runs.items()}
 
 
-def _total(stages: dict, names=None) -> float | None:
-    names = list(stages) if names is None else names
-    if not names or any((stages.get(s) or {}).get("seconds") is None for s in names):
-        return None
-    return sum(stages[s]["seconds"] for s in names)
-
-
 def scaling_lines(r: dict) -> list[str]:
     """Wall time of every stage at each --scaling worker count, the speed-up over the fewest,
     and the cores the most used (CPU seconds over wall seconds)."""
@@ -489,8 +482,8 @@ def scaling_lines(r: dict) -> list[str]:
         cores = (last["cpu_seconds"] / last["seconds"]
                  if last.get("cpu_seconds") and last.get("seconds") else None)
         lines.append(cells(s, [x.get("seconds") for x in t], cores))
-    head = [_total(runs[w], HEADLINE) for w in counts]
-    whole = [_total(runs[w]) for w in counts]
+    head = [_sum(runs[w], HEADLINE, "seconds") for w in counts]
+    whole = [_sum(runs[w], list(runs[w]), "seconds") for w in counts]
     lines.append(cells("qc..cluster", head))
     lines.append(cells("all stages", whole))
     lines += ["", "Each stage in a fresh process on a store of its own per worker count, the "

@@ -329,16 +329,11 @@ def _project_to_array(start, stop, m, cells, n_counts, sc: _Scaling, v: np.ndarr
     the zarr array at `path`; blocks are chunk-aligned, so writers never share a chunk."""
     import zarr
 
-    from cellmill.io.store import _direct_chunks
+    from cellmill.io.store import write_row_chunk
 
     out = np.full((stop - start, v.shape[1]), np.nan)
     out[cells - start] = _project_block(start, stop, m, cells, n_counts, sc, v)
-    arr = zarr.open_array(path, mode="r+")
-    put = _direct_chunks(arr)
-    if put is None:
-        arr[start:stop] = out
-    else:  # the chunk's file written here: zarr's own write took ~10 ms a block on 2 threads
-        put(start // arr.chunks[0], out)
+    write_row_chunk(zarr.open_array(path, mode="r+"), start, out)
     return len(cells)
 
 
